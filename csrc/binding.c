@@ -1,0 +1,686 @@
+/* deelm._core: the only file that knows about Python objects.
+ *
+ * Model(config: dict, tensors: dict) binds weights once; Model.forward runs one
+ * packed batch with the GIL released. The op functions (rmsnorm, rope, ...)
+ * expose single kernels so tests can compare each with a reference. Every
+ * size coming from Python (and so from a file) is checked here before C uses it. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "deelm.h"
+
+/* Upper bound on any one model dimension: far above real models, low enough
+ * that products of a few of them cannot overflow int64. */
+#define DIM_LIMIT (1 << 24)
+
+typedef struct {
+    PyObject_HEAD
+    dl_model *model;
+    Py_buffer embd_view; /* keeps the token embedding bytes alive */
+    int has_embd_view;
+} ModelObject;
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static int get_i64(PyObject *dict, const char *key, int64_t lo, int64_t hi, int64_t *out) {
+    PyObject *v = PyDict_GetItemString(dict, key);
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "model config lacks '%s'", key);
+        return -1;
+    }
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "model config '%s' is not an integer", key);
+        return -1;
+    }
+    if (x < lo || x > hi) {
+        PyErr_Format(PyExc_ValueError, "model config '%s' = %lld is outside [%lld, %lld]", key, x,
+                     (long long)lo, (long long)hi);
+        return -1;
+    }
+    *out = (int64_t)x;
+    return 0;
+}
+
+static int get_f32(PyObject *dict, const char *key, float *out) {
+    PyObject *v = PyDict_GetItemString(dict, key);
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "model config lacks '%s'", key);
+        return -1;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "model config '%s' is not a number", key);
+        return -1;
+    }
+    if (!isfinite(x)) {
+        PyErr_Format(PyExc_ValueError, "model config '%s' is not finite", key);
+        return -1;
+    }
+    *out = (float)x;
+    return 0;
+}
+
+/* A weight as Python hands it over: (type id, ne0 = columns, ne1 = rows, buffer). */
+typedef struct {
+    int type;
+    int64_t cols, rows;
+    Py_buffer view;
+} tensor_ref;
+
+/* Looks up `name`, checks its type, shape (cols x rows) and byte size.
+ * Returns 1 and fills *t (caller releases t->view) if found, 0 if absent and
+ * optional, -1 with an exception set otherwise. */
+static int get_tensor(PyObject *tensors, const char *name, int64_t cols, int64_t rows,
+                      int optional, tensor_ref *t) {
+    PyObject *v = PyDict_GetItemString(tensors, name);
+    if (!v) {
+        if (optional) return 0;
+        PyErr_Format(PyExc_ValueError, "tensor '%s' is missing", name);
+        return -1;
+    }
+    PyObject *buf;
+    long long type, ne0, ne1;
+    if (!PyTuple_Check(v) || !PyArg_ParseTuple(v, "LLLO", &type, &ne0, &ne1, &buf)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "tensor '%s': expected (type, ne0, ne1, buffer)", name);
+        return -1;
+    }
+    if (type < 0 || type > 1000 || !dl_type_supported((int)type)) {
+        PyErr_Format(PyExc_ValueError, "tensor '%s' has tensor type %lld, which deelm does not "
+                     "support (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", name, type);
+        return -1;
+    }
+    if (ne0 != cols || ne1 != rows) {
+        PyErr_Format(PyExc_ValueError, "tensor '%s' has shape [%lld, %lld]; the model config "
+                     "needs [%lld, %lld]", name, ne0, ne1, (long long)cols, (long long)rows);
+        return -1;
+    }
+    int64_t rb = dl_row_bytes((int)type, cols);
+    if (rb < 0) {
+        PyErr_Format(PyExc_ValueError, "tensor '%s': row length %lld is not a multiple of the %s "
+                     "block size", name, (long long)cols, dl_type_name((int)type));
+        return -1;
+    }
+    if (PyObject_GetBuffer(buf, &t->view, PyBUF_SIMPLE) < 0) return -1;
+    if (rows > 0 && rb > INT64_MAX / rows) {
+        PyBuffer_Release(&t->view);
+        PyErr_Format(PyExc_ValueError, "tensor '%s' is too large", name);
+        return -1;
+    }
+    if ((int64_t)t->view.len != rb * rows) {
+        PyErr_Format(PyExc_ValueError, "tensor '%s' holds %lld bytes; %s [%lld, %lld] needs %lld",
+                     name, (long long)t->view.len, dl_type_name((int)type), (long long)cols,
+                     (long long)rows, (long long)(rb * rows));
+        PyBuffer_Release(&t->view);
+        return -1;
+    }
+    t->type = (int)type;
+    t->cols = cols;
+    t->rows = rows;
+    return 1;
+}
+
+/* Decodes a whole tensor into dst ([rows, cols] floats). */
+static int decode_tensor(PyObject *tensors, const char *name, int64_t cols, int64_t rows,
+                         float *dst) {
+    tensor_ref t;
+    if (get_tensor(tensors, name, cols, rows, 0, &t) < 0) return -1;
+    int64_t bad = dl_dequantize(t.type, t.view.buf, dst, cols * rows);
+    PyBuffer_Release(&t.view);
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "tensor '%s' holds %lld non-finite values (corrupted file?)",
+                     name, (long long)bad);
+        return -1;
+    }
+    return 0;
+}
+
+static int bind_layer(dl_model *m, int64_t l, PyObject *tensors) {
+    const dl_config *c = &m->cfg;
+    dl_layer *ly = &m->layers[l];
+    const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
+    const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
+    char name[64];
+#define LAYER_TENSOR(suffix, cols, rows, dst)                               \
+    snprintf(name, sizeof name, "blk.%lld." suffix, (long long)l);          \
+    if (decode_tensor(tensors, name, cols, rows, dst) < 0) return -1;
+    LAYER_TENSOR("attn_norm", d, 1, ly->attn_norm);
+    LAYER_TENSOR("attn_q", d, dq, ly->wqkv);
+    LAYER_TENSOR("attn_k", d, dkv, ly->wqkv + dq * d);
+    LAYER_TENSOR("attn_v", d, dkv, ly->wqkv + (dq + dkv) * d);
+    LAYER_TENSOR("attn_output", dq, d, ly->wo);
+    LAYER_TENSOR("ffn_norm", d, 1, ly->ffn_norm);
+    LAYER_TENSOR("ffn_gate", d, f, ly->wgate_up);
+    LAYER_TENSOR("ffn_up", d, f, ly->wgate_up + f * d);
+    LAYER_TENSOR("ffn_down", f, d, ly->wdown);
+#undef LAYER_TENSOR
+    /* optional q/k/v biases (Qwen2): all three or none */
+    static const char *bias_names[3] = {"attn_q.bias", "attn_k.bias", "attn_v.bias"};
+    const int64_t bias_len[3] = {dq, dkv, dkv}, bias_at[3] = {0, dq, dq + dkv};
+    for (int i = 0; i < 3; i++) {
+        snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, bias_names[i]);
+        tensor_ref t;
+        int found = get_tensor(tensors, name, bias_len[i], 1, 1, &t);
+        if (found < 0) return -1;
+        if (!found) continue;
+        PyBuffer_Release(&t.view);
+        if (!ly->bqkv) {
+            ly->bqkv = (float *)calloc((size_t)(dq + 2 * dkv), sizeof(float));
+            if (!ly->bqkv) {
+                PyErr_NoMemory();
+                return -1;
+            }
+        }
+        if (decode_tensor(tensors, name, bias_len[i], 1, ly->bqkv + bias_at[i]) < 0) return -1;
+    }
+    return 0;
+}
+
+/* ---- Model type --------------------------------------------------------- */
+
+static void Model_dealloc(ModelObject *self) {
+    dl_model_free(self->model);
+    if (self->has_embd_view) PyBuffer_Release(&self->embd_view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int parse_config(PyObject *cfg, dl_config *c, PyObject **inv_freq_out) {
+    int64_t rope_style;
+    if (get_i64(cfg, "n_layers", 1, 4096, &c->n_layers) < 0 ||
+        get_i64(cfg, "dim", 1, DIM_LIMIT, &c->dim) < 0 ||
+        get_i64(cfg, "hidden_dim", 1, DIM_LIMIT, &c->hidden_dim) < 0 ||
+        get_i64(cfg, "n_heads", 1, 4096, &c->n_heads) < 0 ||
+        get_i64(cfg, "n_kv_heads", 1, 4096, &c->n_kv_heads) < 0 ||
+        get_i64(cfg, "head_dim", 2, 4096, &c->head_dim) < 0 ||
+        get_i64(cfg, "vocab_size", 1, INT32_MAX, &c->vocab_size) < 0 ||
+        get_i64(cfg, "rope_style", 0, 1, &rope_style) < 0 || get_f32(cfg, "rms_eps", &c->rms_eps) < 0)
+        return -1;
+    c->rope_style = (int)rope_style;
+    if (c->n_heads % c->n_kv_heads != 0) {
+        PyErr_Format(PyExc_ValueError, "n_heads %lld is not a multiple of n_kv_heads %lld",
+                     (long long)c->n_heads, (long long)c->n_kv_heads);
+        return -1;
+    }
+    if (c->head_dim % 2 != 0) {
+        PyErr_Format(PyExc_ValueError, "head_dim %lld is odd; rotary embedding needs pairs",
+                     (long long)c->head_dim);
+        return -1;
+    }
+    if (!(c->rms_eps > 0.0f && c->rms_eps < 1.0f)) {
+        PyErr_Format(PyExc_ValueError, "rms_eps %g is outside (0, 1)", (double)c->rms_eps);
+        return -1;
+    }
+    PyObject *inv = PyDict_GetItemString(cfg, "inv_freq");
+    if (!inv) {
+        PyErr_SetString(PyExc_ValueError, "model config lacks 'inv_freq'");
+        return -1;
+    }
+    PyObject *arr = PyArray_FROMANY(inv, NPY_FLOAT32, 1, 1, NPY_ARRAY_CARRAY);
+    if (!arr) return -1;
+    if (PyArray_DIM((PyArrayObject *)arr, 0) != c->head_dim / 2) {
+        PyErr_Format(PyExc_ValueError, "inv_freq has %lld entries; head_dim %lld needs %lld",
+                     (long long)PyArray_DIM((PyArrayObject *)arr, 0), (long long)c->head_dim,
+                     (long long)(c->head_dim / 2));
+        Py_DECREF(arr);
+        return -1;
+    }
+    *inv_freq_out = arr;
+    return 0;
+}
+
+static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "tensors", NULL};
+    PyObject *cfg, *tensors;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!", kwlist, &PyDict_Type, &cfg, &PyDict_Type,
+                                     &tensors))
+        return -1;
+    if (self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is already initialised");
+        return -1;
+    }
+    dl_config c;
+    memset(&c, 0, sizeof c);
+    PyObject *inv = NULL;
+    if (parse_config(cfg, &c, &inv) < 0) return -1;
+    dl_model *m = dl_model_alloc(&c);
+    if (!m) {
+        Py_DECREF(inv);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(m->inv_freq, PyArray_DATA((PyArrayObject *)inv), (size_t)(c.head_dim / 2) * sizeof(float));
+    Py_DECREF(inv);
+
+    tensor_ref embd;
+    if (get_tensor(tensors, "token_embd", c.dim, c.vocab_size, 0, &embd) < 0) goto fail;
+    self->embd_view = embd.view;
+    self->has_embd_view = 1;
+    m->tok_embd = (const uint8_t *)embd.view.buf;
+    m->tok_embd_type = embd.type;
+    m->tok_embd_row_bytes = dl_row_bytes(embd.type, c.dim);
+    {   /* the table stays encoded; check once that every row decodes finitely */
+        float *row = (float *)malloc((size_t)c.dim * sizeof(float));
+        if (!row) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        int64_t bad = 0;
+        for (int64_t v = 0; v < c.vocab_size; v++)
+            bad += dl_dequantize(m->tok_embd_type, m->tok_embd + v * m->tok_embd_row_bytes, row, c.dim);
+        free(row);
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "tensor 'token_embd' holds %lld non-finite values "
+                         "(corrupted file?)", (long long)bad);
+            goto fail;
+        }
+    }
+    if (decode_tensor(tensors, "output_norm", c.dim, 1, m->output_norm) < 0) goto fail;
+    for (int64_t l = 0; l < c.n_layers; l++)
+        if (bind_layer(m, l, tensors) < 0) goto fail;
+    self->model = m;
+    return 0;
+fail:
+    dl_model_free(m);
+    if (self->has_embd_view) {
+        PyBuffer_Release(&self->embd_view);
+        self->has_embd_view = 0;
+    }
+    return -1;
+}
+
+static int check_ready(ModelObject *self) {
+    if (!self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is not initialised");
+        return -1;
+    }
+    return 0;
+}
+
+/* Validates a packed batch: offsets start at 0, strictly increase (no empty
+ * sentence) and end at N; token ids are in the vocabulary; pool ranges are
+ * non-empty and inside their sentence. */
+static int check_batch(const dl_config *c, PyArrayObject *tok, PyArrayObject *off,
+                       PyArrayObject *pool, int64_t *n_seq_out) {
+    const int64_t N = PyArray_DIM(tok, 0), n_seq = PyArray_DIM(off, 0) - 1;
+    const int32_t *t = (const int32_t *)PyArray_DATA(tok);
+    const int64_t *o = (const int64_t *)PyArray_DATA(off);
+    const int64_t *p = (const int64_t *)PyArray_DATA(pool);
+    if (n_seq < 0) {
+        PyErr_SetString(PyExc_ValueError, "seq_offsets needs at least one entry");
+        return -1;
+    }
+    if (PyArray_DIM(pool, 0) != n_seq || PyArray_DIM(pool, 1) != 2) {
+        PyErr_SetString(PyExc_ValueError, "pool must have shape [n_sentences, 2]");
+        return -1;
+    }
+    if (o[0] != 0 || o[n_seq] != N) {
+        PyErr_SetString(PyExc_ValueError, "seq_offsets must start at 0 and end at len(tokens)");
+        return -1;
+    }
+    for (int64_t s = 0; s < n_seq; s++) {
+        const int64_t len = o[s + 1] - o[s];
+        if (len <= 0) {
+            PyErr_Format(PyExc_ValueError, "sentence %lld has no tokens", (long long)s);
+            return -1;
+        }
+        if (len > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "sentence %lld is too long", (long long)s);
+            return -1;
+        }
+        if (p[2 * s] < 0 || p[2 * s] >= p[2 * s + 1] || p[2 * s + 1] > len) {
+            PyErr_Format(PyExc_ValueError, "pool range [%lld, %lld) of sentence %lld is not a "
+                         "non-empty range inside its %lld tokens", (long long)p[2 * s],
+                         (long long)p[2 * s + 1], (long long)s, (long long)len);
+            return -1;
+        }
+    }
+    for (int64_t i = 0; i < N; i++)
+        if (t[i] < 0 || (int64_t)t[i] >= c->vocab_size) {
+            PyErr_Format(PyExc_ValueError, "token id %d at position %lld is outside the "
+                         "vocabulary of %lld", t[i], (long long)i, (long long)c->vocab_size);
+            return -1;
+        }
+    *n_seq_out = n_seq;
+    return 0;
+}
+
+static PyObject *new_f32(int nd, npy_intp *dims) {
+    return PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+}
+
+static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "seq_offsets", "pool", "bidirectional_from", "threads",
+                             "layers", "hidden", "token_states", NULL};
+    PyObject *tok_o, *off_o, *pool_o;
+    long long k = -1;
+    int threads = 1, want_layers = 0, want_hidden = 0, want_tokens = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|Lippp", kwlist, &tok_o, &off_o, &pool_o, &k,
+                                     &threads, &want_layers, &want_hidden, &want_tokens))
+        return NULL;
+    if (check_ready(self) < 0) return NULL;
+    const dl_config *c = &self->model->cfg;
+    if (k < -1 || k >= c->n_layers) {
+        PyErr_Format(PyExc_ValueError, "bidirectional_from must be -1 (causal) or a layer index "
+                     "in [0, %lld), got %lld", (long long)c->n_layers, k);
+        return NULL;
+    }
+    if (threads < 1 || threads > 1024) {
+        PyErr_Format(PyExc_ValueError, "threads must be in [1, 1024], got %d", threads);
+        return NULL;
+    }
+    PyArrayObject *tok = NULL, *off = NULL, *pool = NULL;
+    PyObject *pooled = NULL, *layers = NULL, *hidden = NULL, *tstates = NULL, *ret = NULL;
+    tok = (PyArrayObject *)PyArray_FROMANY(tok_o, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY);
+    off = tok ? (PyArrayObject *)PyArray_FROMANY(off_o, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY) : NULL;
+    pool = off ? (PyArrayObject *)PyArray_FROMANY(pool_o, NPY_INT64, 2, 2, NPY_ARRAY_CARRAY) : NULL;
+    if (!pool) goto done;
+    int64_t n_seq;
+    if (check_batch(c, tok, off, pool, &n_seq) < 0) goto done;
+    const int64_t N = PyArray_DIM(tok, 0), L = c->n_layers, d = c->dim;
+
+    npy_intp dp[2] = {(npy_intp)n_seq, (npy_intp)d};
+    npy_intp dl[3] = {(npy_intp)(L + 1), (npy_intp)n_seq, (npy_intp)d};
+    npy_intp dh[3] = {(npy_intp)(L + 1), (npy_intp)N, (npy_intp)d};
+    npy_intp dt[2] = {(npy_intp)N, (npy_intp)d};
+    pooled = new_f32(2, dp);
+    if (!pooled) goto done;
+    if (want_layers && !(layers = new_f32(3, dl))) goto done;
+    if (want_hidden && !(hidden = new_f32(3, dh))) goto done;
+    if (want_tokens && !(tstates = new_f32(2, dt))) goto done;
+
+    dl_forward_args a = {
+        .tokens = (const int32_t *)PyArray_DATA(tok),
+        .seq_off = (const int64_t *)PyArray_DATA(off),
+        .n_seq = n_seq,
+        .pool = (const int64_t *)PyArray_DATA(pool),
+        .bidirectional_from = (int64_t)k,
+        .n_threads = threads,
+        .pooled = (float *)PyArray_DATA((PyArrayObject *)pooled),
+        .layer_pooled = layers ? (float *)PyArray_DATA((PyArrayObject *)layers) : NULL,
+        .hidden = hidden ? (float *)PyArray_DATA((PyArrayObject *)hidden) : NULL,
+        .token_out = tstates ? (float *)PyArray_DATA((PyArrayObject *)tstates) : NULL,
+    };
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = n_seq > 0 ? dl_model_forward(self->model, &a) : DL_OK;
+    Py_END_ALLOW_THREADS
+    if (err == DL_ERR_NOMEM) {
+        PyErr_NoMemory();
+        goto done;
+    } else if (err) {
+        PyErr_Format(PyExc_RuntimeError, "forward pass failed (code %d)", err);
+        goto done;
+    }
+    ret = PyTuple_Pack(4, pooled, layers ? layers : Py_None, hidden ? hidden : Py_None,
+                       tstates ? tstates : Py_None);
+done:
+    Py_XDECREF(tok);
+    Py_XDECREF(off);
+    Py_XDECREF(pool);
+    Py_XDECREF(pooled);
+    Py_XDECREF(layers);
+    Py_XDECREF(hidden);
+    Py_XDECREF(tstates);
+    return ret;
+}
+
+static PyObject *Model_get_config(ModelObject *self, void *closure) {
+    (void)closure;
+    if (check_ready(self) < 0) return NULL;
+    const dl_config *c = &self->model->cfg;
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:d,s:i,s:s}", "n_layers",
+                         (long long)c->n_layers, "dim", (long long)c->dim, "hidden_dim",
+                         (long long)c->hidden_dim, "n_heads", (long long)c->n_heads, "n_kv_heads",
+                         (long long)c->n_kv_heads, "head_dim", (long long)c->head_dim,
+                         "vocab_size", (long long)c->vocab_size, "rms_eps", (double)c->rms_eps,
+                         "rope_style", c->rope_style, "token_embd_type",
+                         dl_type_name(self->model->tok_embd_type));
+}
+
+static PyMethodDef Model_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(tokens, seq_offsets, pool, bidirectional_from=-1, threads=1, layers=False, "
+     "hidden=False, token_states=False) -> (pooled, layer_pooled, hidden, token_states)\n\n"
+     "Runs one packed batch. tokens: int32 [N]; seq_offsets: int64 [n+1]; pool: int64 [n, 2] "
+     "token range pooled in each sentence. Outputs not asked for are None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Model_getset[] = {
+    {"config", (getter)Model_get_config, NULL, "model dimensions as a dict", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "deelm._core.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Model(config, tensors): LLaMA-family weights bound for the forward pass.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Model_init,
+    .tp_dealloc = (destructor)Model_dealloc,
+    .tp_methods = Model_methods,
+    .tp_getset = Model_getset,
+};
+
+/* ---- single ops, for tests ------------------------------------------------ */
+
+static PyArrayObject *as_f32(PyObject *o, int nd) {
+    return (PyArrayObject *)PyArray_FROMANY(o, NPY_FLOAT32, nd, nd, NPY_ARRAY_CARRAY);
+}
+
+static PyObject *op_rmsnorm(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo, *wo;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOf", &xo, &wo, &eps)) return NULL;
+    PyArrayObject *x = as_f32(xo, 2), *w = x ? as_f32(wo, 1) : NULL;
+    PyObject *out = NULL;
+    if (w && PyArray_DIM(w, 0) != PyArray_DIM(x, 1))
+        PyErr_SetString(PyExc_ValueError, "w must have x.shape[1] entries");
+    else if (w && (out = PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0)))
+        dl_rmsnorm_forward((float *)PyArray_DATA((PyArrayObject *)out), PyArray_DATA(x),
+                           PyArray_DATA(w), PyArray_DIM(x, 0), PyArray_DIM(x, 1), eps);
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    return out;
+}
+
+static PyObject *op_rope(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo, *po, *fo;
+    int style;
+    if (!PyArg_ParseTuple(args, "OOOi", &xo, &po, &fo, &style)) return NULL;
+    /* x: [n, heads, hd]; pos: int32 [n]; inv_freq: [hd/2] */
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(xo, NPY_FLOAT32, 3, 3,
+                                                        NPY_ARRAY_CARRAY | NPY_ARRAY_ENSURECOPY);
+    PyArrayObject *pos = x ? (PyArrayObject *)PyArray_FROMANY(po, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY) : NULL;
+    PyArrayObject *fr = pos ? as_f32(fo, 1) : NULL;
+    PyObject *ret = NULL;
+    float *cs = NULL;
+    if (!fr) goto done;
+    const int64_t n = PyArray_DIM(x, 0), heads = PyArray_DIM(x, 1), hd = PyArray_DIM(x, 2);
+    if (PyArray_DIM(pos, 0) != n || hd % 2 || PyArray_DIM(fr, 0) != hd / 2 || (style != 0 && style != 1)) {
+        PyErr_SetString(PyExc_ValueError, "rope: inconsistent shapes or style");
+        goto done;
+    }
+    int32_t maxp = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t p = ((int32_t *)PyArray_DATA(pos))[i];
+        if (p < 0) {
+            PyErr_SetString(PyExc_ValueError, "rope: negative position");
+            goto done;
+        }
+        if (p > maxp) maxp = p;
+    }
+    cs = (float *)malloc(((size_t)maxp + 1) * (size_t)hd * sizeof(float));
+    if (!cs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    dl_rope_table(cs, (int64_t)maxp + 1, hd / 2, PyArray_DATA(fr));
+    dl_rope_forward(PyArray_DATA(x), n, heads * hd, heads, hd, PyArray_DATA(pos), cs, style);
+    ret = (PyObject *)x;
+    Py_INCREF(ret);
+done:
+    free(cs);
+    Py_XDECREF(x);
+    Py_XDECREF(pos);
+    Py_XDECREF(fr);
+    return ret;
+}
+
+static PyObject *op_attention(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *qo, *oo;
+    long long nh, nkv, hd;
+    int causal, threads;
+    if (!PyArg_ParseTuple(args, "OOLLLpi", &qo, &oo, &nh, &nkv, &hd, &causal, &threads)) return NULL;
+    PyArrayObject *qkv = as_f32(qo, 2);
+    PyArrayObject *off = qkv ? (PyArrayObject *)PyArray_FROMANY(oo, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY) : NULL;
+    PyObject *out = NULL;
+    if (!off) goto done;
+    const int64_t N = PyArray_DIM(qkv, 0), n_seq = PyArray_DIM(off, 0) - 1;
+    const int64_t *o = PyArray_DATA(off);
+    if (nh < 1 || nkv < 1 || hd < 1 || nh % nkv || PyArray_DIM(qkv, 1) != (nh + 2 * nkv) * hd ||
+        n_seq < 0 || threads < 1 || o[0] != 0 || o[n_seq] != N) {
+        PyErr_SetString(PyExc_ValueError, "attention: inconsistent shapes");
+        goto done;
+    }
+    for (int64_t s = 0; s < n_seq; s++)
+        if (o[s + 1] < o[s]) {
+            PyErr_SetString(PyExc_ValueError, "attention: offsets decrease");
+            goto done;
+        }
+    npy_intp dims[2] = {(npy_intp)N, (npy_intp)(nh * hd)};
+    out = new_f32(2, dims);
+    if (!out) goto done;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = dl_attention_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(qkv),
+                               (nh + 2 * nkv) * hd, o, n_seq, nh, nkv, hd, causal, threads);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        Py_CLEAR(out);
+        PyErr_NoMemory();
+    }
+done:
+    Py_XDECREF(qkv);
+    Py_XDECREF(off);
+    return out;
+}
+
+static PyObject *op_swiglu(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *go;
+    if (!PyArg_ParseTuple(args, "O", &go)) return NULL;
+    PyArrayObject *gu = as_f32(go, 2);
+    if (!gu) return NULL;
+    PyObject *out = NULL;
+    if (PyArray_DIM(gu, 1) % 2) {
+        PyErr_SetString(PyExc_ValueError, "swiglu: the fused input needs an even width");
+    } else {
+        npy_intp dims[2] = {PyArray_DIM(gu, 0), PyArray_DIM(gu, 1) / 2};
+        if ((out = new_f32(2, dims)))
+            dl_swiglu_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(gu), dims[0],
+                              dims[1], 1);
+    }
+    Py_DECREF(gu);
+    return out;
+}
+
+static PyObject *op_linear(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo, *wo;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OO|i", &xo, &wo, &threads)) return NULL;
+    PyArrayObject *x = as_f32(xo, 2), *w = x ? as_f32(wo, 2) : NULL;
+    PyObject *out = NULL;
+    if (w && (PyArray_DIM(w, 1) != PyArray_DIM(x, 1) || threads < 1)) {
+        PyErr_SetString(PyExc_ValueError, "linear: x is [n, in], w is [out, in]");
+    } else if (w) {
+        npy_intp dims[2] = {PyArray_DIM(x, 0), PyArray_DIM(w, 0)};
+        if ((out = new_f32(2, dims)))
+            dl_linear_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(x), PyArray_DATA(w),
+                              dims[0], PyArray_DIM(x, 1), dims[1], 0.0f, threads);
+    }
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    return out;
+}
+
+static PyObject *op_dequantize(PyObject *mod, PyObject *args) {
+    (void)mod;
+    int type;
+    Py_buffer buf;
+    long long n;
+    if (!PyArg_ParseTuple(args, "iy*L", &type, &buf, &n)) return NULL;
+    PyObject *out = NULL;
+    int64_t rb = dl_row_bytes(type, n);
+    if (!dl_type_supported(type)) {
+        PyErr_Format(PyExc_ValueError, "tensor type %d is not supported", type);
+    } else if (rb < 0 || rb != (int64_t)buf.len) {
+        PyErr_Format(PyExc_ValueError, "%s: %lld elements need %lld bytes, got %lld",
+                     dl_type_name(type), n, (long long)rb, (long long)buf.len);
+    } else {
+        npy_intp dims[1] = {(npy_intp)n};
+        if ((out = new_f32(1, dims)))
+            dl_dequantize(type, buf.buf, PyArray_DATA((PyArrayObject *)out), n);
+    }
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+static PyObject *op_type_info(PyObject *mod, PyObject *args) {
+    (void)mod;
+    int type;
+    if (!PyArg_ParseTuple(args, "i", &type)) return NULL;
+    if (!dl_type_supported(type)) Py_RETURN_NONE;
+    return Py_BuildValue("(sLL)", dl_type_name(type), (long long)dl_type_block_elems(type),
+                         (long long)dl_type_block_bytes(type));
+}
+
+static PyMethodDef module_methods[] = {
+    {"rmsnorm", op_rmsnorm, METH_VARARGS, "rmsnorm(x[n, d], w[d], eps) -> [n, d]"},
+    {"rope", op_rope, METH_VARARGS,
+     "rope(x[n, heads, hd], pos int32[n], inv_freq[hd/2], style) -> rotated copy; style 0 "
+     "interleaved pairs, 1 rotate-half"},
+    {"attention", op_attention, METH_VARARGS,
+     "attention(qkv[N, (nh+2nkv) hd], seq_offsets int64[n+1], nh, nkv, hd, causal, threads) -> [N, nh hd]"},
+    {"swiglu", op_swiglu, METH_VARARGS, "swiglu(gu[n, 2f]) -> silu(g) * u, [n, f]"},
+    {"linear", op_linear, METH_VARARGS, "linear(x[n, in], w[out, in], threads=1) -> x w^T"},
+    {"dequantize", op_dequantize, METH_VARARGS, "dequantize(type, bytes, n) -> float32[n]"},
+    {"type_info", op_type_info, METH_VARARGS,
+     "type_info(type) -> (name, block_elems, block_bytes), or None if unsupported"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "deelm._core", "deelm's C core.", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    import_array();
+    if (PyType_Ready(&ModelType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&ModelType);
+    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0) {
+        Py_DECREF(&ModelType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,172 @@
+/* deelm C core: shared types and the functions each csrc/ file provides.
+ *
+ * Conventions used throughout:
+ *  - A batch of sentences is "packed": the tokens of all sentences are laid
+ *    end to end, with no padding. `seq_off[s] .. seq_off[s+1]` are the rows of
+ *    sentence s, so a [N, d] activation holds N = seq_off[n_seq] token rows.
+ *  - Matrices are row-major float32. A linear weight is [out, in] (one row per
+ *    output feature, as GGUF stores it), so y = x W^T.
+ *  - Functions return 0 on success and a negative DL_ERR_* code on failure;
+ *    they never print and never abort.
+ */
+#ifndef DEELM_H
+#define DEELM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    DL_OK = 0,
+    DL_ERR_NOMEM = -1,
+    DL_ERR_VALUE = -2,
+};
+
+/* ---- tensor_types.c: GGML tensor encodings ------------------------------ */
+
+/* The GGML type ids deelm decodes (values are the on-disk GGUF ids). */
+enum {
+    DL_TYPE_F32 = 0,
+    DL_TYPE_F16 = 1,
+    DL_TYPE_Q4_0 = 2,
+    DL_TYPE_Q4_1 = 3,
+    DL_TYPE_Q8_0 = 8,
+    DL_TYPE_BF16 = 30,
+};
+
+/* 1 if deelm can decode this type id. */
+int dl_type_supported(int type);
+/* Printable name of a type id ("Q4_1"), "unknown" otherwise. */
+const char *dl_type_name(int type);
+/* Elements per block (1 for plain float types), 0 if unsupported. */
+int64_t dl_type_block_elems(int type);
+/* Bytes per block, 0 if unsupported. */
+int64_t dl_type_block_bytes(int type);
+/* Bytes taken by one row of n_cols elements; -1 if n_cols is not a multiple
+ * of the block size, the type is unsupported or the size overflows. */
+int64_t dl_row_bytes(int type, int64_t n_cols);
+/* Decodes n elements (a multiple of the block size) from src into dst.
+ * Returns the number of non-finite decoded values (0 for a sound tensor). */
+int64_t dl_dequantize(int type, const void *src, float *dst, int64_t n);
+float dl_fp16_to_fp32(uint16_t h);
+
+/* ---- model.c: configuration and weights --------------------------------- */
+
+typedef struct {
+    int64_t n_layers;    /* L */
+    int64_t dim;         /* d, residual width */
+    int64_t hidden_dim;  /* f, SwiGLU inner width */
+    int64_t n_heads;     /* query heads */
+    int64_t n_kv_heads;  /* key/value heads (grouped-query attention) */
+    int64_t head_dim;    /* hd */
+    int64_t vocab_size;  /* V */
+    float rms_eps;
+    int rope_style;      /* DL_ROPE_* */
+} dl_config;
+
+typedef struct {
+    float *attn_norm;  /* [d] */
+    float *wqkv;       /* [(nh + 2 nkv) hd, d]: q, k, v projections stacked */
+    float *bqkv;       /* [(nh + 2 nkv) hd] or NULL */
+    float *wo;         /* [d, nh hd] */
+    float *ffn_norm;   /* [d] */
+    float *wgate_up;   /* [2 f, d]: gate rows then up rows */
+    float *wdown;      /* [d, f] */
+} dl_layer;
+
+typedef struct {
+    dl_config cfg;
+    /* The token embedding table stays in its file encoding; rows are decoded
+     * on lookup. Its bytes belong to the caller and must outlive the model. */
+    const uint8_t *tok_embd; /* [V rows of tok_embd_row_bytes] */
+    int tok_embd_type;
+    int64_t tok_embd_row_bytes;
+    float *output_norm;      /* [d] */
+    float *inv_freq;         /* [hd / 2] rotary frequencies */
+    dl_layer *layers;        /* [L] */
+} dl_model;
+
+/* Allocates the model's owned arrays (all zero) for cfg; NULL on no memory. */
+dl_model *dl_model_alloc(const dl_config *cfg);
+void dl_model_free(dl_model *m);
+/* Width of the fused q|k|v projection output. */
+int64_t dl_qkv_dim(const dl_config *cfg);
+
+/* ---- rmsnorm.c ---------------------------------------------------------- */
+
+/* out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, for rows t in [0, n).
+ * x, out: [n, d]; w: [d]. out may alias x. */
+void dl_rmsnorm_forward(float *out, const float *x, const float *w,
+                        int64_t n, int64_t d, float eps);
+
+/* ---- rope.c -------------------------------------------------------------- */
+
+enum {
+    DL_ROPE_INTERLEAVED = 0, /* pairs (2j, 2j+1): GGUF files of LLaMA models */
+    DL_ROPE_HALF = 1,        /* pairs (j, j + hd/2): Hugging Face checkpoints */
+};
+
+/* cs[p, j] = (cos, sin) of p * inv_freq[j].  cs: [n_pos, half, 2]. */
+void dl_rope_table(float *cs, int64_t n_pos, int64_t half, const float *inv_freq);
+/* Rotates, in place, n_heads vectors of head_dim in each of the n rows of x,
+ * row t at position pos[t] (< the table's n_pos). Row stride is `stride` floats.
+ * x: [n, stride], the heads at x[t*stride + h*hd]; cs from dl_rope_table. */
+void dl_rope_forward(float *x, int64_t n, int64_t stride, int64_t n_heads,
+                     int64_t head_dim, const int32_t *pos, const float *cs, int style);
+
+/* ---- attention.c --------------------------------------------------------- */
+
+/* Scaled dot-product attention per sentence and head, grouped-query.
+ * qkv: [N, qkv_stride] rows holding q (nh hd) then k (nkv hd) then v (nkv hd);
+ * out: [N, nh hd]. Token i of a sentence attends to tokens j <= i when causal,
+ * to every token of its own sentence otherwise; never across sentences.
+ * Parallel over (sentence, head) with n_threads; returns DL_ERR_NOMEM if the
+ * per-thread score buffers cannot be allocated. */
+int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
+                         const int64_t *seq_off, int64_t n_seq,
+                         int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                         int causal, int n_threads);
+
+/* ---- swiglu.c ------------------------------------------------------------ */
+
+/* out[t, j] = silu(gu[t, j]) * gu[t, f + j].  gu: [n, 2f]; out: [n, f]. */
+void dl_swiglu_forward(float *out, const float *gu, int64_t n, int64_t f,
+                       int n_threads);
+
+/* ---- linear.c ------------------------------------------------------------ */
+
+/* y = x W^T + beta y (beta 0 or 1), all tokens of the batch in one GEMM.
+ * x: [n, in]; w: [out, in]; y: [n, out]. */
+void dl_linear_forward(float *y, const float *x, const float *w, int64_t n,
+                       int64_t in, int64_t out, float beta, int n_threads);
+
+/* ---- pooling.c ----------------------------------------------------------- */
+
+/* out[s] = mean over t in [pool[2s], pool[2s+1]) of rmsnorm(x[seq_off[s] + t]).
+ * x: [N, d]; pool: [n_seq, 2] token ranges relative to each sentence;
+ * out: [n_seq, d]. scratch: [d]. */
+void dl_pool_forward(float *out, const float *x, const int64_t *seq_off,
+                     const int64_t *pool, int64_t n_seq, const float *norm_w,
+                     int64_t d, float eps, float *scratch);
+
+/* ---- forward.c ----------------------------------------------------------- */
+
+typedef struct {
+    const int32_t *tokens;  /* [N] token ids */
+    const int64_t *seq_off; /* [n_seq + 1], seq_off[0] = 0, seq_off[n_seq] = N */
+    int64_t n_seq;
+    const int64_t *pool;    /* [n_seq, 2] pooled token range of each sentence */
+    int64_t bidirectional_from; /* layers with index >= this attend both ways; -1: none */
+    int n_threads;
+    /* outputs; any may be NULL except pooled */
+    float *pooled;        /* [n_seq, d] final-layer pooled embedding */
+    float *layer_pooled;  /* [L + 1, n_seq, d] pooled, final norm applied, after
+                             the embedding (0) and after every layer (1..L) */
+    float *hidden;        /* [L + 1, N, d] raw residual stream, same indexing */
+    float *token_out;     /* [N, d] final-norm token states */
+} dl_forward_args;
+
+/* Runs the model over one packed batch. Inputs must have been validated
+ * (token ids < V, offsets increasing, ranges inside their sentence). */
+int dl_model_forward(const dl_model *m, const dl_forward_args *a);
+
+#endif

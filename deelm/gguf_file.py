@@ -1,0 +1,219 @@
+"""Reading a GGUF model file: configuration, tensor views and vocabulary.
+
+Parsing is done by the `gguf` package (the format's reference reader). deelm
+adds what a reader of untrusted files needs: every failure becomes a
+ModelFileError naming the file, every tensor's offset and size is checked
+against the file before its bytes are handed to the C core (which checks
+the byte counts once more against the shapes), and the configuration is
+checked for consistency with the tensors.
+"""
+from dataclasses import dataclass, field
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+from .errors import ModelFileError, UnsupportedModelError
+
+# GGUF architectures whose blocks deelm runs: LLaMA's layout (RMSNorm, RoPE,
+# grouped-query attention, SwiGLU). Mistral GGUFs are written as "llama".
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# Names deelm gives the weights (the GGUF names without ".weight").
+_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+ROPE_INTERLEAVED = 0  # GGUF LLaMA files: q/k rows permuted to (2j, 2j+1) pairs
+ROPE_HALF = 1         # Hugging Face checkpoints: pairs (j, j + head_dim/2)
+
+
+@dataclass
+class GGUFModel:
+    """What deelm reads from a GGUF file."""
+
+    path: Path
+    architecture: str
+    name: str
+    config: dict                 # dimensions for the C core
+    tensors: dict                # deelm name -> (type id, ne0, ne1, uint8 array)
+    tensor_types: dict           # type name -> count of tensors of that type
+    context_length: int
+    vocab: dict = field(repr=False)  # tokenizer.ggml.* fields
+    file_size: int = 0
+
+
+def _supported_type_names():
+    names = []
+    for t in range(64):
+        info = _core.type_info(t)
+        if info:
+            names.append(info[0])
+    return ", ".join(names)
+
+
+def _field(reader, key, default=None, *, required=False, path=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise ModelFileError(path, f"metadata key '{key}' is missing")
+        return default
+    try:
+        return f.contents()
+    except Exception as e:  # a corrupted field: say which one
+        raise ModelFileError(path, f"metadata key '{key}' cannot be read ({e})") from None
+
+
+def _positive_int(value, key, path, *, limit=1 << 24):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ModelFileError(path, f"metadata key '{key}' should be an integer, found {value!r}")
+    if not 0 < int(value) <= limit:
+        raise ModelFileError(path, f"metadata key '{key}' = {value} is out of range (1..{limit})")
+    return int(value)
+
+
+def rope_inv_freq(head_dim, theta):
+    """Rotary frequencies theta^(-2j/head_dim), computed in float32 as the
+    Hugging Face reference computes them."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def read_gguf(path):
+    """Reads and checks a GGUF file. Raises ModelFileError (or its subclass
+    UnsupportedModelError) with the path and the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(path, "no such file")
+    if not path.is_file():
+        raise ModelFileError(path, "not a regular file")
+    file_size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise ModelFileError(path, f"cannot be read ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise ModelFileError(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+
+    import gguf  # imported late: it is only needed when a file is read
+
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except (ValueError, IndexError, KeyError, OverflowError, MemoryError, TypeError,
+            UnicodeDecodeError, OSError, AssertionError) as e:
+        raise ModelFileError(path, f"corrupted or truncated GGUF ({type(e).__name__}: {e})") from None
+    return _interpret(reader, path, file_size)
+
+
+def _interpret(reader, path, file_size):
+    arch = _field(reader, "general.architecture", required=True, path=path)
+    if not isinstance(arch, str):
+        raise ModelFileError(path, "metadata key 'general.architecture' is not a string")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            path, f"architecture '{arch}' is not supported by deelm "
+                  f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    def meta_int(key, default=None):
+        full = f"{arch}.{key}"
+        v = _field(reader, full, default, required=default is None, path=path)
+        return _positive_int(v, full, path)
+
+    n_layers = meta_int("block_count")
+    dim = meta_int("embedding_length")
+    hidden = meta_int("feed_forward_length")
+    n_heads = meta_int("attention.head_count")
+    n_kv = meta_int("attention.head_count_kv", n_heads)
+    if dim % n_heads:
+        raise ModelFileError(path, f"embedding_length {dim} is not a multiple of head_count {n_heads}")
+    head_dim = meta_int("attention.key_length", dim // n_heads)
+    rope_dims = meta_int("rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise UnsupportedModelError(
+            path, f"partial rotary embedding (rope.dimension_count {rope_dims} < head_dim "
+                  f"{head_dim}) is not supported")
+    theta = _field(reader, f"{arch}.rope.freq_base", 10000.0, path=path)
+    eps = _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, path=path)
+    for key, v in (("rope.freq_base", theta), ("attention.layer_norm_rms_epsilon", eps)):
+        if not isinstance(v, (float, int, np.floating)) or not np.isfinite(v) or v <= 0:
+            raise ModelFileError(path, f"metadata key '{arch}.{key}' = {v!r} is not a positive number")
+    scaling = _field(reader, f"{arch}.rope.scaling.type", None, path=path)
+    if scaling not in (None, "none"):
+        raise UnsupportedModelError(path, f"rope scaling type '{scaling}' is not supported")
+    context_length = meta_int("context_length", 2048)
+
+    tensors, types = _tensors(reader, path, file_size)
+    embd = tensors.get("token_embd")
+    if embd is None:
+        raise ModelFileError(path, "tensor 'token_embd.weight' is missing")
+    vocab_size = embd[2]
+
+    inv_freq = rope_inv_freq(head_dim, float(theta))
+    if "rope_freqs" in tensors:  # LLaMA-3.1 style frequency factors, stored as a tensor
+        t, ne0, ne1, buf = tensors.pop("rope_freqs")
+        if ne0 != head_dim // 2 or ne1 != 1 or t != 0:
+            raise ModelFileError(path, f"tensor 'rope_freqs.weight' should be F32 [{head_dim // 2}]")
+        inv_freq = (inv_freq / buf.view(np.float32)).astype(np.float32)
+
+    config = dict(n_layers=n_layers, dim=dim, hidden_dim=hidden, n_heads=n_heads,
+                  n_kv_heads=n_kv, head_dim=head_dim, vocab_size=vocab_size,
+                  rms_eps=float(eps), rope_style=ROPE_INTERLEAVED, inv_freq=inv_freq)
+    if n_heads % n_kv:
+        raise ModelFileError(path, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
+    for l in range(n_layers):
+        for name in _LAYER_TENSORS:
+            if f"blk.{l}.{name}" not in tensors:
+                raise ModelFileError(path, f"tensor 'blk.{l}.{name}.weight' is missing "
+                                           f"(block_count says {n_layers} layers)")
+    if "output_norm" not in tensors:
+        raise ModelFileError(path, "tensor 'output_norm.weight' is missing")
+
+    vocab = {}
+    for key in reader.fields:
+        if key.startswith("tokenizer.ggml."):
+            vocab[key[len("tokenizer.ggml."):]] = _field(reader, key, path=path)
+    name = _field(reader, "general.name", path.stem, path=path)
+    return GGUFModel(path=path, architecture=arch, name=str(name), config=config, tensors=tensors,
+                     tensor_types=types, context_length=context_length, vocab=vocab,
+                     file_size=file_size)
+
+
+def _tensors(reader, path, file_size):
+    """deelm name -> (type id, ne0, ne1, bytes as a uint8 array view of the file)."""
+    tensors, types = {}, {}
+    for t in reader.tensors:
+        name = t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
+        if name == "output":  # the vocabulary head: embeddings never need it
+            continue
+        type_id = int(t.tensor_type)
+        info = _core.type_info(type_id)
+        type_name = t.tensor_type.name
+        if info is None:
+            raise UnsupportedModelError(
+                path, f"tensor '{t.name}' has tensor type {type_name}, which deelm does not "
+                      f"support (supported: {_supported_type_names()})")
+        shape = [int(x) for x in t.shape]  # ne0 first: row length
+        if len(shape) > 2 or any(x <= 0 for x in shape):
+            raise ModelFileError(path, f"tensor '{t.name}' has shape {shape}, expected 1 or 2 positive dims")
+        ne0, ne1 = shape[0], (shape[1] if len(shape) == 2 else 1)
+        _, block_elems, block_bytes = info
+        if ne0 % block_elems:
+            raise ModelFileError(path, f"tensor '{t.name}': row length {ne0} is not a multiple of "
+                                       f"the {type_name} block of {block_elems}")
+        n_bytes = ne0 // block_elems * block_bytes * ne1
+        start = int(t.data_offset)
+        if start < 0 or start + n_bytes > file_size:
+            raise ModelFileError(
+                path, f"tensor '{t.name}' ({n_bytes} bytes at offset {start}) runs past the end of "
+                      f"the {file_size}-byte file (truncated?)")
+        data = np.asarray(t.data)
+        raw = data.reshape(-1).view(np.uint8) if data.flags.c_contiguous else None
+        if raw is None or raw.nbytes != n_bytes:
+            raise ModelFileError(path, f"tensor '{t.name}' data is {0 if raw is None else raw.nbytes} "
+                                       f"bytes, its shape and type need {n_bytes}")
+        if name in tensors:
+            raise ModelFileError(path, f"tensor '{t.name}' appears twice")
+        tensors[name] = (type_id, ne0, ne1, raw)
+        types[type_name] = types.get(type_name, 0) + 1
+    return tensors, types

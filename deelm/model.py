@@ -48,7 +48,7 @@ class DeeLM:
     """
 
     def __init__(self, gguf_model, core, tokenizer, *, bidirectional_from=None, pooling="mean",
-                 prompt=None, max_seq_length=DEFAULT_MAX_SEQ_LENGTH, threads=None):
+                 prompt=None, max_seq_length=None, threads=None):
         self._file = gguf_model
         self._core = core
         self.tokenizer = tokenizer
@@ -58,13 +58,14 @@ class DeeLM:
         self.bidirectional_from = self.num_layers - 1 if bidirectional_from is None else bidirectional_from
         self.pooling = pooling
         self.prompt = prompt
-        self.max_seq_length = max_seq_length
+        self.max_seq_length = (min(DEFAULT_MAX_SEQ_LENGTH, gguf_model.context_length)
+                               if max_seq_length is None else max_seq_length)
         self.threads = threads
 
     # ---- construction --------------------------------------------------
     @classmethod
     def from_pretrained(cls, model=None, *, bidirectional_from=None, pooling="mean", prompt=None,
-                        max_seq_length=DEFAULT_MAX_SEQ_LENGTH, threads=None):
+                        max_seq_length=None, threads=None):
         """Loads a GGUF model.
 
         model: a .gguf path (or a folder holding one); None means $DEELM_MODEL
@@ -79,7 +80,8 @@ class DeeLM:
         prompt: a template with one "{text}", such as PAPER_PROMPT, or a
             prefix string (sentence-transformers style); None for raw text.
         max_seq_length: longer inputs are truncated to this many tokens
-            (prompt tokens are kept, the sentence is cut at its end).
+            (prompt tokens are kept, the sentence is cut at its end). None:
+            512, or the model's context length if that is shorter.
         threads: threads of the C core; None means all available cores.
         """
         path = resolve_model_path(model)

@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny models built at run time, the default model, the shared data."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny_gguf import TINY, write_tiny_gguf
+
+REPO = Path(__file__).resolve().parent.parent
+# Evaluation data lives outside the repository; DEELM_DATA overrides the location.
+DATA_DIR = Path(os.environ.get("DEELM_DATA", REPO.parent / "shared" / "data"))
+
+
+def data_file(*parts):
+    """A file of the shared data set, or skip the test saying where it looked."""
+    p = DATA_DIR.joinpath(*parts)
+    if not p.is_file():
+        pytest.skip(f"shared data {p} is absent (set DEELM_DATA to the data folder)")
+    return p
+
+
+def read_jsonl(path, limit=None):
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            rows.append(json.loads(line))
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def sts_sentences(n, task="STSBenchmark", split="test"):
+    """n distinct sentences from an STS file of the shared data."""
+    rows = read_jsonl(data_file("sts", task, f"{split}.jsonl"))
+    seen = []
+    for r in rows:
+        for s in (r["sentence1"], r["sentence2"]):
+            if s not in seen:
+                seen.append(s)
+            if len(seen) >= n:
+                return seen
+    return seen
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """A tiny random LLaMA GGUF (F32 weights) and its stored weights."""
+    path, stored = write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+    return path, stored
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path):
+    import deelm
+
+    return deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=-1)
+
+
+@pytest.fixture(scope="session")
+def default_path():
+    import deelm
+    from deelm.errors import ModelNotFoundError
+
+    try:
+        return deelm.resolve_model_path(None) if not os.environ.get("DEELM_MODEL") else \
+            deelm.default_model.packaged_model_path()
+    except ModelNotFoundError as e:
+        pytest.skip(f"default model not installed: {e}")
+
+
+@pytest.fixture(scope="session")
+def default_model(default_path):
+    import deelm
+
+    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1)
+
+
+@pytest.fixture(scope="session")
+def hf_default(default_path):
+    """transformers' model and tokenizer on the same GGUF (float32, eager attention)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(
+        str(default_path.parent), gguf_file=default_path.name, dtype=torch.float32,
+        attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(default_path.parent), gguf_file=default_path.name)
+    return model, tok
+
+
+def hf_hidden_states(model, ids, bidirectional_from=-1):
+    """transformers reference for one unpadded sentence: hidden states after the
+    embedding and every layer (last one final-normed, as transformers returns it).
+    Layers >= bidirectional_from get a padding-only mask (all visible) instead of
+    the causal one, which is how DeeLM changes a layer."""
+    import torch
+
+    hooks = []
+    if bidirectional_from >= 0:
+        def padding_only(module, args, kwargs):
+            am = kwargs.get("attention_mask")
+            assert am is not None, "expected an explicit attention mask in eager mode"
+            kwargs["attention_mask"] = torch.ones_like(am) if am.dtype == torch.bool else torch.zeros_like(am)
+            return args, kwargs
+
+        for i, layer in enumerate(model.layers):
+            if i >= bidirectional_from:
+                hooks.append(layer.register_forward_pre_hook(padding_only, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [h[0].double().numpy() for h in out.hidden_states]
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+__all__ = ["TINY", "DATA_DIR", "data_file", "read_jsonl", "sts_sentences", "hf_hidden_states", "cosine"]

@@ -64,8 +64,7 @@ def default_path():
     from deelm.errors import ModelNotFoundError
 
     try:
-        return deelm.resolve_model_path(None) if not os.environ.get("DEELM_MODEL") else \
-            deelm.default_model.packaged_model_path()
+        return deelm.default_model.packaged_model_path()
     except ModelNotFoundError as e:
         pytest.skip(f"default model not installed: {e}")
 

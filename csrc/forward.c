@@ -11,6 +11,13 @@
 
 #include "deelm.h"
 
+/* OpenBLAS takes other code paths (GEMV, small-matrix kernels) for GEMMs with
+ * very few rows, which round differently: a one-token sentence alone would
+ * then not match the same sentence inside a batch. Every GEMM therefore runs
+ * on at least this many rows, the rows past N being zeros that stay zero
+ * (rmsnorm, attention and SwiGLU of a zero row are never computed or are 0). */
+#define MIN_GEMM_ROWS 32
+
 typedef struct { /* activations of one call, sized for N tokens */
     float *x;    /* [N, d] */
     float *xb;   /* [N, d] */
@@ -30,13 +37,14 @@ static void run_state_free(run_state *r) {
 
 static int run_state_alloc(run_state *r, const dl_config *c, int64_t n, int64_t max_len) {
     memset(r, 0, sizeof *r);
-    const size_t N = (size_t)(n > 0 ? n : 1);
-    r->x = malloc(N * c->dim * sizeof(float));
-    r->xb = malloc(N * c->dim * sizeof(float));
-    r->qkv = malloc(N * dl_qkv_dim(c) * sizeof(float));
-    r->att = malloc(N * c->n_heads * c->head_dim * sizeof(float));
-    r->gu = malloc(N * 2 * c->hidden_dim * sizeof(float));
-    r->h = malloc(N * c->hidden_dim * sizeof(float));
+    const size_t N = (size_t)n;
+    /* zeroed: the padding rows must be 0 */
+    r->x = calloc(N * c->dim, sizeof(float));
+    r->xb = calloc(N * c->dim, sizeof(float));
+    r->qkv = calloc(N * dl_qkv_dim(c), sizeof(float));
+    r->att = calloc(N * c->n_heads * c->head_dim, sizeof(float));
+    r->gu = calloc(N * 2 * c->hidden_dim, sizeof(float));
+    r->h = calloc(N * c->hidden_dim, sizeof(float));
     r->pos = malloc(N * sizeof(int32_t));
     r->scratch = malloc(c->dim * sizeof(float));
     r->rope_cs = malloc((size_t)(max_len > 0 ? max_len : 1) * c->head_dim * sizeof(float));
@@ -71,8 +79,9 @@ int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
     int64_t max_len = 0;
     for (int64_t s = 0; s < a->n_seq; s++)
         if (a->seq_off[s + 1] - a->seq_off[s] > max_len) max_len = a->seq_off[s + 1] - a->seq_off[s];
+    const int64_t R = N > MIN_GEMM_ROWS ? N : MIN_GEMM_ROWS; /* rows of every GEMM */
     run_state r;
-    int err = run_state_alloc(&r, c, N, max_len);
+    int err = run_state_alloc(&r, c, R, max_len);
     if (err) return err;
     dl_rope_table(r.rope_cs, max_len, c->head_dim / 2, m->inv_freq);
 
@@ -87,7 +96,7 @@ int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
         const int causal = !(a->bidirectional_from >= 0 && l >= a->bidirectional_from);
 
         dl_rmsnorm_forward(r.xb, r.x, ly->attn_norm, N, d, c->rms_eps);
-        dl_linear_forward(r.qkv, r.xb, ly->wqkv, N, d, qkv, 0.0f, nt);
+        dl_linear_forward(r.qkv, r.xb, ly->wqkv, R, d, qkv, 0.0f, nt);
         if (ly->bqkv)
             for (int64_t t = 0; t < N; t++)
                 for (int64_t i = 0; i < qkv; i++) r.qkv[t * qkv + i] += ly->bqkv[i];
@@ -97,12 +106,12 @@ int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
         err = dl_attention_forward(r.att, r.qkv, qkv, a->seq_off, a->n_seq, c->n_heads,
                                    c->n_kv_heads, c->head_dim, causal, nt);
         if (err) break;
-        dl_linear_forward(r.x, r.att, ly->wo, N, dq, d, 1.0f, nt);
+        dl_linear_forward(r.x, r.att, ly->wo, R, dq, d, 1.0f, nt);
 
         dl_rmsnorm_forward(r.xb, r.x, ly->ffn_norm, N, d, c->rms_eps);
-        dl_linear_forward(r.gu, r.xb, ly->wgate_up, N, d, 2 * f, 0.0f, nt);
+        dl_linear_forward(r.gu, r.xb, ly->wgate_up, R, d, 2 * f, 0.0f, nt);
         dl_swiglu_forward(r.h, r.gu, N, f, nt);
-        dl_linear_forward(r.x, r.h, ly->wdown, N, f, d, 1.0f, nt);
+        dl_linear_forward(r.x, r.h, ly->wdown, R, f, d, 1.0f, nt);
 
         record(m, a, l + 1, r.x, N, r.scratch);
     }

@@ -89,18 +89,34 @@ def hf_default(default_path):
 
 
 def hf_hidden_states(model, ids, bidirectional_from=-1):
-    """transformers reference for one unpadded sentence: hidden states after the
-    embedding and every layer (last one final-normed, as transformers returns it).
-    Layers >= bidirectional_from get a padding-only mask (all visible) instead of
-    the causal one, which is how DeeLM changes a layer."""
+    """transformers reference for a batch of token id lists (right-padded in one
+    call): per sentence, the list of hidden states after the embedding and every
+    layer (the last one final-normed, as transformers returns it), unpadded.
+    Layers >= bidirectional_from get a padding-only mask instead of the causal
+    one, which is how DeeLM changes a layer. One id list may be passed alone."""
     import torch
 
+    single = bool(ids) and isinstance(ids[0], (int, np.integer))
+    batch = [list(ids)] if single else [list(x) for x in ids]
+    T = max(len(x) for x in batch)
+    input_ids = torch.zeros((len(batch), T), dtype=torch.long)
+    keep = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, x in enumerate(batch):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        keep[i, :len(x)] = 1
     hooks = []
     if bidirectional_from >= 0:
+        visible = keep.bool()[:, None, None, :]  # [b, 1, 1, T]: key is a real token
+
         def padding_only(module, args, kwargs):
             am = kwargs.get("attention_mask")
             assert am is not None, "expected an explicit attention mask in eager mode"
-            kwargs["attention_mask"] = torch.ones_like(am) if am.dtype == torch.bool else torch.zeros_like(am)
+            if am.dtype == torch.bool:
+                new = visible.expand(am.shape)
+            else:
+                new = torch.zeros(am.shape, dtype=am.dtype).masked_fill(
+                    ~visible.expand(am.shape), torch.finfo(am.dtype).min)
+            kwargs["attention_mask"] = new
             return args, kwargs
 
         for i, layer in enumerate(model.layers):
@@ -108,11 +124,13 @@ def hf_hidden_states(model, ids, bidirectional_from=-1):
                 hooks.append(layer.register_forward_pre_hook(padding_only, with_kwargs=True))
     try:
         with torch.no_grad():
-            out = model(torch.tensor([ids]), output_hidden_states=True)
+            out = model(input_ids, attention_mask=keep, output_hidden_states=True)
     finally:
         for h in hooks:
             h.remove()
-    return [h[0].double().numpy() for h in out.hidden_states]
+    states = [h.double().numpy() for h in out.hidden_states]
+    per_sentence = [[st[i, :len(x)] for st in states] for i, x in enumerate(batch)]
+    return per_sentence[0] if single else per_sentence
 
 
 def cosine(a, b):

@@ -1,0 +1,104 @@
+"""Exact invariants of the forward pass: batching, padding, order, threads, and
+the causal/bidirectional identities of DeeLM."""
+import numpy as np
+import pytest
+
+from conftest import sts_sentences
+
+MIXED = ["A man is playing a guitar.", "Hi", "x",
+         "The quick brown fox jumps over the lazy dog near the bank of the river, twice.",
+         "Café naïve — 日本語のテキスト 12345!", "A woman slices an onion."]
+
+
+@pytest.fixture(scope="module", params=["tiny", "default"])
+def model(request):
+    m = request.getfixturevalue(f"{request.param}_model")
+    saved = (m.bidirectional_from, m.pooling, m.threads, m.prompt)
+    yield m
+    m.bidirectional_from, m.pooling, m.threads, m.prompt = saved
+
+
+@pytest.mark.parametrize("k", ["causal", "last", "zero"])
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_alone_equals_in_batch(model, k, pooling):
+    model.bidirectional_from = {"causal": -1, "last": model.num_layers - 1, "zero": 0}[k]
+    model.pooling = pooling
+    batch = model.encode(MIXED, batch_size=64)
+    alone = np.stack([model.encode(s) for s in MIXED])
+    diff = float(np.abs(batch - alone).max())
+    print(f"\nalone vs batch ({k}, {pooling}): max |diff| {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_batch_size_and_order_do_not_matter(model):
+    model.bidirectional_from = 0
+    ref = model.encode(MIXED, batch_size=64)
+    for bs in (1, 2, 5):
+        np.testing.assert_allclose(model.encode(MIXED, batch_size=bs), ref, rtol=0, atol=1e-5)
+    perm = np.random.default_rng(0).permutation(len(MIXED))
+    shuffled = model.encode([MIXED[i] for i in perm], batch_size=64)
+    np.testing.assert_allclose(shuffled, ref[perm], rtol=0, atol=1e-5)
+
+
+def test_thread_count_does_not_matter(model):
+    model.bidirectional_from = 0
+    out = {}
+    for t in (1, 2, 3):
+        model.threads = t
+        out[t] = model.encode(MIXED * 3, output_value="layer_embeddings")
+    for t in (2, 3):
+        diff = float(np.abs(out[t] - out[1]).max())
+        print(f"\nthreads {t} vs 1: max |diff| {diff:.3g}")
+        assert np.array_equal(out[t], out[1])
+
+
+def test_last_layer_bidirectional_with_last_pooling_equals_causal(model):
+    """With only layer L-1 bidirectional, the last token attends to the same
+    tokens as under causal attention, so its final state is unchanged."""
+    model.pooling = "last"
+    model.bidirectional_from = -1
+    causal = model.encode(MIXED)
+    model.bidirectional_from = model.num_layers - 1
+    mixed = model.encode(MIXED)
+    assert np.array_equal(causal, mixed)
+    # ... but mean pooling does see the difference (tokens before the last changed)
+    model.pooling = "mean"
+    assert not np.allclose(model.encode(MIXED[:1]), model.encode(MIXED[:1], pooling="mean") * 0)
+    model.bidirectional_from = -1
+    causal_mean = model.encode(MIXED[3])
+    model.bidirectional_from = model.num_layers - 1
+    assert np.abs(model.encode(MIXED[3]) - causal_mean).max() > 1e-4
+
+
+def _first_token_states(model, text, k):
+    ids = model.tokenizer.encode_ids([text])
+    _, _, hidden, _, _ = model.forward_ids(ids, hidden=True, bidirectional_from=k)
+    return hidden[:, 0, :]
+
+
+def test_backward_flow_only_when_bidirectional(model):
+    a = "the cat sat on the mat"
+    b = "the cat sat on the rug"
+    # causal: the first token never sees later ones
+    assert np.array_equal(_first_token_states(model, a, -1), _first_token_states(model, b, -1))
+    # fully bidirectional: changing the last word changes the first token from layer 1 on
+    sa, sb = _first_token_states(model, a, 0), _first_token_states(model, b, 0)
+    assert np.array_equal(sa[0], sb[0])  # the embedding itself is per token
+    assert np.all(np.abs(sa[1:] - sb[1:]).max(axis=1) > 0)
+    # mixed: identical below k, different from k + 1 on
+    k = model.num_layers // 2
+    ma, mb = _first_token_states(model, a, k), _first_token_states(model, b, k)
+    assert np.array_equal(ma[:k + 1], mb[:k + 1])
+    assert np.all(np.abs(ma[k + 1:] - mb[k + 1:]).max(axis=1) > 0)
+
+
+def test_many_real_sentences_batched_equal_alone(default_model):
+    m = default_model
+    m.bidirectional_from, m.pooling = 0, "mean"
+    try:
+        sents = sts_sentences(64)
+        batch = m.encode(sents, batch_size=64)
+        alone = np.stack([m.encode(s) for s in sents[:16]])
+        assert float(np.abs(batch[:16] - alone).max()) <= 1e-5
+    finally:
+        m.bidirectional_from = -1

@@ -26,6 +26,16 @@ class Encoded:
     text_end: int    # one past its last token
 
 
+def _word_start(string, offsets):
+    """Start of a token's span in `string` after its leading whitespace (the
+    span's own start if the token is all whitespace)."""
+    start, end = offsets
+    t = start
+    while t < end and string[t].isspace():
+        t += 1
+    return t if t < end else start
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer built from a GGUF vocabulary."""
 
@@ -119,13 +129,22 @@ class Tokenizer:
         n_bos = int(self.add_bos and self.bos_id is not None)
         n_eos = int(self.add_eos and self.eos_id is not None)
         out = []
-        for text, enc in zip(texts, encs):
-            starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(enc.offsets))
+        for string, text, enc in zip(full, texts, encs):
+            offsets = enc.offsets
+            starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
             p1 = p0 + len(text)
-            # a token belongs to the part of the string where it starts
-            # (offsets are trimmed, so "Ġword" starts at the word, not the space)
-            a = int(np.searchsorted(starts, p0, side="left"))
-            b = int(np.searchsorted(starts, p1, side="left"))
+
+            def first_token_at(p):
+                # a token belongs to the part of the string where it starts, not
+                # counting its leading whitespace: "Ġword" starts at the word (the
+                # byte-level offsets include the space, which may be the prompt's).
+                # Only the token just before the raw boundary can move across it.
+                i = int(np.searchsorted(starts, p, side="left"))
+                if i > 0 and _word_start(string, offsets[i - 1]) >= p:
+                    i -= 1
+                return i
+
+            a, b = first_token_at(p0), first_token_at(p1)
             ids = enc.ids
             budget = max_len - n_bos - n_eos - a - (len(ids) - b)
             if budget < 0:

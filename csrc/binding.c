@@ -186,6 +186,32 @@ static int bind_layer(dl_model *m, int64_t l, PyObject *tensors) {
     return 0;
 }
 
+/* Checks every required tensor's type, shape and byte size against the config
+ * before anything is allocated from it: a corrupted dimension must fail here,
+ * not after gigabytes of weight buffers were requested. */
+static int check_all_shapes(PyObject *tensors, const dl_config *c) {
+    const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
+    const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
+    struct { const char *suffix; int64_t cols, rows; } per_layer[] = {
+        {"attn_norm", d, 1}, {"attn_q", d, dq}, {"attn_k", d, dkv}, {"attn_v", d, dkv},
+        {"attn_output", dq, d}, {"ffn_norm", d, 1}, {"ffn_gate", d, f}, {"ffn_up", d, f},
+        {"ffn_down", f, d},
+    };
+    char name[64];
+    tensor_ref t;
+    if (get_tensor(tensors, "token_embd", d, c->vocab_size, 0, &t) < 0) return -1;
+    PyBuffer_Release(&t.view);
+    if (get_tensor(tensors, "output_norm", d, 1, 0, &t) < 0) return -1;
+    PyBuffer_Release(&t.view);
+    for (int64_t l = 0; l < c->n_layers; l++)
+        for (size_t i = 0; i < sizeof per_layer / sizeof per_layer[0]; i++) {
+            snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, per_layer[i].suffix);
+            if (get_tensor(tensors, name, per_layer[i].cols, per_layer[i].rows, 0, &t) < 0) return -1;
+            PyBuffer_Release(&t.view);
+        }
+    return 0;
+}
+
 /* ---- Model type --------------------------------------------------------- */
 
 static void Model_dealloc(ModelObject *self) {
@@ -252,6 +278,10 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     memset(&c, 0, sizeof c);
     PyObject *inv = NULL;
     if (parse_config(cfg, &c, &inv) < 0) return -1;
+    if (check_all_shapes(tensors, &c) < 0) {
+        Py_DECREF(inv);
+        return -1;
+    }
     dl_model *m = dl_model_alloc(&c);
     if (!m) {
         Py_DECREF(inv);

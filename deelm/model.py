@@ -174,8 +174,19 @@ class DeeLM:
     def tokenize(self, sentences, prompt=None):
         """Token ids per sentence after templating and truncation, and the
         [start, end) token range of the sentence's own text in each."""
-        prefix, suffix = _split_prompt(self._prompt if prompt is None else prompt)
-        return self.tokenizer.encode_prompted(sentences, prefix, suffix, self._max_len)
+        prompt = self._prompt if prompt is None else prompt
+        prefix, suffix = _split_prompt(prompt)
+        try:
+            return self.tokenizer.encode_prompted(sentences, prefix, suffix, self._max_len)
+        except TypeError:  # `tokenizers` refuses strings that are not valid Unicode
+            for what, s in [("prompt", prompt or "")] + [(f"sentences[{i}]", s)
+                                                         for i, s in enumerate(sentences)]:
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{what} is not valid Unicode text ({e.reason} at "
+                                     f"position {e.start})") from None
+            raise
 
     def _pool_range(self, enc, pooling):
         n = len(enc.ids)
@@ -271,6 +282,12 @@ class DeeLM:
                     pooled, layer_pooled, _, tokens, offsets = self.forward_ids(
                         [e.ids for e in batch], pool, layers=output_value == "layer_embeddings",
                         token_states=output_value == "token_embeddings")
+                    for out in (pooled, layer_pooled, tokens):
+                        if out is not None and not np.isfinite(out).all():
+                            # finite weights can still be absurd enough to overflow
+                            raise ModelFileError(self.path, "the forward pass produced non-finite "
+                                                            "values; the weights are out of range "
+                                                            "(corrupted file?)")
                     if output_value == "token_embeddings":
                         for j, i in enumerate(idx):
                             result[i] = tokens[offsets[j]:offsets[j + 1]].copy()

@@ -1,7 +1,5 @@
-"""Command line: python -m deelm {demo,encode,info} ..."""
+"""Command line: python -m deelm {demo,encode,eval,info} ..."""
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,18 +12,6 @@ EXAMPLE_PAIRS = [
     ("The cat sleeps on the sofa.", "Stock markets fell sharply today."),
     ("How do I reset my password?", "I forgot my login credentials."),
 ]
-
-
-def default_data_dir():
-    """$DEELM_DATA, else ../shared/data beside the current directory or the repository."""
-    env = os.environ.get("DEELM_DATA")
-    if env:
-        return Path(env)
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        cand = base.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return None
 
 
 def _add_model_args(p):
@@ -49,16 +35,6 @@ def _load(args):
                                  max_seq_length=args.max_seq_length, threads=args.threads)
 
 
-def _read_sts(path):
-    pairs, gold = [], []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            r = json.loads(line)
-            pairs.append((r["sentence1"], r["sentence2"]))
-            gold.append(float(r["score"]))
-    return pairs, np.asarray(gold)
-
-
 def cmd_demo(args):
     """The main job: embed with the default model, show similarities, and score
     the STS Benchmark test set when the data is present."""
@@ -72,30 +48,22 @@ def cmd_demo(args):
     for (a, b), s in zip(EXAMPLE_PAIRS, model.similarity_pairwise(left, right)):
         print(f"  {s:6.3f}  {a!r} ~ {b!r}")
 
-    data = Path(args.data) if args.data else default_data_dir()
-    sts = data / "sts" / "STSBenchmark" / "test.jsonl" if data else None
-    if sts is None or not sts.is_file():
-        print(f"\nSTS Benchmark test data not found (looked in {sts or 'no data folder'}; "
-              f"set DEELM_DATA or --data); skipping the STS score.")
-        return 0
-    from scipy.stats import spearmanr
+    from . import evaluation as ev
 
-    pairs, gold = _read_sts(sts)
-    unique = sorted({s for p in pairs for s in p})
-    n_tokens = sum(len(e.ids) for e in model.tokenize(unique))
+    try:
+        data = ev.resolve_data_dir(args.data)
+    except ev.DataError as e:
+        print(f"\nno STS data, so no STS score: {e}")
+        return 0
     t0 = time.perf_counter()
-    emb = model.encode(unique, batch_size=args.batch_size, show_progress_bar=True)
+    result = ev.evaluate(model, ["STSBenchmark"], data_dir=data, batch_size=args.batch_size,
+                         show_progress_bar=True)["STSBenchmark"]
     dt = time.perf_counter() - t0
-    index = {s: i for i, s in enumerate(unique)}
-    a = emb[[index[p[0]] for p in pairs]]
-    b = emb[[index[p[1]] for p in pairs]]
-    cos = model.similarity_pairwise(a, b)
-    rho = spearmanr(cos, gold).statistic
-    print(f"\nencoded {len(unique)} unique STS Benchmark test sentences ({n_tokens} tokens) in "
-          f"{dt:.1f} s: {len(unique) / dt:.0f} sentences/s, {n_tokens / dt:.0f} tokens/s")
-    print(f"STS Benchmark test, cosine Spearman x100: {100 * rho:.2f}  "
-          f"({len(pairs)} pairs, bidirectional_from={model.bidirectional_from}, "
-          f"pooling={model.pooling}, untrained)")
+    print(f"\nSTS Benchmark test ({result.n_pairs} pairs from {result.path}), "
+          f"cosine Spearman x100: {100 * result.main_score:.2f}")
+    print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}, untrained; "
+          f"{dt:.0f} s with {model.threads} threads")
+    print("  all 7 MTEB STS tasks: python -m deelm eval --output results/sts")
     return 0
 
 
@@ -115,6 +83,27 @@ def cmd_encode(args):
               file=sys.stderr)
     else:
         np.savetxt(sys.stdout, emb, fmt="%.6g")
+    return 0
+
+
+def cmd_eval(args):
+    from . import evaluation as ev
+
+    model = _load(args)
+    tasks = args.tasks or list(ev.TASKS)
+    title = (f"{Path(str(model.path)).stem} k={model.bidirectional_from} {model.pooling}"
+             + (" prompt" if model.prompt else ""))
+    out = Path(args.output) if args.output else None
+    t0 = time.perf_counter()
+    results = ev.evaluate(model, tasks, data_dir=args.data, protocol=args.protocol,
+                          normalize_punctuation=args.normalize_punctuation,
+                          batch_size=args.batch_size, show_progress_bar=True,
+                          output_dir=out, model_name=title)
+    print(f"\n{args.protocol} protocol, main score = cosine Spearman x100 "
+          f"({time.perf_counter() - t0:.0f} s)\n")
+    print(ev.summary_table(results, title))
+    if out:
+        print(f"\nwrote {len(results)} result files and summary.md to {out}")
     return 0
 
 
@@ -156,6 +145,18 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--normalize", action="store_true")
     p.set_defaults(func=cmd_encode)
+    p = sub.add_parser("eval", help="STS evaluation (MTEB's metrics) on local data")
+    _add_model_args(p)
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="STS12 STS13 STS14 STS15 STS16 STSBenchmark SICK-R (default: all)")
+    p.add_argument("--protocol", default="mteb", choices=["mteb", "senteval"])
+    p.add_argument("--normalize-punctuation", action="store_true",
+                   help="senteval protocol: the PromptEOL/AnglE batcher's punctuation normalisation")
+    p.add_argument("--data", default=None, help="folder holding <Task>/test.jsonl (or its parent); "
+                   "default: $DEELM_DATA, else ../shared/data")
+    p.add_argument("--output", default=None, help="folder for per-task JSON and summary.md")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="describe a model file")
     p.add_argument("model", nargs="?", default=None)
     p.set_defaults(func=cmd_info)

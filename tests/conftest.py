@@ -8,6 +8,10 @@ import pytest
 
 from tiny_gguf import TINY, write_tiny_gguf
 
+# There is no model hub here: transformers must only ever read local files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 # Evaluation data lives outside the repository; DEELM_DATA overrides the location.
 DATA_DIR = Path(os.environ.get("DEELM_DATA", REPO.parent / "shared" / "data"))

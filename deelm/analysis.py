@@ -25,6 +25,7 @@ installed, a PNG plot.
 """
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +132,51 @@ def turning_point(curve):
     return lo + int(np.nanargmax(drops)), peak
 
 
-def auto_bidirectional_from(model, **kw):
+def _cache_path():
+    base = os.environ.get("DEELM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deelm")
+    return Path(base) / "turning_points.json"
+
+
+def _file_identity(path):
+    st = os.stat(path)
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def auto_bidirectional_from(model, use_cache=True, **kw):
     """The turning point k of `model` (see turning_point), measured with
-    layer_sts(model, **kw) -- by default on STS Benchmark dev, causal model."""
-    return turning_point(layer_sts(model, **kw))[0]
+    layer_sts(model, **kw) -- by default on STS Benchmark dev, causal model.
+
+    Measuring takes minutes, so the result is cached in
+    $DEELM_CACHE_DIR/turning_points.json (default ~/.cache/deelm), keyed by
+    the model file and data file (path, size, mtime) and every setting that
+    changes the curve; use_cache=False measures again."""
+    task, split = kw.get("task", "STSBenchmark"), kw.get("split", "dev")
+    data_file = ev.task_file(ev.resolve_data_dir(kw.get("data_dir")), task, "mteb", split)
+    key = "|".join(str(x) for x in (
+        _file_identity(model.path), _file_identity(data_file), kw.get("max_pairs"), kw.get("seed", 0),
+        kw.get("bidirectional_from", -1), model.pooling, model.prompt, model.max_seq_length))
+    cache = _cache_path()
+    entries = {}
+    if use_cache and cache.is_file():
+        try:
+            entries = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            entries = {}  # an unreadable cache is only a cache: measure again
+        if key in entries:
+            return int(entries[key]["k"])
+    curve = layer_sts(model, **kw)
+    k = turning_point(curve)[0]
+    if use_cache:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            entries[key] = {"k": k, "curve": curve, "rule": TURNING_POINT_RULE}
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries, indent=1))
+            tmp.replace(cache)
+        except OSError:
+            pass  # read-only home: still correct, just not cached
+    return k
 
 
 def degradation_curve(model, js=None, task="STSBenchmark", split="dev", data_dir=None,

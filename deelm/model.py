@@ -74,7 +74,9 @@ class DeeLM:
         bidirectional_from: layers with 0-based index >= this attend in both
             directions; -1 keeps the model causal, 0 makes it fully
             bidirectional. None: the last layer only (the paper's choice for
-            LLaMA-2-7B, k = L-1).
+            LLaMA-2-7B, k = L-1). "auto": the turning point measured on STS
+            Benchmark dev (deelm.analysis; needs the data, cached per model
+            file, minutes the first time).
         pooling: "mean" over all tokens, "last" token, or "text_mean" (mean
             over the sentence's own tokens, leaving out the prompt template).
         prompt: a template with one "{text}", such as PAPER_PROMPT, or a
@@ -91,8 +93,14 @@ class DeeLM:
         except ValueError as e:
             raise ModelFileError(path, str(e)) from None
         tok = Tokenizer.from_gguf_vocab(gm.vocab, path, gm.config["vocab_size"])
-        return cls(gm, core, tok, bidirectional_from=bidirectional_from, pooling=pooling,
-                   prompt=prompt, max_seq_length=max_seq_length, threads=threads)
+        auto = isinstance(bidirectional_from, str) and bidirectional_from == "auto"
+        model = cls(gm, core, tok, bidirectional_from=-1 if auto else bidirectional_from,
+                    pooling=pooling, prompt=prompt, max_seq_length=max_seq_length, threads=threads)
+        if auto:
+            from .analysis import auto_bidirectional_from
+
+            model.bidirectional_from = auto_bidirectional_from(model)
+        return model
 
     # ---- settings, validated on assignment -----------------------------
     @property
@@ -102,7 +110,8 @@ class DeeLM:
     @bidirectional_from.setter
     def bidirectional_from(self, k):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise TypeError(f"bidirectional_from must be an int, not {type(k).__name__}")
+            raise TypeError(f"bidirectional_from must be an int (from_pretrained also takes "
+                            f"'auto'), not {type(k).__name__}")
         if not -1 <= k < self.num_layers:
             raise ValueError(f"bidirectional_from must be -1 (causal) or a layer index in "
                              f"[0, {self.num_layers}), got {k}")

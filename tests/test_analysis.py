@@ -253,3 +253,20 @@ def test_real_data_subset_and_probe(tiny):
     assert len(d.scores) == 50 and d.path.name == "dev.jsonl"
     r = an.backward_dependency(tiny, sts_sentences(8, split="dev"), -1)
     assert r["max"] == [0.0] * (tiny.num_layers + 1) and r["n_pairs"] > 8
+
+
+def test_from_pretrained_auto_uses_the_turning_point_and_caches_it(tiny_path, sts_dir, tmp_path,
+                                                                   monkeypatch):
+    import deelm
+
+    monkeypatch.setenv("DEELM_DATA", str(sts_dir))
+    monkeypatch.setenv("DEELM_CACHE_DIR", str(tmp_path / "cache"))
+    causal = deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=-1)
+    expect = an.turning_point(an.layer_sts(causal))[0]
+    m = deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from="auto")
+    assert m.bidirectional_from == expect
+    cache = json.loads((tmp_path / "cache" / "turning_points.json").read_text())
+    assert [e["k"] for e in cache.values()] == [expect]
+    # a second load reads the cache instead of measuring
+    monkeypatch.setattr(an, "layer_sts", lambda *a, **k: pytest.fail("measured again"))
+    assert deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from="auto").bidirectional_from == expect

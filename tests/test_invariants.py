@@ -102,3 +102,23 @@ def test_many_real_sentences_batched_equal_alone(default_model):
         assert float(np.abs(batch[:16] - alone).max()) <= 1e-5
     finally:
         m.bidirectional_from = -1
+
+
+def test_concurrent_encode_from_threads(tiny_path):
+    """The GIL is released during compute: encode calls from several Python
+    threads run at once and give the same result as one call."""
+    import threading
+
+    import deelm
+
+    m = deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=0, threads=2)
+    sents = [f"the cat sat on the mat {i} " * (1 + i % 7) for i in range(200)]
+    ref = m.encode(sents)
+    out = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, m.encode(sents)))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(out[i], ref) for i in range(4))

@@ -130,13 +130,10 @@ static int get_tensor(PyObject *tensors, const char *name, int64_t cols, int64_t
     return 1;
 }
 
-/* Decodes a whole tensor into dst ([rows, cols] floats). */
-static int decode_tensor(PyObject *tensors, const char *name, int64_t cols, int64_t rows,
-                         float *dst) {
-    tensor_ref t;
-    if (get_tensor(tensors, name, cols, rows, 0, &t) < 0) return -1;
-    int64_t bad = dl_dequantize(t.type, t.view.buf, dst, cols * rows);
-    PyBuffer_Release(&t.view);
+/* Decodes a checked tensor into dst ([rows, cols] floats) and releases it. */
+static int decode_ref(const char *name, tensor_ref *t, float *dst) {
+    int64_t bad = dl_dequantize(t->type, t->view.buf, dst, t->cols * t->rows);
+    PyBuffer_Release(&t->view);
     if (bad) {
         PyErr_Format(PyExc_ValueError, "tensor '%s' holds %lld non-finite values (corrupted file?)",
                      name, (long long)bad);
@@ -145,43 +142,64 @@ static int decode_tensor(PyObject *tensors, const char *name, int64_t cols, int6
     return 0;
 }
 
+static int decode_tensor(PyObject *tensors, const char *name, int64_t cols, int64_t rows,
+                         float *dst) {
+    tensor_ref t;
+    if (get_tensor(tensors, name, cols, rows, 0, &t) < 0) return -1;
+    return decode_ref(name, &t, dst);
+}
+
+/* The nine weights of a layer, in the order bind_layer stores them. */
+#define N_LAYER_TENSORS 9
+typedef struct {
+    const char *suffix;
+    int64_t cols, rows;
+} layer_spec;
+
+static void layer_specs(const dl_config *c, layer_spec s[N_LAYER_TENSORS]) {
+    const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
+    const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
+    const layer_spec all[N_LAYER_TENSORS] = {
+        {"attn_norm", d, 1}, {"attn_q", d, dq}, {"attn_k", d, dkv}, {"attn_v", d, dkv},
+        {"attn_output", dq, d}, {"ffn_norm", d, 1}, {"ffn_gate", d, f}, {"ffn_up", d, f},
+        {"ffn_down", f, d},
+    };
+    memcpy(s, all, sizeof all);
+}
+
 static int bind_layer(dl_model *m, int64_t l, PyObject *tensors) {
     const dl_config *c = &m->cfg;
     dl_layer *ly = &m->layers[l];
     const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
     const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
+    /* q, k, v stacked into one fused matrix, gate and up into another */
+    float *dst[N_LAYER_TENSORS] = {ly->attn_norm, ly->wqkv, ly->wqkv + dq * d,
+                                   ly->wqkv + (dq + dkv) * d, ly->wo, ly->ffn_norm,
+                                   ly->wgate_up, ly->wgate_up + f * d, ly->wdown};
+    layer_spec spec[N_LAYER_TENSORS];
+    layer_specs(c, spec);
     char name[64];
-#define LAYER_TENSOR(suffix, cols, rows, dst)                               \
-    snprintf(name, sizeof name, "blk.%lld." suffix, (long long)l);          \
-    if (decode_tensor(tensors, name, cols, rows, dst) < 0) return -1;
-    LAYER_TENSOR("attn_norm", d, 1, ly->attn_norm);
-    LAYER_TENSOR("attn_q", d, dq, ly->wqkv);
-    LAYER_TENSOR("attn_k", d, dkv, ly->wqkv + dq * d);
-    LAYER_TENSOR("attn_v", d, dkv, ly->wqkv + (dq + dkv) * d);
-    LAYER_TENSOR("attn_output", dq, d, ly->wo);
-    LAYER_TENSOR("ffn_norm", d, 1, ly->ffn_norm);
-    LAYER_TENSOR("ffn_gate", d, f, ly->wgate_up);
-    LAYER_TENSOR("ffn_up", d, f, ly->wgate_up + f * d);
-    LAYER_TENSOR("ffn_down", f, d, ly->wdown);
-#undef LAYER_TENSOR
-    /* optional q/k/v biases (Qwen2): all three or none */
+    for (int i = 0; i < N_LAYER_TENSORS; i++) {
+        snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, spec[i].suffix);
+        if (decode_tensor(tensors, name, spec[i].cols, spec[i].rows, dst[i]) < 0) return -1;
+    }
+    /* optional q/k/v biases (Qwen2); an absent one is zero */
     static const char *bias_names[3] = {"attn_q.bias", "attn_k.bias", "attn_v.bias"};
     const int64_t bias_len[3] = {dq, dkv, dkv}, bias_at[3] = {0, dq, dq + dkv};
     for (int i = 0; i < 3; i++) {
         snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, bias_names[i]);
         tensor_ref t;
         int found = get_tensor(tensors, name, bias_len[i], 1, 1, &t);
-        if (found < 0) return -1;
-        if (!found) continue;
-        PyBuffer_Release(&t.view);
-        if (!ly->bqkv) {
-            ly->bqkv = (float *)calloc((size_t)(dq + 2 * dkv), sizeof(float));
-            if (!ly->bqkv) {
-                PyErr_NoMemory();
-                return -1;
-            }
+        if (found <= 0) {
+            if (found < 0) return -1;
+            continue;
         }
-        if (decode_tensor(tensors, name, bias_len[i], 1, ly->bqkv + bias_at[i]) < 0) return -1;
+        if (!ly->bqkv && !(ly->bqkv = (float *)calloc((size_t)(dq + 2 * dkv), sizeof(float)))) {
+            PyBuffer_Release(&t.view);
+            PyErr_NoMemory();
+            return -1;
+        }
+        if (decode_ref(name, &t, ly->bqkv + bias_at[i]) < 0) return -1;
     }
     return 0;
 }
@@ -190,23 +208,18 @@ static int bind_layer(dl_model *m, int64_t l, PyObject *tensors) {
  * before anything is allocated from it: a corrupted dimension must fail here,
  * not after gigabytes of weight buffers were requested. */
 static int check_all_shapes(PyObject *tensors, const dl_config *c) {
-    const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
-    const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
-    struct { const char *suffix; int64_t cols, rows; } per_layer[] = {
-        {"attn_norm", d, 1}, {"attn_q", d, dq}, {"attn_k", d, dkv}, {"attn_v", d, dkv},
-        {"attn_output", dq, d}, {"ffn_norm", d, 1}, {"ffn_gate", d, f}, {"ffn_up", d, f},
-        {"ffn_down", f, d},
-    };
+    layer_spec spec[N_LAYER_TENSORS];
+    layer_specs(c, spec);
     char name[64];
     tensor_ref t;
-    if (get_tensor(tensors, "token_embd", d, c->vocab_size, 0, &t) < 0) return -1;
+    if (get_tensor(tensors, "token_embd", c->dim, c->vocab_size, 0, &t) < 0) return -1;
     PyBuffer_Release(&t.view);
-    if (get_tensor(tensors, "output_norm", d, 1, 0, &t) < 0) return -1;
+    if (get_tensor(tensors, "output_norm", c->dim, 1, 0, &t) < 0) return -1;
     PyBuffer_Release(&t.view);
     for (int64_t l = 0; l < c->n_layers; l++)
-        for (size_t i = 0; i < sizeof per_layer / sizeof per_layer[0]; i++) {
-            snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, per_layer[i].suffix);
-            if (get_tensor(tensors, name, per_layer[i].cols, per_layer[i].rows, 0, &t) < 0) return -1;
+        for (int i = 0; i < N_LAYER_TENSORS; i++) {
+            snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, spec[i].suffix);
+            if (get_tensor(tensors, name, spec[i].cols, spec[i].rows, 0, &t) < 0) return -1;
             PyBuffer_Release(&t.view);
         }
     return 0;

@@ -217,7 +217,9 @@ class DeeLM:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+        # one conversion per sentence, not per token
+        tokens = (np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]) if ids
+                  else np.zeros(0, dtype=np.int32))
         if pool is None:
             pool = np.stack([np.zeros_like(lengths), lengths], axis=1)
         pool = np.asarray(pool, dtype=np.int64).reshape(len(ids), 2)

@@ -63,7 +63,6 @@ def test_last_layer_bidirectional_with_last_pooling_equals_causal(model):
     assert np.array_equal(causal, mixed)
     # ... but mean pooling does see the difference (tokens before the last changed)
     model.pooling = "mean"
-    assert not np.allclose(model.encode(MIXED[:1]), model.encode(MIXED[:1], pooling="mean") * 0)
     model.bidirectional_from = -1
     causal_mean = model.encode(MIXED[3])
     model.bidirectional_from = model.num_layers - 1

@@ -167,21 +167,58 @@ static void layer_specs(const dl_config *c, layer_spec s[N_LAYER_TENSORS]) {
     memcpy(s, all, sizeof all);
 }
 
+/* Where one file tensor goes: a float vector, or rows row0.. of a linear layer. */
+typedef struct {
+    float *vec;
+    dl_linear *lin;
+    int64_t row0;
+} weight_dst;
+
+/* Decodes (float32) or packs (int8) a checked tensor into its place and
+ * releases it. */
+static int store_ref(const char *name, tensor_ref *t, weight_dst dst) {
+    if (dst.vec) return decode_ref(name, t, dst.vec);
+    dl_linear *w = dst.lin;
+    if (w->f32) return decode_ref(name, t, w->f32 + dst.row0 * w->in);
+    float *scratch = (float *)malloc((size_t)t->cols * sizeof(float));
+    int64_t bad = scratch ? dl_qmat_pack_rows(&w->q, dst.row0, t->type, t->view.buf, t->rows, scratch)
+                          : DL_ERR_NOMEM;
+    free(scratch);
+    PyBuffer_Release(&t->view);
+    if (bad == DL_ERR_NOMEM) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (bad < 0) {
+        PyErr_Format(PyExc_ValueError, "tensor '%s' does not fit its layer", name);
+        return -1;
+    }
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "tensor '%s' holds %lld non-finite values (corrupted file?)",
+                     name, (long long)bad);
+        return -1;
+    }
+    return 0;
+}
+
 static int bind_layer(dl_model *m, int64_t l, PyObject *tensors) {
     const dl_config *c = &m->cfg;
     dl_layer *ly = &m->layers[l];
-    const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
+    const int64_t f = c->hidden_dim, hd = c->head_dim;
     const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
     /* q, k, v stacked into one fused matrix, gate and up into another */
-    float *dst[N_LAYER_TENSORS] = {ly->attn_norm, ly->wqkv, ly->wqkv + dq * d,
-                                   ly->wqkv + (dq + dkv) * d, ly->wo, ly->ffn_norm,
-                                   ly->wgate_up, ly->wgate_up + f * d, ly->wdown};
+    const weight_dst dst[N_LAYER_TENSORS] = {
+        {ly->attn_norm, NULL, 0}, {NULL, &ly->wqkv, 0}, {NULL, &ly->wqkv, dq},
+        {NULL, &ly->wqkv, dq + dkv}, {NULL, &ly->wo, 0}, {ly->ffn_norm, NULL, 0},
+        {NULL, &ly->wgate_up, 0}, {NULL, &ly->wgate_up, f}, {NULL, &ly->wdown, 0}};
     layer_spec spec[N_LAYER_TENSORS];
     layer_specs(c, spec);
     char name[64];
     for (int i = 0; i < N_LAYER_TENSORS; i++) {
         snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, spec[i].suffix);
-        if (decode_tensor(tensors, name, spec[i].cols, spec[i].rows, dst[i]) < 0) return -1;
+        tensor_ref t;
+        if (get_tensor(tensors, name, spec[i].cols, spec[i].rows, 0, &t) < 0) return -1;
+        if (store_ref(name, &t, dst[i]) < 0) return -1;
     }
     /* optional q/k/v biases (Qwen2); an absent one is zero */
     static const char *bias_names[3] = {"attn_q.bias", "attn_k.bias", "attn_v.bias"};
@@ -278,11 +315,30 @@ static int parse_config(PyObject *cfg, dl_config *c, PyObject **inv_freq_out) {
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"config", "tensors", NULL};
+    static char *kwlist[] = {"config", "tensors", "precision", "isa", NULL};
     PyObject *cfg, *tensors;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!", kwlist, &PyDict_Type, &cfg, &PyDict_Type,
-                                     &tensors))
+    const char *precision_name = "int8", *isa_name = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|ss", kwlist, &PyDict_Type, &cfg, &PyDict_Type,
+                                     &tensors, &precision_name, &isa_name))
         return -1;
+    int precision;
+    if (strcmp(precision_name, "int8") == 0) precision = DL_PRECISION_INT8;
+    else if (strcmp(precision_name, "float32") == 0) precision = DL_PRECISION_F32;
+    else {
+        PyErr_Format(PyExc_ValueError, "precision must be 'int8' or 'float32', got '%s'",
+                     precision_name);
+        return -1;
+    }
+    int isa = strcmp(isa_name, "auto") == 0 ? dl_isa_best() : dl_isa_from_name(isa_name);
+    if (isa < 0) {
+        PyErr_Format(PyExc_ValueError, "isa must be 'auto', 'avx512vnni', 'avx2' or 'scalar', "
+                     "got '%s'", isa_name);
+        return -1;
+    }
+    if (!dl_isa_supported(isa)) {
+        PyErr_Format(PyExc_ValueError, "this CPU cannot run the '%s' path", isa_name);
+        return -1;
+    }
     if (self->model) {
         PyErr_SetString(PyExc_RuntimeError, "Model is already initialised");
         return -1;
@@ -295,7 +351,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         Py_DECREF(inv);
         return -1;
     }
-    dl_model *m = dl_model_alloc(&c);
+    dl_model *m = dl_model_alloc(&c, precision, isa);
     if (!m) {
         Py_DECREF(inv);
         PyErr_NoMemory();
@@ -403,13 +459,26 @@ static PyObject *new_f32(int nd, npy_intp *dims) {
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "seq_offsets", "pool", "bidirectional_from", "threads",
-                             "layers", "hidden", "token_states", NULL};
-    PyObject *tok_o, *off_o, *pool_o;
+                             "layers", "hidden", "token_states", "op_seconds", NULL};
+    PyObject *tok_o, *off_o, *pool_o, *prof_o = Py_None;
     long long k = -1;
     int threads = 1, want_layers = 0, want_hidden = 0, want_tokens = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|Lippp", kwlist, &tok_o, &off_o, &pool_o, &k,
-                                     &threads, &want_layers, &want_hidden, &want_tokens))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|LipppO", kwlist, &tok_o, &off_o, &pool_o, &k,
+                                     &threads, &want_layers, &want_hidden, &want_tokens, &prof_o))
         return NULL;
+    double *op_seconds = NULL;
+    if (prof_o != Py_None) {
+        /* a float64 array the pass adds its per-op wall times to, in place */
+        if (!PyArray_Check(prof_o) || PyArray_TYPE((PyArrayObject *)prof_o) != NPY_FLOAT64 ||
+            PyArray_NDIM((PyArrayObject *)prof_o) != 1 ||
+            PyArray_DIM((PyArrayObject *)prof_o, 0) != DL_N_OPS ||
+            !PyArray_ISCARRAY((PyArrayObject *)prof_o)) {
+            PyErr_Format(PyExc_ValueError, "op_seconds must be a writable float64 array of %d",
+                         DL_N_OPS);
+            return NULL;
+        }
+        op_seconds = (double *)PyArray_DATA((PyArrayObject *)prof_o);
+    }
     if (check_ready(self) < 0) return NULL;
     const dl_config *c = &self->model->cfg;
     if (k < -1 || k >= c->n_layers) {
@@ -452,6 +521,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
         .layer_pooled = layers ? (float *)PyArray_DATA((PyArrayObject *)layers) : NULL,
         .hidden = hidden ? (float *)PyArray_DATA((PyArrayObject *)hidden) : NULL,
         .token_out = tstates ? (float *)PyArray_DATA((PyArrayObject *)tstates) : NULL,
+        .op_seconds = op_seconds,
     };
     int err;
     Py_BEGIN_ALLOW_THREADS
@@ -481,13 +551,16 @@ static PyObject *Model_get_config(ModelObject *self, void *closure) {
     (void)closure;
     if (check_ready(self) < 0) return NULL;
     const dl_config *c = &self->model->cfg;
-    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:d,s:i,s:s}", "n_layers",
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:d,s:i,s:s,s:s,s:s}", "n_layers",
                          (long long)c->n_layers, "dim", (long long)c->dim, "hidden_dim",
                          (long long)c->hidden_dim, "n_heads", (long long)c->n_heads, "n_kv_heads",
                          (long long)c->n_kv_heads, "head_dim", (long long)c->head_dim,
                          "vocab_size", (long long)c->vocab_size, "rms_eps", (double)c->rms_eps,
                          "rope_style", c->rope_style, "token_embd_type",
-                         dl_type_name(self->model->tok_embd_type));
+                         dl_type_name(self->model->tok_embd_type), "precision",
+                         self->model->precision == DL_PRECISION_INT8 ? "int8" : "float32", "isa",
+                         self->model->precision == DL_PRECISION_INT8 ? dl_isa_name(self->model->isa)
+                                                                     : "openblas");
 }
 
 static PyMethodDef Model_methods[] = {
@@ -495,7 +568,9 @@ static PyMethodDef Model_methods[] = {
      "forward(tokens, seq_offsets, pool, bidirectional_from=-1, threads=1, layers=False, "
      "hidden=False, token_states=False) -> (pooled, layer_pooled, hidden, token_states)\n\n"
      "Runs one packed batch. tokens: int32 [N]; seq_offsets: int64 [n+1]; pool: int64 [n, 2] "
-     "token range pooled in each sentence. Outputs not asked for are None."},
+     "token range pooled in each sentence. Outputs not asked for are None. op_seconds: "
+     "optional float64 array of len(OP_NAMES) to which the wall time of each kind of op is "
+     "added."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -655,12 +730,173 @@ static PyObject *op_linear(PyObject *mod, PyObject *args) {
     } else if (w) {
         npy_intp dims[2] = {PyArray_DIM(x, 0), PyArray_DIM(w, 0)};
         if ((out = new_f32(2, dims)))
-            dl_linear_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(x), PyArray_DATA(w),
-                              dims[0], PyArray_DIM(x, 1), dims[1], 0.0f, threads);
+            dl_sgemm_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(x), PyArray_DATA(w),
+                             dims[0], PyArray_DIM(x, 1), dims[1], 0.0f, threads);
     }
     Py_XDECREF(x);
     Py_XDECREF(w);
     return out;
+}
+
+/* Packs a GGUF-encoded [rows, cols] weight for the int8 GEMM; NULL with an
+ * exception on bad sizes or non-finite weights. */
+static int pack_weight(dl_qmat *w, int type, Py_buffer *buf, long long rows, long long cols) {
+    int64_t rb = dl_row_bytes(type, cols);
+    if (!dl_type_supported(type) || rows < 1 || cols < 1 || rows > DIM_LIMIT || cols > DIM_LIMIT ||
+        rb < 0 || rb * rows != (int64_t)buf->len) {
+        PyErr_SetString(PyExc_ValueError, "weight: unsupported type or bytes do not match [rows, cols]");
+        return -1;
+    }
+    float *scratch = (float *)malloc((size_t)cols * sizeof(float));
+    if (!scratch || dl_qmat_alloc(w, rows, cols)) {
+        free(scratch);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int64_t bad = dl_qmat_pack_rows(w, 0, type, buf->buf, rows, scratch);
+    free(scratch);
+    if (bad) {
+        dl_qmat_free(w);
+        PyErr_SetString(PyExc_ValueError, "weight holds non-finite values");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *op_qlinear(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo;
+    int type, threads = 1;
+    Py_buffer buf;
+    long long rows, cols;
+    const char *isa_name = "auto";
+    if (!PyArg_ParseTuple(args, "Oiy*LL|si", &xo, &type, &buf, &rows, &cols, &isa_name, &threads))
+        return NULL;
+    PyArrayObject *x = NULL;
+    PyObject *out = NULL;
+    dl_qmat w;
+    dl_qact qx;
+    int have_w = 0;
+    memset(&qx, 0, sizeof qx);
+    int isa = strcmp(isa_name, "auto") == 0 ? dl_isa_best() : dl_isa_from_name(isa_name);
+    if (isa < 0 || !dl_isa_supported(isa) || threads < 1 || threads > 1024) {
+        PyErr_Format(PyExc_ValueError, "qlinear: isa '%s' is unknown or not supported here, or "
+                     "bad threads", isa_name);
+        goto done;
+    }
+    if (pack_weight(&w, type, &buf, rows, cols) < 0) goto done;
+    have_w = 1;
+    if (!(x = as_f32(xo, 2))) goto done;
+    if (PyArray_DIM(x, 1) != cols) {
+        PyErr_SetString(PyExc_ValueError, "qlinear: x must be [n, cols]");
+        goto done;
+    }
+    const int64_t n = PyArray_DIM(x, 0);
+    npy_intp dims[2] = {(npy_intp)n, (npy_intp)rows};
+    if (!(out = new_f32(2, dims))) goto done;
+    if (dl_qact_alloc(&qx, n, cols)) {
+        Py_CLEAR(out);
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    dl_quantize_rows(&qx, PyArray_DATA(x), n, cols, threads);
+    dl_qgemm(PyArray_DATA((PyArrayObject *)out), rows, &qx, n, &w, 0, isa, threads);
+    Py_END_ALLOW_THREADS
+done:
+    if (have_w) dl_qmat_free(&w);
+    dl_qact_free(&qx);
+    PyBuffer_Release(&buf);
+    Py_XDECREF(x);
+    return out;
+}
+
+static PyObject *op_qweight(PyObject *mod, PyObject *args) {
+    (void)mod;
+    int type;
+    Py_buffer buf;
+    long long rows, cols;
+    if (!PyArg_ParseTuple(args, "iy*LL", &type, &buf, &rows, &cols)) return NULL;
+    dl_qmat w;
+    PyObject *out = NULL;
+    if (pack_weight(&w, type, &buf, rows, cols) == 0) {
+        npy_intp dims[2] = {(npy_intp)rows, (npy_intp)cols};
+        if ((out = new_f32(2, dims)))
+            for (int64_t r = 0; r < rows; r++)
+                dl_qmat_row(&w, r, (float *)PyArray_DATA((PyArrayObject *)out) + r * cols);
+        dl_qmat_free(&w);
+    }
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+static PyObject *op_quantize_rows(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo;
+    if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
+    PyArrayObject *x = as_f32(xo, 2);
+    if (!x) return NULL;
+    const int64_t n = PyArray_DIM(x, 0), cols = PyArray_DIM(x, 1);
+    const int64_t nb = (cols + DL_QBLOCK - 1) / DL_QBLOCK;
+    dl_qact a;
+    PyObject *q = NULL, *d = NULL, *s = NULL, *ret = NULL;
+    if (dl_qact_alloc(&a, n, cols)) {
+        Py_DECREF(x);
+        return PyErr_NoMemory();
+    }
+    dl_quantize_rows(&a, PyArray_DATA(x), n, cols, 1);
+    npy_intp qd[2] = {(npy_intp)n, (npy_intp)(nb * DL_QBLOCK)}, sd[2] = {(npy_intp)n, (npy_intp)nb};
+    q = PyArray_SimpleNew(2, qd, NPY_INT8);
+    d = new_f32(2, sd);
+    s = new_f32(2, sd);
+    if (q && d && s) {
+        memcpy(PyArray_DATA((PyArrayObject *)q), a.q, (size_t)(n * nb * DL_QBLOCK));
+        memcpy(PyArray_DATA((PyArrayObject *)d), a.d, (size_t)(n * nb) * sizeof(float));
+        memcpy(PyArray_DATA((PyArrayObject *)s), a.s, (size_t)(n * nb) * sizeof(float));
+        ret = PyTuple_Pack(3, q, d, s);
+    }
+    Py_XDECREF(q);
+    Py_XDECREF(d);
+    Py_XDECREF(s);
+    dl_qact_free(&a);
+    Py_DECREF(x);
+    return ret;
+}
+
+static PyObject *op_isa_info(PyObject *mod, PyObject *args) {
+    (void)mod;
+    (void)args;
+    PyObject *supported = PyList_New(0);
+    if (!supported) return NULL;
+    for (int isa = DL_ISA_SCALAR; isa <= DL_ISA_AVX512VNNI; isa++)
+        if (dl_isa_supported(isa)) {
+            PyObject *name = PyUnicode_FromString(dl_isa_name(isa));
+            if (!name || PyList_Append(supported, name) < 0) {
+                Py_XDECREF(name);
+                Py_DECREF(supported);
+                return NULL;
+            }
+            Py_DECREF(name);
+        }
+    return Py_BuildValue("{s:s,s:N}", "best", dl_isa_name(dl_isa_best()), "supported", supported);
+}
+
+static PyObject *op_peak_gops(PyObject *mod, PyObject *args) {
+    (void)mod;
+    const char *kind;
+    int threads = 1;
+    long long iters = 100000000;
+    if (!PyArg_ParseTuple(args, "s|iL", &kind, &threads, &iters)) return NULL;
+    int k = strcmp(kind, "int8") == 0 ? DL_PEAK_INT8 : strcmp(kind, "fp32") == 0 ? DL_PEAK_FP32 : -1;
+    if (k < 0 || threads < 1 || threads > 1024 || iters < 1000) {
+        PyErr_SetString(PyExc_ValueError, "peak_gops(kind 'int8' or 'fp32', threads >= 1, iters >= 1000)");
+        return NULL;
+    }
+    double g;
+    Py_BEGIN_ALLOW_THREADS
+    g = dl_peak_gops(k, threads, iters);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(g);
 }
 
 static PyObject *op_dequantize(PyObject *mod, PyObject *args) {
@@ -704,6 +940,16 @@ static PyMethodDef module_methods[] = {
     {"swiglu", op_swiglu, METH_VARARGS, "swiglu(gu[n, 2f]) -> silu(g) * u, [n, f]"},
     {"linear", op_linear, METH_VARARGS, "linear(x[n, in], w[out, in], threads=1) -> x w^T"},
     {"dequantize", op_dequantize, METH_VARARGS, "dequantize(type, bytes, n) -> float32[n]"},
+    {"qlinear", op_qlinear, METH_VARARGS,
+     "qlinear(x[n, cols], type, w_bytes, rows, cols, isa='auto', threads=1) -> [n, rows]: the "
+     "int8 GEMM of x with a GGUF-encoded weight"},
+    {"qweight", op_qweight, METH_VARARGS,
+     "qweight(type, w_bytes, rows, cols) -> [rows, cols]: the weights as the int8 path packs them"},
+    {"quantize_rows", op_quantize_rows, METH_VARARGS,
+     "quantize_rows(x[n, cols]) -> (q int8[n, 32 nb], d[n, nb], s[n, nb])"},
+    {"isa_info", op_isa_info, METH_NOARGS, "isa_info() -> {'best': name, 'supported': [names]}"},
+    {"peak_gops", op_peak_gops, METH_VARARGS,
+     "peak_gops(kind='int8'|'fp32', threads=1, iters=1e8) -> measured peak G ops/s"},
     {"type_info", op_type_info, METH_VARARGS,
      "type_info(type) -> (name, block_elems, block_bytes), or None if unsupported"},
     {NULL, NULL, 0, NULL},
@@ -720,6 +966,13 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&ModelType);
+    PyObject *ops = Py_BuildValue("(sssssss)", "qkv", "attn_output", "gate_up", "down",
+                                  "attention", "norm_rope_swiglu", "embed_pool");
+    if (!ops || PyModule_AddObject(m, "OP_NAMES", ops) < 0) {
+        Py_XDECREF(ops);
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0) {
         Py_DECREF(&ModelType);
         Py_DECREF(m);

@@ -49,6 +49,94 @@ int64_t dl_row_bytes(int type, int64_t n_cols);
 int64_t dl_dequantize(int type, const void *src, float *dst, int64_t n);
 float dl_fp16_to_fp32(uint16_t h);
 
+/* ---- cpu.c: instruction-set paths ----------------------------------------- */
+
+/* The GEMM paths of qgemm.c. All give bitwise identical results. */
+enum {
+    DL_ISA_SCALAR = 0,     /* portable C */
+    DL_ISA_AVX2 = 1,       /* AVX2 + FMA: vpmaddubsw integer dots */
+    DL_ISA_AVX512VNNI = 2, /* AVX-512 VNNI: vpdpbusd integer dots */
+};
+int dl_isa_supported(int isa);
+int dl_isa_best(void);
+const char *dl_isa_name(int isa);
+int dl_isa_from_name(const char *name); /* -1 if unknown */
+
+enum { DL_PEAK_FP32 = 0, DL_PEAK_INT8 = 1 };
+/* Measured peak of 512-bit float32 FMA or int8 dot products (vpdpbusd), in
+ * G operations/s (a multiply-add counts 2) over n_threads; 0 if this CPU
+ * lacks the instructions. */
+double dl_peak_gops(int kind, int n_threads, int64_t iters);
+
+/* ---- qweight.c: linear weights packed for integer dot products ------------ */
+
+#define DL_QBLOCK 32 /* weights and activations share a scale per 32 columns */
+#define DL_QPANEL 16 /* output rows packed together: one 512-bit vector of int32 */
+
+/* W[r, k] = d[r, b] * q[r, k] + m[r, b] for k in block b, with q an unsigned
+ * byte. This holds exactly for Q4_0 (m = -8 d), Q4_1 and Q8_0 (q + 128,
+ * m = -128 d) blocks; float weights are rounded to 8 bits per block.
+ * Layout, panel p = rows 16p..16p+15, block b = columns 32b..32b+31:
+ *   q: [n_panels, n_blocks, 8 groups of 4 columns, 16 rows, 4 columns]
+ *      (one group of one panel is the 64-byte operand of one vpdpbusd)
+ *   d, m: [n_panels, n_blocks, 16]
+ * Rows past `rows` and columns past `cols` are zero. */
+typedef struct {
+    int64_t rows, cols;
+    int64_t n_panels, n_blocks;
+    int max_q;   /* largest q stored: <= 15 lets the AVX2 path skip a pass */
+    uint8_t *q;
+    float *d;
+    float *m;
+} dl_qmat;
+
+int dl_qmat_alloc(dl_qmat *w, int64_t rows, int64_t cols);
+void dl_qmat_free(dl_qmat *w);
+/* Packs n_rows rows of a GGUF-encoded matrix (type, cols = w->cols) into rows
+ * row0.. of w. scratch: [cols] floats. Returns the number of non-finite
+ * weights met (0 for a sound tensor) or a negative DL_ERR_* code. */
+int64_t dl_qmat_pack_rows(dl_qmat *w, int64_t row0, int type, const void *src, int64_t n_rows,
+                          float *scratch);
+/* The float weights w represents, row r: out[cols]. */
+void dl_qmat_row(const dl_qmat *w, int64_t r, float *out);
+
+/* ---- qactivation.c: activations as int8 blocks ---------------------------- */
+
+/* x[t, k] ~ d[t, b] * q[t, k] + (the outliers of row t); s[t, b] is the exact
+ * float sum of block b of row t without its outlier (for the m term of the
+ * weights).  q: [rows, n_blocks * 32]; d, s: [rows, n_blocks].
+ * A block's largest value is an outlier when it exceeds DL_OUTLIER_RATIO
+ * times the block's next largest: it is then kept in float (out_k, out_v),
+ * its q is 0, and the rest of the block is scaled without it.
+ * n_out: [rows]; out_k, out_v: [rows, n_blocks], the first n_out[t] used. */
+#define DL_OUTLIER_RATIO 4.0f
+typedef struct {
+    int64_t rows, n_blocks;
+    int8_t *q;
+    float *d;
+    float *s;
+    int32_t *n_out;
+    int32_t *out_k;
+    float *out_v;
+} dl_qact;
+
+int dl_qact_alloc(dl_qact *a, int64_t rows, int64_t max_cols);
+void dl_qact_free(dl_qact *a);
+/* Quantizes x [n, cols] (n <= a->rows) into a, blocks of 32, round to
+ * nearest, |q| <= 127; columns past cols are zero. */
+void dl_quantize_rows(dl_qact *a, const float *x, int64_t n, int64_t cols, int n_threads);
+
+/* ---- qgemm.c -------------------------------------------------------------- */
+
+/* y[t, r] (=, or += when accumulate) sum_b (w.d[r,b] x.d[t,b]) * dot_b(w.q[r], x.q[t])
+ *                                          + w.m[r,b] x.s[t,b]
+ * for t < n, r < w->rows, then y[t, r] += v W[r, k] for each outlier (k, v)
+ * of row t in column order; y has row stride ldy. Each output is computed by
+ * the same operations in the same order on every ISA path, for any n and
+ * thread count, so results are bitwise reproducible. */
+void dl_qgemm(float *y, int64_t ldy, const dl_qact *x, int64_t n, const dl_qmat *w,
+              int accumulate, int isa, int n_threads);
+
 /* ---- model.c: configuration and weights --------------------------------- */
 
 typedef struct {
@@ -63,14 +151,27 @@ typedef struct {
     int rope_style;      /* DL_ROPE_* */
 } dl_config;
 
+/* How linear layers compute. */
+enum {
+    DL_PRECISION_F32 = 0,  /* weights decoded to float32, OpenBLAS sgemm */
+    DL_PRECISION_INT8 = 1, /* weights packed (dl_qmat), activations int8: qgemm */
+};
+
+/* One linear layer y = x W^T, W: [out, in], in the model's precision. */
 typedef struct {
-    float *attn_norm;  /* [d] */
-    float *wqkv;       /* [(nh + 2 nkv) hd, d]: q, k, v projections stacked */
-    float *bqkv;       /* [(nh + 2 nkv) hd] or NULL */
-    float *wo;         /* [d, nh hd] */
-    float *ffn_norm;   /* [d] */
-    float *wgate_up;   /* [2 f, d]: gate rows then up rows */
-    float *wdown;      /* [d, f] */
+    int64_t out, in;
+    float *f32;  /* [out, in] when DL_PRECISION_F32, else NULL */
+    dl_qmat q;   /* when DL_PRECISION_INT8 */
+} dl_linear;
+
+typedef struct {
+    float *attn_norm;    /* [d] */
+    dl_linear wqkv;      /* [(nh + 2 nkv) hd, d]: q, k, v projections stacked */
+    float *bqkv;         /* [(nh + 2 nkv) hd] or NULL */
+    dl_linear wo;        /* [d, nh hd] */
+    float *ffn_norm;     /* [d] */
+    dl_linear wgate_up;  /* [2 f, d]: gate rows then up rows */
+    dl_linear wdown;     /* [d, f] */
 } dl_layer;
 
 typedef struct {
@@ -83,10 +184,13 @@ typedef struct {
     float *output_norm;      /* [d] */
     float *inv_freq;         /* [hd / 2] rotary frequencies */
     dl_layer *layers;        /* [L] */
+    int precision;           /* DL_PRECISION_* */
+    int isa;                 /* DL_ISA_* path of the int8 GEMM */
 } dl_model;
 
-/* Allocates the model's owned arrays (all zero) for cfg; NULL on no memory. */
-dl_model *dl_model_alloc(const dl_config *cfg);
+/* Allocates the model's owned arrays (all zero) for cfg, the linear layers in
+ * the given precision; NULL on no memory. */
+dl_model *dl_model_alloc(const dl_config *cfg, int precision, int isa);
 void dl_model_free(dl_model *m);
 /* Width of the fused q|k|v projection output. */
 int64_t dl_qkv_dim(const dl_config *cfg);
@@ -136,8 +240,12 @@ void dl_swiglu_forward(float *out, const float *gu, int64_t n, int64_t f,
 
 /* y = x W^T + beta y (beta 0 or 1), all tokens of the batch in one GEMM.
  * x: [n, in]; w: [out, in]; y: [n, out]. */
-void dl_linear_forward(float *y, const float *x, const float *w, int64_t n,
-                       int64_t in, int64_t out, float beta, int n_threads);
+void dl_sgemm_forward(float *y, const float *x, const float *w, int64_t n,
+                      int64_t in, int64_t out, float beta, int n_threads);
+/* y (=, or += when accumulate) x W^T in W's precision. x: [n, W.in];
+ * y: [n, W.out]. qx: scratch for the int8 copy of x (rows >= n, cols >= in). */
+void dl_linear_forward(const dl_linear *w, float *y, const float *x, int64_t n, int accumulate,
+                       dl_qact *qx, int isa, int n_threads);
 
 /* ---- pooling.c ----------------------------------------------------------- */
 
@@ -163,7 +271,14 @@ typedef struct {
                              the embedding (0) and after every layer (1..L) */
     float *hidden;        /* [L + 1, N, d] raw residual stream, same indexing */
     float *token_out;     /* [N, d] final-norm token states */
+    double *op_seconds;   /* [DL_N_OPS] wall time per kind of op, added to; or NULL */
 } dl_forward_args;
+
+/* The kinds of op the forward pass times (op_seconds indices). */
+enum {
+    DL_OP_QKV, DL_OP_ATTN_OUT, DL_OP_GATE_UP, DL_OP_DOWN, /* linear layers */
+    DL_OP_ATTENTION, DL_OP_NORM_ROPE_SWIGLU, DL_OP_EMBED_POOL, DL_N_OPS
+};
 
 /* Runs the model over one packed batch. Inputs must have been validated
  * (token ids < V, offsets increasing, ranges inside their sentence). */

@@ -1,15 +1,28 @@
-/* Linear layers through OpenBLAS. All tokens of a batch go through one GEMM:
+/* Linear layers, in either precision.
+ *
+ * float32: through OpenBLAS. All tokens of a batch go through one GEMM:
  * OpenBLAS re-packs the weight on every call, so few large calls beat many
  * small ones. Called outside any OpenMP region of ours (OpenBLAS is built on
- * the same OpenMP runtime and runs its own team). */
+ * the same OpenMP runtime and runs its own team).
+ * int8: the activations are quantized, then qgemm.c multiplies. */
 #include <cblas.h>
 
 #include "deelm.h"
 
-void dl_linear_forward(float *y, const float *x, const float *w, int64_t n,
-                       int64_t in, int64_t out, float beta, int n_threads) {
+void dl_sgemm_forward(float *y, const float *x, const float *w, int64_t n,
+                      int64_t in, int64_t out, float beta, int n_threads) {
     if (n == 0) return;
     openblas_set_num_threads(n_threads);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)n, (blasint)out, (blasint)in,
                 1.0f, x, (blasint)in, w, (blasint)in, beta, y, (blasint)out);
+}
+
+void dl_linear_forward(const dl_linear *w, float *y, const float *x, int64_t n, int accumulate,
+                       dl_qact *qx, int isa, int n_threads) {
+    if (w->f32) {
+        dl_sgemm_forward(y, x, w->f32, n, w->in, w->out, accumulate ? 1.0f : 0.0f, n_threads);
+        return;
+    }
+    dl_quantize_rows(qx, x, n, w->in, n_threads);
+    dl_qgemm(y, w->out, qx, n, &w->q, accumulate, isa, n_threads);
 }

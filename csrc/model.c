@@ -8,10 +8,25 @@ int64_t dl_qkv_dim(const dl_config *c) { return (c->n_heads + 2 * c->n_kv_heads)
 
 static float *zalloc(int64_t n) { return (float *)calloc((size_t)n, sizeof(float)); }
 
-dl_model *dl_model_alloc(const dl_config *cfg) {
+static int linear_alloc(dl_linear *w, int64_t out, int64_t in, int precision) {
+    w->out = out;
+    w->in = in;
+    if (precision == DL_PRECISION_INT8) return dl_qmat_alloc(&w->q, out, in);
+    return (w->f32 = zalloc(out * in)) ? DL_OK : DL_ERR_NOMEM;
+}
+
+static void linear_free(dl_linear *w) {
+    free(w->f32);
+    w->f32 = NULL;
+    dl_qmat_free(&w->q);
+}
+
+dl_model *dl_model_alloc(const dl_config *cfg, int precision, int isa) {
     dl_model *m = (dl_model *)calloc(1, sizeof *m);
     if (!m) return NULL;
     m->cfg = *cfg;
+    m->precision = precision;
+    m->isa = isa;
     const int64_t d = cfg->dim, f = cfg->hidden_dim, qkv = dl_qkv_dim(cfg);
     const int64_t dq = cfg->n_heads * cfg->head_dim;
     m->output_norm = zalloc(d);
@@ -21,12 +36,11 @@ dl_model *dl_model_alloc(const dl_config *cfg) {
     for (int64_t l = 0; l < cfg->n_layers; l++) {
         dl_layer *ly = &m->layers[l];
         ly->attn_norm = zalloc(d);
-        ly->wqkv = zalloc(qkv * d);
-        ly->wo = zalloc(d * dq);
         ly->ffn_norm = zalloc(d);
-        ly->wgate_up = zalloc(2 * f * d);
-        ly->wdown = zalloc(d * f);
-        if (!ly->attn_norm || !ly->wqkv || !ly->wo || !ly->ffn_norm || !ly->wgate_up || !ly->wdown)
+        if (!ly->attn_norm || !ly->ffn_norm || linear_alloc(&ly->wqkv, qkv, d, precision) ||
+            linear_alloc(&ly->wo, d, dq, precision) ||
+            linear_alloc(&ly->wgate_up, 2 * f, d, precision) ||
+            linear_alloc(&ly->wdown, d, f, precision))
             goto fail;
     }
     return m;
@@ -41,12 +55,12 @@ void dl_model_free(dl_model *m) {
         for (int64_t l = 0; l < m->cfg.n_layers; l++) {
             dl_layer *ly = &m->layers[l];
             free(ly->attn_norm);
-            free(ly->wqkv);
             free(ly->bqkv);
-            free(ly->wo);
             free(ly->ffn_norm);
-            free(ly->wgate_up);
-            free(ly->wdown);
+            linear_free(&ly->wqkv);
+            linear_free(&ly->wo);
+            linear_free(&ly->wgate_up);
+            linear_free(&ly->wdown);
         }
         free(m->layers);
     }

@@ -39,6 +39,19 @@ def _split_prompt(prompt):
     return prefix, suffix
 
 
+PRECISIONS = ("int8", "float32")
+ISAS = ("auto", "avx512vnni", "avx2", "scalar")
+_QUANTIZED_TYPES = {"Q4_0", "Q4_1", "Q8_0"}
+
+
+def default_precision(tensors):
+    """ "int8" when the linear weights are stored quantized (packing them is
+    exact), "float32" when they are floats (int8 would round them)."""
+    t = tensors.get("blk.0.attn_q")
+    name = _core.type_info(int(t[0])) if t is not None else None
+    return "int8" if name and name[0] in _QUANTIZED_TYPES else "float32"
+
+
 class DeeLM:
     """A decoder-only LLM used as a sentence encoder, with the layers from
     `bidirectional_from` upwards attending in both directions.
@@ -65,7 +78,7 @@ class DeeLM:
     # ---- construction --------------------------------------------------
     @classmethod
     def from_pretrained(cls, model=None, *, bidirectional_from=None, pooling="mean", prompt=None,
-                        max_seq_length=None, threads=None):
+                        max_seq_length=None, threads=None, precision=None, isa="auto"):
         """Loads a GGUF model.
 
         model: a .gguf path (or a folder holding one); None means $DEELM_MODEL
@@ -85,11 +98,31 @@ class DeeLM:
             (prompt tokens are kept, the sentence is cut at its end). None:
             512, or the model's context length if that is shorter.
         threads: threads of the C core; None means all available cores.
+        precision: how the linear layers compute. "int8": weights packed once
+            at load as 4/8-bit integers with a float scale and offset per 32
+            columns (GGUF's Q4_0, Q4_1 and Q8_0 blocks exactly; float weights
+            rounded to 8 bits), activations quantized to int8 per 32 columns
+            before each layer, int32 dot products. "float32": weights decoded
+            to float32, OpenBLAS sgemm; exact to float rounding, slower, and
+            4 bytes per weight in memory. None: "int8" when the file's linear
+            weights are quantized, "float32" when they are floats.
+        isa: the int8 GEMM's instruction path: "auto" (the fastest this CPU
+            runs), "avx512vnni", "avx2" or "scalar". All give bitwise equal
+            results; the choice only changes speed.
         """
         path = resolve_model_path(model)
         gm = read_gguf(path)
+        if precision is None:
+            precision = default_precision(gm.tensors)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+        if not isinstance(isa, str) or isa not in ISAS:
+            raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+        if isa != "auto" and isa not in _core.isa_info()["supported"]:
+            raise ValueError(f"this CPU cannot run the {isa!r} path; it runs "
+                             f"{_core.isa_info()['supported']}")
         try:
-            core = _core.Model(gm.config, gm.tensors)
+            core = _core.Model(gm.config, gm.tensors, precision=precision, isa=isa)
         except ValueError as e:
             raise ModelFileError(path, str(e)) from None
         tok = Tokenizer.from_gguf_vocab(gm.vocab, path, gm.config["vocab_size"])

@@ -10,9 +10,27 @@ MIXED = ["A man is playing a guitar.", "Hi", "x",
          "Café naïve — 日本語のテキスト 12345!", "A woman slices an onion."]
 
 
-@pytest.fixture(scope="module", params=["tiny", "default"])
+# every compute path: float32 (OpenBLAS) and int8 on each ISA this CPU runs
+PATHS = {"tiny-f32": ("tiny_path", "float32", "auto"),
+         "tiny-int8-avx512vnni": ("tiny_path", "int8", "avx512vnni"),
+         "tiny-int8-avx2": ("tiny_path", "int8", "avx2"),
+         "tiny-int8-scalar": ("tiny_path", "int8", "scalar"),
+         "default-int8": ("default_path", "int8", "auto"),
+         "default-int8-avx2": ("default_path", "int8", "avx2"),
+         "default-f32": ("default_path", "float32", "auto")}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
 def model(request):
-    m = request.getfixturevalue(f"{request.param}_model")
+    import deelm
+    from deelm import _core
+
+    where, precision, isa = PATHS[request.param]
+    if isa != "auto" and isa not in _core.isa_info()["supported"]:
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    path = request.getfixturevalue(where)
+    path = path[0] if isinstance(path, tuple) else path
+    m = deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, precision=precision, isa=isa)
     saved = (m.bidirectional_from, m.pooling, m.threads, m.prompt)
     yield m
     m.bidirectional_from, m.pooling, m.threads, m.prompt = saved

@@ -4,6 +4,8 @@ causal model, the fully bidirectional one and a mixed one.
 
 transformers dequantises the GGUF to float32 and runs it with eager attention;
 for k >= 0 its causal mask is replaced by a padding-only mask in layers >= k.
+These tests run deelm's float32 path; tests/test_int8.py holds the int8 path
+to its own, stated tolerance.
 """
 import numpy as np
 import pytest
@@ -23,13 +25,13 @@ def sentences():
 
 
 @pytest.mark.parametrize("k", [-1, 0, 15], ids=["causal", "bidirectional", "mixed-k15"])
-def test_layers_and_pooled_match_transformers(default_model, hf_default, sentences, k):
+def test_layers_and_pooled_match_transformers(default_f32, hf_default, sentences, k):
     hf, _ = hf_default
-    ids = default_model.tokenizer.encode_ids(sentences)
+    ids = default_f32.tokenizer.encode_ids(sentences)
     # all sentences in one deelm batch, one transformers call each
-    pooled, _, hidden, tokens, off = default_model.forward_ids(
+    pooled, _, hidden, tokens, off = default_f32.forward_ids(
         ids, hidden=True, token_states=True, bidirectional_from=k)
-    L = default_model.num_layers
+    L = default_f32.num_layers
     worst_layer_diff, worst_layer_cos, worst_pooled_cos, worst_pooled_diff = 0.0, 1.0, 1.0, 0.0
     refs = hf_hidden_states(hf, ids, k)
     for s, ref in enumerate(refs):
@@ -53,24 +55,24 @@ def test_layers_and_pooled_match_transformers(default_model, hf_default, sentenc
     assert worst_pooled_diff < 1e-3
 
 
-def test_last_token_pooling_matches_transformers(default_model, hf_default, sentences):
+def test_last_token_pooling_matches_transformers(default_f32, hf_default, sentences):
     hf, _ = hf_default
-    ids = default_model.tokenizer.encode_ids(sentences[:10])
+    ids = default_f32.tokenizer.encode_ids(sentences[:10])
     pool = [(len(x) - 1, len(x)) for x in ids]
-    pooled, *_ = default_model.forward_ids(ids, pool, bidirectional_from=-1)
+    pooled, *_ = default_f32.forward_ids(ids, pool, bidirectional_from=-1)
     refs = hf_hidden_states(hf, ids)
     worst = min(cosine(pooled[s], ref[-1][-1]) for s, ref in enumerate(refs))
     print(f"\nlast-token pooling: min cosine {worst:.8f}")
     assert worst >= 0.9999
 
 
-def test_per_layer_pooled_equals_pooling_each_hidden_state(default_model, sentences):
+def test_per_layer_pooled_equals_pooling_each_hidden_state(default_f32, sentences):
     """layer_pooled[l] is the final norm applied to hidden[l], then mean-pooled."""
-    ids = default_model.tokenizer.encode_ids(sentences[:4])
-    pooled, layers, hidden, _, off = default_model.forward_ids(ids, layers=True, hidden=True)
-    w = default_model._file.tensors["output_norm"][3].view(np.float32).astype(np.float64)
-    eps = default_model.config["rms_eps"]
-    for l in range(default_model.num_layers + 1):
+    ids = default_f32.tokenizer.encode_ids(sentences[:4])
+    pooled, layers, hidden, _, off = default_f32.forward_ids(ids, layers=True, hidden=True)
+    w = default_f32._file.tensors["output_norm"][3].view(np.float32).astype(np.float64)
+    eps = default_f32.config["rms_eps"]
+    for l in range(default_f32.num_layers + 1):
         for s in range(len(ids)):
             h = hidden[l][off[s]:off[s + 1]].astype(np.float64)
             ref = (h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * w).mean(0)

@@ -1,0 +1,110 @@
+/* Which vector instructions this CPU runs, and what they can peak at.
+ *
+ * deelm is built once for plain x86-64 and picks its GEMM path at run time;
+ * the fast paths are compiled with per-function target attributes, so the
+ * module still loads (and runs the scalar path) on a CPU without AVX2.
+ * The peak measurements are what the benchmarks divide achieved FLOP/s by:
+ * a register-only loop of independent multiply-adds, long enough for the
+ * core to settle into its AVX-512 frequency. */
+#include <string.h>
+#include <time.h>
+
+#include "deelm.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define DL_X86 1
+#include <immintrin.h>
+#endif
+
+int dl_isa_supported(int isa) {
+    switch (isa) {
+    case DL_ISA_SCALAR: return 1;
+#ifdef DL_X86
+    case DL_ISA_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case DL_ISA_AVX512VNNI:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+    default: return 0;
+    }
+}
+
+int dl_isa_best(void) {
+    if (dl_isa_supported(DL_ISA_AVX512VNNI)) return DL_ISA_AVX512VNNI;
+    if (dl_isa_supported(DL_ISA_AVX2)) return DL_ISA_AVX2;
+    return DL_ISA_SCALAR;
+}
+
+static const char *const isa_names[] = {"scalar", "avx2", "avx512vnni"};
+
+const char *dl_isa_name(int isa) {
+    return isa >= 0 && isa < (int)(sizeof isa_names / sizeof *isa_names) ? isa_names[isa] : "unknown";
+}
+
+int dl_isa_from_name(const char *name) {
+    for (int i = 0; i < (int)(sizeof isa_names / sizeof *isa_names); i++)
+        if (strcmp(name, isa_names[i]) == 0) return i;
+    return -1;
+}
+
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+#ifdef DL_X86
+/* Keeps a register live and opaque so the loop cannot be folded away. */
+#define KEEP(v) __asm__ volatile("" : "+v"(v))
+
+/* 10 independent accumulators hide the instruction latency (4-5 cycles) on
+ * two ports. Returns operations done (2 per multiply-add). */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static double int8_dot_loop(int64_t iters) {
+    __m512i a0, a1, a2, a3, a4, a5, a6, a7, a8, a9;
+    const __m512i u = _mm512_set1_epi8(1), s = _mm512_set1_epi8(1);
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = _mm512_setzero_si512();
+#define DP(r) r = _mm512_dpbusd_epi32(r, u, s); KEEP(r);
+    for (int64_t i = 0; i < iters; i++) { DP(a0) DP(a1) DP(a2) DP(a3) DP(a4) DP(a5) DP(a6) DP(a7) DP(a8) DP(a9) }
+#undef DP
+    return (double)iters * 10 * 64 * 2;
+}
+
+__attribute__((target("avx512f")))
+static double fp32_fma_loop(int64_t iters) {
+    __m512 a0, a1, a2, a3, a4, a5, a6, a7, a8, a9;
+    const __m512 x = _mm512_set1_ps(1.0f), y = _mm512_set1_ps(0.0f);
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = _mm512_setzero_ps();
+#define FM(r) r = _mm512_fmadd_ps(r, x, y); KEEP(r);
+    for (int64_t i = 0; i < iters; i++) { FM(a0) FM(a1) FM(a2) FM(a3) FM(a4) FM(a5) FM(a6) FM(a7) FM(a8) FM(a9) }
+#undef FM
+    return (double)iters * 10 * 16 * 2;
+}
+#endif
+
+double dl_peak_gops(int kind, int n_threads, int64_t iters) {
+#ifdef DL_X86
+    if (kind == DL_PEAK_INT8 && !dl_isa_supported(DL_ISA_AVX512VNNI)) return 0.0;
+    if (kind == DL_PEAK_FP32 && !__builtin_cpu_supports("avx512f")) return 0.0;
+    double ops = 0.0, t0 = 0.0, t1 = 0.0;
+#pragma omp parallel num_threads(n_threads) reduction(+ : ops)
+    {
+        /* one untimed pass brings every core up to its vector frequency */
+        if (kind == DL_PEAK_INT8) int8_dot_loop(iters / 4); else fp32_fma_loop(iters / 4);
+#pragma omp barrier
+#pragma omp single
+        t0 = seconds_now();
+        ops += kind == DL_PEAK_INT8 ? int8_dot_loop(iters) : fp32_fma_loop(iters);
+#pragma omp barrier
+#pragma omp single
+        t1 = seconds_now();
+    }
+    return ops / (t1 - t0) / 1e9;
+#else
+    (void)kind; (void)n_threads; (void)iters;
+    return 0.0;
+#endif
+}

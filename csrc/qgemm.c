@@ -1,0 +1,237 @@
+/* Integer GEMM: y = x W^T with int8 activations and packed 4/8-bit weights.
+ *
+ * Per 32-column block b, every output gets an exact int32 dot product of its
+ * weight bytes and activation bytes; the float part is then, always in this
+ * order,   f = fma((float)dot_b, w.d * x.d, f);  f = fma(w.m, x.s, f).
+ * The three ISA paths differ only in how they get the exact integer dot, so
+ * their results are bitwise equal, and a row's result does not depend on the
+ * rows beside it or on how the work is split between threads.
+ *
+ * Work split: tiles of MR token rows x 2 panels (32 outputs). A thread takes
+ * a run of (panel pair, row chunk) items, panel-major, so the weight panel
+ * stays in L1/L2 while the activations (L2-resident) stream past it. */
+#include <math.h>
+#include <string.h>
+
+#include "deelm.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define DL_X86 1
+#include <immintrin.h>
+#endif
+
+#define ROW_CHUNK 64 /* token rows per work item */
+
+typedef struct {
+    float *y;
+    int64_t ldy;
+    const dl_qact *x;
+    const dl_qmat *w;
+    int accumulate;
+} gemm_job;
+
+static int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* ---- scalar ------------------------------------------------------------- */
+
+static void tile_scalar(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, int np) {
+    const dl_qmat *w = J->w;
+    const dl_qact *x = J->x;
+    const int64_t nb = w->n_blocks;
+    for (int64_t t = t0; t < t0 + nt; t++)
+        for (int64_t p = p0; p < p0 + np; p++)
+            for (int rr = 0; rr < DL_QPANEL; rr++) {
+                const int64_t r = p * DL_QPANEL + rr;
+                if (r >= w->rows) break;
+                float f = 0.0f;
+                for (int64_t b = 0; b < nb; b++) {
+                    const uint8_t *wq = w->q + (p * nb + b) * DL_QPANEL * DL_QBLOCK + rr * 4;
+                    const int8_t *xq = x->q + (t * nb + b) * DL_QBLOCK;
+                    int32_t dot = 0;
+                    for (int g = 0; g < 8; g++)
+                        for (int j = 0; j < 4; j++) dot += (int32_t)wq[g * 64 + j] * xq[g * 4 + j];
+                    const int64_t ws = (p * nb + b) * DL_QPANEL + rr, xs = t * nb + b;
+                    f = fmaf((float)dot, w->d[ws] * x->d[xs], f);
+                    f = fmaf(w->m[ws], x->s[xs], f);
+                }
+                float *yp = J->y + t * J->ldy + r;
+                *yp = J->accumulate ? *yp + f : f;
+            }
+}
+
+#ifdef DL_X86
+/* ---- AVX2: vpmaddubsw + vpmaddwd ----------------------------------------- */
+/* vpmaddubsw adds two u8*s8 products into a saturating int16: exact while
+ * q <= 15 (2 * 15 * 127 < 32767). Bytes above 15 are split into nibbles, each
+ * summed exactly, and recombined as 16 * hi + lo. */
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline __m256i dot4_avx2(__m256i w, __m256i a) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
+}
+
+AVX2 static void tile_avx2(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, int np) {
+    const dl_qmat *w = J->w;
+    const dl_qact *x = J->x;
+    const int64_t nb = w->n_blocks;
+    const int wide = w->max_q > 15;
+    const __m256i low4 = _mm256_set1_epi8(15);
+    for (int64_t t = t0; t < t0 + nt; t++)
+        for (int64_t p = p0; p < p0 + np; p++) {
+            __m256 f[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *wq = w->q + (p * nb + b) * DL_QPANEL * DL_QBLOCK;
+                const int8_t *xq = x->q + (t * nb + b) * DL_QBLOCK;
+                __m256i lo[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                __m256i hi[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int g = 0; g < 8; g++) {
+                    const __m256i a = _mm256_set1_epi32(load_i32(xq + 4 * g));
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + g * 64 + h * 32));
+                        if (wide) {
+                            lo[h] = _mm256_add_epi32(lo[h], dot4_avx2(_mm256_and_si256(v, low4), a));
+                            hi[h] = _mm256_add_epi32(
+                                hi[h], dot4_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), a));
+                        } else {
+                            lo[h] = _mm256_add_epi32(lo[h], dot4_avx2(v, a));
+                        }
+                    }
+                }
+                const int64_t ws = (p * nb + b) * DL_QPANEL, xs = t * nb + b;
+                const __m256 xd = _mm256_set1_ps(x->d[xs]), xsum = _mm256_set1_ps(x->s[xs]);
+                for (int h = 0; h < 2; h++) {
+                    const __m256i dot = _mm256_add_epi32(_mm256_slli_epi32(hi[h], 4), lo[h]);
+                    const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(w->d + ws + 8 * h), xd);
+                    f[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, f[h]);
+                    f[h] = _mm256_fmadd_ps(_mm256_loadu_ps(w->m + ws + 8 * h), xsum, f[h]);
+                }
+            }
+            float out[DL_QPANEL];
+            _mm256_storeu_ps(out, f[0]);
+            _mm256_storeu_ps(out + 8, f[1]);
+            const int64_t r0 = p * DL_QPANEL;
+            float *yp = J->y + t * J->ldy + r0;
+            for (int rr = 0; rr < DL_QPANEL && r0 + rr < w->rows; rr++)
+                yp[rr] = J->accumulate ? yp[rr] + out[rr] : out[rr];
+        }
+}
+
+/* ---- AVX-512 VNNI: vpdpbusd ----------------------------------------------- */
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define MR 4 /* token rows per tile: 2 panels x 4 rows = 8 int32 + 8 float accumulators */
+
+/* MR_ and NP_ are constants at every call site, so the loops unroll fully. */
+AVX512 static inline __attribute__((always_inline)) void
+tile_vnni_fixed(const gemm_job *J, int64_t t0, int64_t p0, const int MR_, const int NP_) {
+    const dl_qmat *w = J->w;
+    const dl_qact *x = J->x;
+    const int64_t nb = w->n_blocks;
+    __m512 f[MR][2];
+    for (int i = 0; i < MR_; i++)
+        for (int p = 0; p < NP_; p++) f[i][p] = _mm512_setzero_ps();
+    const uint8_t *wq[2];
+    for (int p = 0; p < NP_; p++) wq[p] = w->q + (p0 + p) * nb * DL_QPANEL * DL_QBLOCK;
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i acc[MR][2];
+        for (int i = 0; i < MR_; i++)
+            for (int p = 0; p < NP_; p++) acc[i][p] = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g++) {
+            __m512i v[2];
+            for (int p = 0; p < NP_; p++) v[p] = _mm512_loadu_si512(wq[p] + (b * 8 + g) * 64);
+            for (int i = 0; i < MR_; i++) {
+                const __m512i a =
+                    _mm512_set1_epi32(load_i32(x->q + ((t0 + i) * nb + b) * DL_QBLOCK + 4 * g));
+                for (int p = 0; p < NP_; p++) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], v[p], a);
+            }
+        }
+        for (int p = 0; p < NP_; p++) {
+            const int64_t ws = ((p0 + p) * nb + b) * DL_QPANEL;
+            const __m512 wd = _mm512_loadu_ps(w->d + ws), wm = _mm512_loadu_ps(w->m + ws);
+            for (int i = 0; i < MR_; i++) {
+                const int64_t xs = (t0 + i) * nb + b;
+                const __m512 s = _mm512_mul_ps(wd, _mm512_set1_ps(x->d[xs]));
+                f[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][p]), s, f[i][p]);
+                f[i][p] = _mm512_fmadd_ps(wm, _mm512_set1_ps(x->s[xs]), f[i][p]);
+            }
+        }
+    }
+    for (int p = 0; p < NP_; p++) {
+        const int64_t r0 = (p0 + p) * DL_QPANEL;
+        const int64_t left = w->rows - r0;
+        const __mmask16 mask = left >= DL_QPANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        for (int i = 0; i < MR_; i++) {
+            float *yp = J->y + (t0 + i) * J->ldy + r0;
+            __m512 out = f[i][p];
+            if (J->accumulate) out = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, yp), out);
+            _mm512_mask_storeu_ps(yp, mask, out);
+        }
+    }
+}
+
+AVX512 static void tile_vnni(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, int np) {
+    int64_t t = t0;
+    for (; t + MR <= t0 + nt; t += MR) {
+        if (np == 2) tile_vnni_fixed(J, t, p0, MR, 2);
+        else tile_vnni_fixed(J, t, p0, MR, 1);
+    }
+    for (; t < t0 + nt; t++) {
+        if (np == 2) tile_vnni_fixed(J, t, p0, 1, 2);
+        else tile_vnni_fixed(J, t, p0, 1, 1);
+    }
+}
+#endif
+
+/* y[t, :] += v W[:, k] for the outliers (k, v) of row t, taken out of the
+ * integer blocks by dl_quantize_rows. W[r, k] is formed as dl_qmat_row does. */
+static void add_outliers(const gemm_job *J, int64_t t) {
+    const dl_qmat *w = J->w;
+    const dl_qact *x = J->x;
+    const int64_t nb = w->n_blocks;
+    float *yt = J->y + t * J->ldy;
+    for (int32_t i = 0; i < x->n_out[t]; i++) {
+        const int64_t k = x->out_k[t * nb + i], b = k / DL_QBLOCK, kk = k % DL_QBLOCK;
+        const float v = x->out_v[t * nb + i];
+        for (int64_t p = 0; p < w->n_panels; p++) {
+            const uint8_t *q = w->q + ((p * nb + b) * 8 + kk / 4) * 64 + kk % 4;
+            const float *d = w->d + (p * nb + b) * DL_QPANEL, *m = w->m + (p * nb + b) * DL_QPANEL;
+            const int64_t r0 = p * DL_QPANEL;
+            const int n_rows = w->rows - r0 < DL_QPANEL ? (int)(w->rows - r0) : DL_QPANEL;
+            for (int rr = 0; rr < n_rows; rr++) {
+                const float wv = d[rr] * (float)q[rr * 4] + m[rr];
+                yt[r0 + rr] += v * wv;
+            }
+        }
+    }
+}
+
+void dl_qgemm(float *y, int64_t ldy, const dl_qact *x, int64_t n, const dl_qmat *w,
+              int accumulate, int isa, int n_threads) {
+    if (n <= 0 || w->rows <= 0) return;
+    const gemm_job J = {y, ldy, x, w, accumulate};
+    const int64_t n_pairs = (w->n_panels + 1) / 2;
+    const int64_t n_chunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < n_pairs * n_chunks; item++) {
+            const int64_t p0 = (item / n_chunks) * 2, t0 = (item % n_chunks) * ROW_CHUNK;
+            const int np = p0 + 1 < w->n_panels ? 2 : 1;
+            const int64_t nt = n - t0 < ROW_CHUNK ? n - t0 : ROW_CHUNK;
+#ifdef DL_X86
+            if (isa == DL_ISA_AVX512VNNI) { tile_vnni(&J, t0, nt, p0, np); continue; }
+            if (isa == DL_ISA_AVX2) { tile_avx2(&J, t0, nt, p0, np); continue; }
+#endif
+            tile_scalar(&J, t0, nt, p0, np);
+        }
+        /* the implicit barrier above: every tile of y is written */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n; t++)
+            if (x->n_out[t]) add_outliers(&J, t);
+    }
+}

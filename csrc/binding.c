@@ -70,6 +70,22 @@ static int get_f32(PyObject *dict, const char *key, float *out) {
     return 0;
 }
 
+/* The ISA path named by Python ("auto" = the best this CPU runs); -1 with an
+ * exception set if unknown or not runnable here. */
+static int parse_isa(const char *name) {
+    int isa = strcmp(name, "auto") == 0 ? dl_isa_best() : dl_isa_from_name(name);
+    if (isa < 0) {
+        PyErr_Format(PyExc_ValueError, "isa must be 'auto', 'avx512vnni', 'avx2' or 'scalar', "
+                     "got '%s'", name);
+        return -1;
+    }
+    if (!dl_isa_supported(isa)) {
+        PyErr_Format(PyExc_ValueError, "this CPU cannot run the isa '%s' path", name);
+        return -1;
+    }
+    return isa;
+}
+
 /* A weight as Python hands it over: (type id, ne0 = columns, ne1 = rows, buffer). */
 typedef struct {
     int type;
@@ -329,16 +345,8 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
                      precision_name);
         return -1;
     }
-    int isa = strcmp(isa_name, "auto") == 0 ? dl_isa_best() : dl_isa_from_name(isa_name);
-    if (isa < 0) {
-        PyErr_Format(PyExc_ValueError, "isa must be 'auto', 'avx512vnni', 'avx2' or 'scalar', "
-                     "got '%s'", isa_name);
-        return -1;
-    }
-    if (!dl_isa_supported(isa)) {
-        PyErr_Format(PyExc_ValueError, "this CPU cannot run the '%s' path", isa_name);
-        return -1;
-    }
+    const int isa = parse_isa(isa_name);
+    if (isa < 0) return -1;
     if (self->model) {
         PyErr_SetString(PyExc_RuntimeError, "Model is already initialised");
         return -1;
@@ -778,10 +786,10 @@ static PyObject *op_qlinear(PyObject *mod, PyObject *args) {
     dl_qact qx;
     int have_w = 0;
     memset(&qx, 0, sizeof qx);
-    int isa = strcmp(isa_name, "auto") == 0 ? dl_isa_best() : dl_isa_from_name(isa_name);
-    if (isa < 0 || !dl_isa_supported(isa) || threads < 1 || threads > 1024) {
-        PyErr_Format(PyExc_ValueError, "qlinear: isa '%s' is unknown or not supported here, or "
-                     "bad threads", isa_name);
+    const int isa = parse_isa(isa_name);
+    if (isa < 0) goto done;
+    if (threads < 1 || threads > 1024) {
+        PyErr_SetString(PyExc_ValueError, "qlinear: threads must be in [1, 1024]");
         goto done;
     }
     if (pack_weight(&w, type, &buf, rows, cols) < 0) goto done;
@@ -800,7 +808,7 @@ static PyObject *op_qlinear(PyObject *mod, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    dl_quantize_rows(&qx, PyArray_DATA(x), n, cols, threads);
+    dl_quantize_rows(&qx, PyArray_DATA(x), n, cols, isa, threads);
     dl_qgemm(PyArray_DATA((PyArrayObject *)out), rows, &qx, n, &w, 0, isa, threads);
     Py_END_ALLOW_THREADS
 done:
@@ -833,7 +841,10 @@ static PyObject *op_qweight(PyObject *mod, PyObject *args) {
 static PyObject *op_quantize_rows(PyObject *mod, PyObject *args) {
     (void)mod;
     PyObject *xo;
-    if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
+    const char *isa_name = "auto";
+    if (!PyArg_ParseTuple(args, "O|s", &xo, &isa_name)) return NULL;
+    const int isa = parse_isa(isa_name);
+    if (isa < 0) return NULL;
     PyArrayObject *x = as_f32(xo, 2);
     if (!x) return NULL;
     const int64_t n = PyArray_DIM(x, 0), cols = PyArray_DIM(x, 1);
@@ -844,7 +855,7 @@ static PyObject *op_quantize_rows(PyObject *mod, PyObject *args) {
         Py_DECREF(x);
         return PyErr_NoMemory();
     }
-    dl_quantize_rows(&a, PyArray_DATA(x), n, cols, 1);
+    dl_quantize_rows(&a, PyArray_DATA(x), n, cols, isa, 1);
     npy_intp qd[2] = {(npy_intp)n, (npy_intp)(nb * DL_QBLOCK)}, sd[2] = {(npy_intp)n, (npy_intp)nb};
     q = PyArray_SimpleNew(2, qd, NPY_INT8);
     d = new_f32(2, sd);
@@ -946,7 +957,7 @@ static PyMethodDef module_methods[] = {
     {"qweight", op_qweight, METH_VARARGS,
      "qweight(type, w_bytes, rows, cols) -> [rows, cols]: the weights as the int8 path packs them"},
     {"quantize_rows", op_quantize_rows, METH_VARARGS,
-     "quantize_rows(x[n, cols]) -> (q int8[n, 32 nb], d[n, nb], s[n, nb])"},
+     "quantize_rows(x[n, cols], isa='auto') -> (q int8[n, 32 nb], d[n, nb], s[n, nb])"},
     {"isa_info", op_isa_info, METH_NOARGS, "isa_info() -> {'best': name, 'supported': [names]}"},
     {"peak_gops", op_peak_gops, METH_VARARGS,
      "peak_gops(kind='int8'|'fp32', threads=1, iters=1e8) -> measured peak G ops/s"},
@@ -966,8 +977,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&ModelType);
-    PyObject *ops = Py_BuildValue("(sssssss)", "qkv", "attn_output", "gate_up", "down",
-                                  "attention", "norm_rope_swiglu", "embed_pool");
+    PyObject *ops = Py_BuildValue("(sssssssss)", "qkv", "attn_output", "gate_up", "down",
+                                  "attention", "rmsnorm", "rope", "swiglu", "embed_pool");
     if (!ops || PyModule_AddObject(m, "OP_NAMES", ops) < 0) {
         Py_XDECREF(ops);
         Py_DECREF(m);

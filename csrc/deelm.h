@@ -123,8 +123,9 @@ typedef struct {
 int dl_qact_alloc(dl_qact *a, int64_t rows, int64_t max_cols);
 void dl_qact_free(dl_qact *a);
 /* Quantizes x [n, cols] (n <= a->rows) into a, blocks of 32, round to
- * nearest, |q| <= 127; columns past cols are zero. */
-void dl_quantize_rows(dl_qact *a, const float *x, int64_t n, int64_t cols, int n_threads);
+ * nearest, |q| <= 127; columns past cols are zero. Bitwise the same on
+ * every isa. */
+void dl_quantize_rows(dl_qact *a, const float *x, int64_t n, int64_t cols, int isa, int n_threads);
 
 /* ---- qgemm.c -------------------------------------------------------------- */
 
@@ -277,7 +278,7 @@ typedef struct {
 /* The kinds of op the forward pass times (op_seconds indices). */
 enum {
     DL_OP_QKV, DL_OP_ATTN_OUT, DL_OP_GATE_UP, DL_OP_DOWN, /* linear layers */
-    DL_OP_ATTENTION, DL_OP_NORM_ROPE_SWIGLU, DL_OP_EMBED_POOL, DL_N_OPS
+    DL_OP_ATTENTION, DL_OP_RMSNORM, DL_OP_ROPE, DL_OP_SWIGLU, DL_OP_EMBED_POOL, DL_N_OPS
 };
 
 /* Runs the model over one packed batch. Inputs must have been validated

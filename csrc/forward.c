@@ -135,14 +135,14 @@ int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
         const int causal = !(a->bidirectional_from >= 0 && l >= a->bidirectional_from);
 
         rmsnorm_rows(r.xb, r.x, ly->attn_norm, N, d, c->rms_eps, nt);
-        lap(a, DL_OP_NORM_ROPE_SWIGLU, &clock);
+        lap(a, DL_OP_RMSNORM, &clock);
         dl_linear_forward(&ly->wqkv, r.qkv, r.xb, R, 0, &r.qx, m->isa, nt);
         if (ly->bqkv)
             for (int64_t t = 0; t < N; t++)
                 for (int64_t i = 0; i < qkv; i++) r.qkv[t * qkv + i] += ly->bqkv[i];
         lap(a, DL_OP_QKV, &clock);
         rope_rows(r.qkv, N, qkv, c, r.pos, r.rope_cs, nt);
-        lap(a, DL_OP_NORM_ROPE_SWIGLU, &clock);
+        lap(a, DL_OP_ROPE, &clock);
         err = dl_attention_forward(r.att, r.qkv, qkv, a->seq_off, a->n_seq, c->n_heads,
                                    c->n_kv_heads, c->head_dim, causal, nt);
         if (err) break;
@@ -151,11 +151,11 @@ int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
         lap(a, DL_OP_ATTN_OUT, &clock);
 
         rmsnorm_rows(r.xb, r.x, ly->ffn_norm, N, d, c->rms_eps, nt);
-        lap(a, DL_OP_NORM_ROPE_SWIGLU, &clock);
+        lap(a, DL_OP_RMSNORM, &clock);
         dl_linear_forward(&ly->wgate_up, r.gu, r.xb, R, 0, &r.qx, m->isa, nt);
         lap(a, DL_OP_GATE_UP, &clock);
         dl_swiglu_forward(r.h, r.gu, N, f, nt);
-        lap(a, DL_OP_NORM_ROPE_SWIGLU, &clock);
+        lap(a, DL_OP_SWIGLU, &clock);
         dl_linear_forward(&ly->wdown, r.x, r.h, R, 1, &r.qx, m->isa, nt);
         lap(a, DL_OP_DOWN, &clock);
 

@@ -23,6 +23,6 @@ void dl_linear_forward(const dl_linear *w, float *y, const float *x, int64_t n, 
         dl_sgemm_forward(y, x, w->f32, n, w->in, w->out, accumulate ? 1.0f : 0.0f, n_threads);
         return;
     }
-    dl_quantize_rows(qx, x, n, w->in, n_threads);
+    dl_quantize_rows(qx, x, n, w->in, isa, n_threads);
     dl_qgemm(y, w->out, qx, n, &w->q, accumulate, isa, n_threads);
 }

@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #endif
 
-#define ROW_CHUNK 64 /* token rows per work item */
+#define ROW_CHUNK 96 /* token rows per work item: a multiple of the tile height */
 
 typedef struct {
     float *y;
@@ -124,7 +124,10 @@ AVX2 static void tile_avx2(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0
 /* ---- AVX-512 VNNI: vpdpbusd ----------------------------------------------- */
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define MR 4 /* token rows per tile: 2 panels x 4 rows = 8 int32 + 8 float accumulators */
+/* Token rows per tile. 6 rows x 2 panels = 12 independent vpdpbusd chains,
+ * enough to cover its latency (4-5 cycles) at two per cycle; with their 12
+ * float accumulators, 2 weight vectors and a broadcast, 27 of the 32 zmm. */
+#define MR 6
 
 /* MR_ and NP_ are constants at every call site, so the loops unroll fully. */
 AVX512 static inline __attribute__((always_inline)) void
@@ -133,26 +136,37 @@ tile_vnni_fixed(const gemm_job *J, int64_t t0, int64_t p0, const int MR_, const 
     const dl_qact *x = J->x;
     const int64_t nb = w->n_blocks;
     __m512 f[MR][2];
+    _Pragma("GCC unroll 8")
     for (int i = 0; i < MR_; i++)
+        _Pragma("GCC unroll 8")
         for (int p = 0; p < NP_; p++) f[i][p] = _mm512_setzero_ps();
     const uint8_t *wq[2];
+    _Pragma("GCC unroll 8")
     for (int p = 0; p < NP_; p++) wq[p] = w->q + (p0 + p) * nb * DL_QPANEL * DL_QBLOCK;
     for (int64_t b = 0; b < nb; b++) {
         __m512i acc[MR][2];
+        _Pragma("GCC unroll 8")
         for (int i = 0; i < MR_; i++)
+            _Pragma("GCC unroll 8")
             for (int p = 0; p < NP_; p++) acc[i][p] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 8")
         for (int g = 0; g < 8; g++) {
             __m512i v[2];
+            _Pragma("GCC unroll 8")
             for (int p = 0; p < NP_; p++) v[p] = _mm512_loadu_si512(wq[p] + (b * 8 + g) * 64);
+            _Pragma("GCC unroll 8")
             for (int i = 0; i < MR_; i++) {
                 const __m512i a =
                     _mm512_set1_epi32(load_i32(x->q + ((t0 + i) * nb + b) * DL_QBLOCK + 4 * g));
+                _Pragma("GCC unroll 8")
                 for (int p = 0; p < NP_; p++) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], v[p], a);
             }
         }
+        _Pragma("GCC unroll 8")
         for (int p = 0; p < NP_; p++) {
             const int64_t ws = ((p0 + p) * nb + b) * DL_QPANEL;
             const __m512 wd = _mm512_loadu_ps(w->d + ws), wm = _mm512_loadu_ps(w->m + ws);
+            _Pragma("GCC unroll 8")
             for (int i = 0; i < MR_; i++) {
                 const int64_t xs = (t0 + i) * nb + b;
                 const __m512 s = _mm512_mul_ps(wd, _mm512_set1_ps(x->d[xs]));
@@ -161,10 +175,12 @@ tile_vnni_fixed(const gemm_job *J, int64_t t0, int64_t p0, const int MR_, const 
             }
         }
     }
+    _Pragma("GCC unroll 8")
     for (int p = 0; p < NP_; p++) {
         const int64_t r0 = (p0 + p) * DL_QPANEL;
         const int64_t left = w->rows - r0;
         const __mmask16 mask = left >= DL_QPANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        _Pragma("GCC unroll 8")
         for (int i = 0; i < MR_; i++) {
             float *yp = J->y + (t0 + i) * J->ldy + r0;
             __m512 out = f[i][p];
@@ -175,14 +191,15 @@ tile_vnni_fixed(const gemm_job *J, int64_t t0, int64_t p0, const int MR_, const 
 }
 
 AVX512 static void tile_vnni(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, int np) {
-    int64_t t = t0;
-    for (; t + MR <= t0 + nt; t += MR) {
-        if (np == 2) tile_vnni_fixed(J, t, p0, MR, 2);
-        else tile_vnni_fixed(J, t, p0, MR, 1);
-    }
-    for (; t < t0 + nt; t++) {
-        if (np == 2) tile_vnni_fixed(J, t, p0, 1, 2);
-        else tile_vnni_fixed(J, t, p0, 1, 1);
+    for (int64_t t = t0; t < t0 + nt; t += MR) {
+        const int64_t mr = t0 + nt - t < MR ? t0 + nt - t : MR;
+#define TILE(rows) \
+    case rows: \
+        if (np == 2) tile_vnni_fixed(J, t, p0, rows, 2); \
+        else tile_vnni_fixed(J, t, p0, rows, 1); \
+        break;
+        switch (mr) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) }
+#undef TILE
     }
 }
 #endif

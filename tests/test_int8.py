@@ -76,10 +76,10 @@ def quantize_like_core(x, ratio=4.0):
     d = (np.abs(rest).max(-1) / np.float32(127)).astype(np.float32)
     inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
     q = np.clip(np.rint(rest * inv[..., None]), -127, 127).astype(np.int8)
-    s = np.zeros((n, nb), np.float32)
-    for j in range(32):  # sequential, as the C loop adds
-        s = (s + rest[..., j]).astype(np.float32)
-    return q.reshape(n, -1), d, s, outl.reshape(n, -1)[:, :cols]
+    t = rest.copy()  # the tree sum: pairs (j, j + 16), then (j, j + 8), ...
+    for w in (16, 8, 4, 2, 1):
+        t = (t[..., :w] + t[..., w:2 * w]).astype(np.float32)
+    return q.reshape(n, -1), d, t[..., 0], outl.reshape(n, -1)[:, :cols]
 
 
 def activations(rng, n, cols):
@@ -113,10 +113,13 @@ def test_float_weights_round_to_8_bits_per_block(type_name):
         assert np.all(err[:, b:b + 32].max(1) <= step / 2 * 1.001 + 1e-7)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("cols", [32, 96, 70, 5])
-def test_activation_quantization_matches_numpy(cols):
+def test_activation_quantization_matches_numpy(cols, isa):
     x = activations(np.random.default_rng(3), 9, cols)
-    q, d, s = _core.quantize_rows(x)
+    x[4, 32:64] = 0.5  # a block of ties: no outlier
+    x[5, :] *= 1e-30  # subnormal range
+    q, d, s = _core.quantize_rows(x, isa)
     rq, rd, rs, outliers = quantize_like_core(x)
     assert np.array_equal(q, rq) and np.array_equal(d, rd) and np.array_equal(s, rs)
     assert np.abs(q.astype(int)).max() <= 127

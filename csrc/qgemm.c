@@ -124,10 +124,20 @@ AVX2 static void tile_avx2(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0
 /* ---- AVX-512 VNNI: vpdpbusd ----------------------------------------------- */
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-/* Token rows per tile. 6 rows x 2 panels = 12 independent vpdpbusd chains,
- * enough to cover its latency (4-5 cycles) at two per cycle; with their 12
- * float accumulators, 2 weight vectors and a broadcast, 27 of the 32 zmm. */
-#define MR 6
+/* Token rows per tile: 4 rows x 2 panels x 2 = 16 independent vpdpbusd
+ * chains; with 8 float accumulators, 2 weight vectors and a broadcast, 27 of
+ * the 32 zmm (more and the compiler runs short and adds moves). */
+#define MR 4
+
+/* A zeroed register by the xor idiom, which the core resolves at rename. Left
+ * to itself the compiler zeroes one register and copies it into each
+ * accumulator: one move per accumulator and block, on the two ports that
+ * run vpdpbusd. */
+AVX512 static inline __m512i zero_by_xor(void) {
+    __m512i z;
+    __asm__ volatile("vpxord %0, %0, %0" : "=v"(z)); /* volatile: one per accumulator, never merged */
+    return z;
+}
 
 /* MR_ and NP_ are constants at every call site, so the loops unroll fully. */
 AVX512 static inline __attribute__((always_inline)) void
@@ -144,11 +154,14 @@ tile_vnni_fixed(const gemm_job *J, int64_t t0, int64_t p0, const int MR_, const 
     _Pragma("GCC unroll 8")
     for (int p = 0; p < NP_; p++) wq[p] = w->q + (p0 + p) * nb * DL_QPANEL * DL_QBLOCK;
     for (int64_t b = 0; b < nb; b++) {
-        __m512i acc[MR][2];
+        /* two accumulators per output vector, for the even and the odd groups:
+         * chains of 4 dependent vpdpbusd instead of 8 keep both ports busy
+         * (a chain of 8 takes 40 cycles, as long as the whole block's work) */
+        __m512i acc[MR][2][2];
         _Pragma("GCC unroll 8")
         for (int i = 0; i < MR_; i++)
             _Pragma("GCC unroll 8")
-            for (int p = 0; p < NP_; p++) acc[i][p] = _mm512_setzero_si512();
+            for (int p = 0; p < NP_; p++) acc[i][p][0] = zero_by_xor(), acc[i][p][1] = zero_by_xor();
         _Pragma("GCC unroll 8")
         for (int g = 0; g < 8; g++) {
             __m512i v[2];
@@ -159,7 +172,8 @@ tile_vnni_fixed(const gemm_job *J, int64_t t0, int64_t p0, const int MR_, const 
                 const __m512i a =
                     _mm512_set1_epi32(load_i32(x->q + ((t0 + i) * nb + b) * DL_QBLOCK + 4 * g));
                 _Pragma("GCC unroll 8")
-                for (int p = 0; p < NP_; p++) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], v[p], a);
+                for (int p = 0; p < NP_; p++)
+                    acc[i][p][g & 1] = _mm512_dpbusd_epi32(acc[i][p][g & 1], v[p], a);
             }
         }
         _Pragma("GCC unroll 8")
@@ -169,8 +183,9 @@ tile_vnni_fixed(const gemm_job *J, int64_t t0, int64_t p0, const int MR_, const 
             _Pragma("GCC unroll 8")
             for (int i = 0; i < MR_; i++) {
                 const int64_t xs = (t0 + i) * nb + b;
+                const __m512i dot = _mm512_add_epi32(acc[i][p][0], acc[i][p][1]);
                 const __m512 s = _mm512_mul_ps(wd, _mm512_set1_ps(x->d[xs]));
-                f[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][p]), s, f[i][p]);
+                f[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, f[i][p]);
                 f[i][p] = _mm512_fmadd_ps(wm, _mm512_set1_ps(x->s[xs]), f[i][p]);
             }
         }
@@ -198,7 +213,7 @@ AVX512 static void tile_vnni(const gemm_job *J, int64_t t0, int64_t nt, int64_t 
         if (np == 2) tile_vnni_fixed(J, t, p0, rows, 2); \
         else tile_vnni_fixed(J, t, p0, rows, 1); \
         break;
-        switch (mr) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) }
+        switch (mr) { TILE(1) TILE(2) TILE(3) default: TILE(4) }
 #undef TILE
     }
 }

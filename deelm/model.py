@@ -1,4 +1,5 @@
 """The user-facing model: DeeLM.from_pretrained(...).encode(sentences)."""
+import contextlib
 import os
 
 import numpy as np
@@ -74,6 +75,7 @@ class DeeLM:
         self.max_seq_length = (min(DEFAULT_MAX_SEQ_LENGTH, gguf_model.context_length)
                                if max_seq_length is None else max_seq_length)
         self.threads = threads
+        self._op_seconds = None  # accumulates per-op wall time inside profile()
 
     # ---- construction --------------------------------------------------
     @classmethod
@@ -258,8 +260,27 @@ class DeeLM:
         pool = np.asarray(pool, dtype=np.int64).reshape(len(ids), 2)
         k = self._k if bidirectional_from is None else bidirectional_from
         out = self._core.forward(tokens, offsets, pool, k, self._threads, layers, hidden,
-                                 token_states)
+                                 token_states, op_seconds=self._op_seconds)
         return (*out, offsets)
+
+    @contextlib.contextmanager
+    def profile(self):
+        """Times the C core's ops while the block runs::
+
+            with model.profile() as seconds:
+                model.encode(sentences)
+            seconds["gate_up"]  # wall time in the gate/up projection, summed
+
+        Yields a dict {op: seconds}, filled when the block ends; the ops are
+        deelm._core.OP_NAMES (each linear layer includes quantizing its input).
+        """
+        acc = np.zeros(len(_core.OP_NAMES))
+        self._op_seconds, result = acc, {}
+        try:
+            yield result
+        finally:
+            self._op_seconds = None
+            result.update(zip(_core.OP_NAMES, acc.tolist()))
 
     # ---- sentence-transformers style API ---------------------------------------
     def encode(self, sentences, prompt=None, batch_size=32, show_progress_bar=None,

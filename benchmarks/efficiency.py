@@ -70,7 +70,7 @@ def main(argv=None):
             model.threads = t
             t0 = time.perf_counter()
             with model.profile() as seconds:
-                model.encode(sents, batch_size=args.batch_size)
+                model.encode(sents, batch_size=args.batch_size, show_progress_bar=False)
             seconds["total"] = time.perf_counter() - t0
             runs[t].append(seconds)
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr)

@@ -127,6 +127,7 @@ class DeeLM:
             core = _core.Model(gm.config, gm.tensors, precision=precision, isa=isa)
         except ValueError as e:
             raise ModelFileError(path, str(e)) from None
+        gm.release_resident_pages()  # the weights now live in the core's own buffers
         tok = Tokenizer.from_gguf_vocab(gm.vocab, path, gm.config["vocab_size"])
         auto = isinstance(bidirectional_from, str) and bidirectional_from == "auto"
         model = cls(gm, core, tok, bidirectional_from=-1 if auto else bidirectional_from,

@@ -746,7 +746,7 @@ static PyObject *op_linear(PyObject *mod, PyObject *args) {
     return out;
 }
 
-/* Packs a GGUF-encoded [rows, cols] weight for the int8 GEMM; NULL with an
+/* Packs a GGUF-encoded [rows, cols] weight for the int8 GEMM; -1 with an
  * exception on bad sizes or non-finite weights. */
 static int pack_weight(dl_qmat *w, int type, Py_buffer *buf, long long rows, long long cols) {
     int64_t rb = dl_row_bytes(type, cols);

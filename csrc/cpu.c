@@ -87,6 +87,7 @@ static double fp32_fma_loop(int64_t iters) {
 
 double dl_peak_gops(int kind, int n_threads, int64_t iters) {
 #ifdef DL_X86
+    __builtin_cpu_init();
     if (kind == DL_PEAK_INT8 && !dl_isa_supported(DL_ISA_AVX512VNNI)) return 0.0;
     if (kind == DL_PEAK_FP32 && !__builtin_cpu_supports("avx512f")) return 0.0;
     double ops = 0.0, t0 = 0.0, t1 = 0.0;

@@ -37,6 +37,8 @@ def _add_model_args(p, bidirectional=True):
                    '\'The representative word for sentence {text} is:"\'')
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-seq-length", type=int, default=None)
+    p.add_argument("--precision", default=None, choices=["int8", "float32"],
+                   help="linear layers in int8 (default for Q4_0/Q4_1/Q8_0 files) or float32")
 
 
 def _load(args):
@@ -45,7 +47,8 @@ def _load(args):
     k = getattr(args, "bidirectional_from", None)
     model = DeeLM.from_pretrained(args.model, bidirectional_from=-1 if k == "auto" else k,
                                   pooling=args.pooling, prompt=args.prompt,
-                                  max_seq_length=args.max_seq_length, threads=args.threads)
+                                  max_seq_length=args.max_seq_length, threads=args.threads,
+                                  precision=args.precision)
     if k == "auto":
         from .analysis import auto_bidirectional_from
 
@@ -112,8 +115,8 @@ def cmd_eval(args):
 
     model = _load(args)
     tasks = args.tasks or list(ev.TASKS)
-    title = (f"{Path(str(model.path)).stem} k={model.bidirectional_from} {model.pooling}"
-             + (" prompt" if model.prompt else ""))
+    title = (f"{Path(str(model.path)).stem} {model.precision} k={model.bidirectional_from} "
+             f"{model.pooling}" + (" prompt" if model.prompt else ""))
     out = Path(args.output) if args.output else None
     t0 = time.perf_counter()
     results = ev.evaluate(model, tasks, data_dir=args.data, protocol=args.protocol,

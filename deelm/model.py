@@ -207,12 +207,17 @@ class DeeLM:
         return dict(self._core.config, context_length=self._file.context_length,
                     architecture=self._file.architecture, name=self._file.name)
 
+    @property
+    def precision(self):
+        """How the linear layers compute: "int8" or "float32"."""
+        return self._core.config["precision"]
+
     def get_sentence_embedding_dimension(self):
         return self._dim
 
     def __repr__(self):
         return (f"DeeLM({self._file.name!r}, layers={self.num_layers}, dim={self._dim}, "
-                f"bidirectional_from={self._k}, pooling={self._pooling!r}, "
+                f"precision={self.precision!r}, bidirectional_from={self._k}, pooling={self._pooling!r}, "
                 f"max_seq_length={self._max_len})")
 
     # ---- tokenisation ------------------------------------------------------

@@ -115,3 +115,75 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
     }
     return failed ? DL_ERR_NOMEM : DL_OK;
 }
+
+/* Backward of one (sentence, key/value head): for each query head h of the
+ * group, with P = softmax(scale Q_h K^T) recomputed row by row:
+ *   dV += P^T dO_h ; dP = dO_h V^T ; dS = P * (dP - rowsum(P * dP))
+ *   dQ_h = scale dS K ; dK += scale dS^T Q_h
+ * p, dp: [len] scratch rows. */
+static void kv_head_backward(float *dqkv, const float *dout, int64_t out_stride, const float *qkv,
+                             int64_t stride, int64_t base, int64_t len, int64_t kvh,
+                             int64_t group, int64_t hd, int64_t k_col, int64_t v_col, float scale,
+                             int causal, float *p, float *dp) {
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+        for (int64_t i = 0; i < len; i++) {
+            const float *q = qkv + (base + i) * stride + h * hd;
+            const float *g = dout + (base + i) * out_stride + h * hd;
+            const int64_t n_keys = causal ? i + 1 : len;
+            for (int64_t j = 0; j < n_keys; j++) {
+                const float *k = qkv + (base + j) * stride + k_col + kvh * hd;
+                const float *v = qkv + (base + j) * stride + v_col + kvh * hd;
+                p[j] = dot(q, k, hd) * scale;
+                dp[j] = dot(g, v, hd);
+            }
+            softmax_row(p, n_keys, n_keys);
+            float pdp = 0.0f;
+            for (int64_t j = 0; j < n_keys; j++) pdp += p[j] * dp[j];
+            float *dq = dqkv + (base + i) * stride + h * hd;
+            for (int64_t j = 0; j < n_keys; j++) {
+                const float ds = p[j] * (dp[j] - pdp) * scale;
+                const float *k = qkv + (base + j) * stride + k_col + kvh * hd;
+                float *dk = dqkv + (base + j) * stride + k_col + kvh * hd;
+                float *dv = dqkv + (base + j) * stride + v_col + kvh * hd;
+                for (int64_t c = 0; c < hd; c++) {
+                    dq[c] += ds * k[c];
+                    dk[c] += ds * q[c];
+                    dv[c] += p[j] * g[c];
+                }
+            }
+        }
+    }
+}
+
+int dl_attention_backward(float *dqkv, const float *dout, const float *qkv, int64_t qkv_stride,
+                          const int64_t *seq_off, int64_t n_seq,
+                          int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                          int causal, int n_threads) {
+    const int64_t N = seq_off[n_seq];
+    for (int64_t i = 0; i < N * qkv_stride; i++) dqkv[i] = 0.0f;
+    int64_t max_len = 0;
+    for (int64_t s = 0; s < n_seq; s++)
+        if (seq_off[s + 1] - seq_off[s] > max_len) max_len = seq_off[s + 1] - seq_off[s];
+    if (max_len == 0) return DL_OK;
+    const int64_t group = n_heads / n_kv_heads;
+    const int64_t k_col = n_heads * head_dim, v_col = k_col + n_kv_heads * head_dim;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *p = (float *)malloc((size_t)(2 * max_len) * sizeof(float));
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int64_t s = 0; s < n_seq; s++)
+            for (int64_t kvh = 0; kvh < n_kv_heads; kvh++)
+                if (p)
+                    kv_head_backward(dqkv, dout, n_heads * head_dim, qkv, qkv_stride, seq_off[s],
+                                     seq_off[s + 1] - seq_off[s], kvh, group, head_dim, k_col,
+                                     v_col, scale, causal, p, p + max_len);
+        free(p);
+    }
+    return failed ? DL_ERR_NOMEM : DL_OK;
+}

@@ -187,6 +187,7 @@ typedef struct {
     dl_layer *layers;        /* [L] */
     int precision;           /* DL_PRECISION_* */
     int isa;                 /* DL_ISA_* path of the int8 GEMM */
+    const struct dl_lora *lora; /* LoRA adapters added to the linear layers, or NULL */
 } dl_model;
 
 /* Allocates the model's owned arrays (all zero) for cfg, the linear layers in
@@ -202,6 +203,13 @@ int64_t dl_qkv_dim(const dl_config *cfg);
  * x, out: [n, d]; w: [d]. out may alias x. */
 void dl_rmsnorm_forward(float *out, const float *x, const float *w,
                         int64_t n, int64_t d, float eps);
+/* dx[t] += d out[t] / d x[t] applied to dout[t] (w is frozen: no dw).
+ * dx, dout, x: [n, d]. Row-parallel over n_threads. */
+void dl_rmsnorm_backward(float *dx, const float *dout, const float *x, const float *w,
+                         int64_t n, int64_t d, float eps, int n_threads);
+/* One row of it, for c * dout. */
+void dl_rmsnorm_backward_row(float *dx, const float *dout, float c, const float *x,
+                             const float *w, int64_t d, float eps);
 
 /* ---- rope.c -------------------------------------------------------------- */
 
@@ -217,6 +225,10 @@ void dl_rope_table(float *cs, int64_t n_pos, int64_t half, const float *inv_freq
  * x: [n, stride], the heads at x[t*stride + h*hd]; cs from dl_rope_table. */
 void dl_rope_forward(float *x, int64_t n, int64_t stride, int64_t n_heads,
                      int64_t head_dim, const int32_t *pos, const float *cs, int style);
+/* The rotation is orthogonal, so its backward rotates the gradient dx (laid
+ * out like x, in place) by the opposite angle. */
+void dl_rope_backward(float *dx, int64_t n, int64_t stride, int64_t n_heads,
+                      int64_t head_dim, const int32_t *pos, const float *cs, int style);
 
 /* ---- attention.c --------------------------------------------------------- */
 
@@ -230,12 +242,23 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
                          const int64_t *seq_off, int64_t n_seq,
                          int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                          int causal, int n_threads);
+/* Gradients of dl_attention_forward: given its input qkv (q and k already
+ * rotated) and dout [N, nh hd], writes dqkv [N, qkv_stride] (dq, dk, dv in
+ * the layout of qkv). Parallel over (sentence, key/value head), so the
+ * query heads sharing a k/v head add their dk, dv in a fixed order. */
+int dl_attention_backward(float *dqkv, const float *dout, const float *qkv, int64_t qkv_stride,
+                          const int64_t *seq_off, int64_t n_seq,
+                          int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                          int causal, int n_threads);
 
 /* ---- swiglu.c ------------------------------------------------------------ */
 
 /* out[t, j] = silu(gu[t, j]) * gu[t, f + j].  gu: [n, 2f]; out: [n, f]. */
 void dl_swiglu_forward(float *out, const float *gu, int64_t n, int64_t f,
                        int n_threads);
+/* dgu [n, 2f] (written) from dout [n, f] and the forward input gu. */
+void dl_swiglu_backward(float *dgu, const float *dout, const float *gu, int64_t n, int64_t f,
+                        int n_threads);
 
 /* ---- linear.c ------------------------------------------------------------ */
 
@@ -247,6 +270,13 @@ void dl_sgemm_forward(float *y, const float *x, const float *w, int64_t n,
  * y: [n, W.out]. qx: scratch for the int8 copy of x (rows >= n, cols >= in). */
 void dl_linear_forward(const dl_linear *w, float *y, const float *x, int64_t n, int accumulate,
                        dl_qact *qx, int isa, int n_threads);
+/* dx (=, or += when accumulate) dy W, with W float32 [out, in] (the frozen
+ * weight; int8 models pass a decoded copy). dy: [n, out]; dx: [n, in]. */
+void dl_linear_backward(float *dx, const float *dy, const float *w, int64_t n, int64_t in,
+                        int64_t out, int accumulate, int n_threads);
+/* W as float32 [out, in]: w->f32 itself, or a decoded copy of the packed
+ * weight in *owned (freed by the caller). NULL on no memory. */
+const float *dl_linear_dense(const dl_linear *w, float **owned);
 
 /* ---- pooling.c ----------------------------------------------------------- */
 
@@ -256,6 +286,63 @@ void dl_linear_forward(const dl_linear *w, float *y, const float *x, int64_t n, 
 void dl_pool_forward(float *out, const float *x, const int64_t *seq_off,
                      const int64_t *pool, int64_t n_seq, const float *norm_w,
                      int64_t d, float eps, float *scratch);
+/* dx[rows of sentence s] += the gradient of out[s] (dout [n_seq, d]) through
+ * the mean and the final norm. dx, x: [N, d]. */
+void dl_pool_backward(float *dx, const float *dout, const float *x, const int64_t *seq_off,
+                      const int64_t *pool, int64_t n_seq, const float *norm_w, int64_t d,
+                      float eps, int n_threads);
+
+/* ---- lora.c -------------------------------------------------------------- */
+
+/* The projections a LoRA adapter can target, in PEFT's names. */
+enum {
+    DL_MOD_Q, DL_MOD_K, DL_MOD_V, DL_MOD_O, DL_MOD_GATE, DL_MOD_UP, DL_MOD_DOWN, DL_N_MODULES
+};
+/* The fused linear layers of dl_layer the modules live in. */
+enum { DL_FUSED_QKV, DL_FUSED_O, DL_FUSED_GATE_UP, DL_FUSED_DOWN, DL_N_FUSED };
+
+#define DL_LORA_MAX_RANK 256
+
+/* One adapted projection: W' = W + scale B A, A: [rank, in], B: [out, rank],
+ * both inside the flat parameter buffer at off_a, off_b (in floats). */
+typedef struct {
+    int64_t layer, module, rank, in, out, off_a, off_b;
+    float scale;
+} dl_lora_entry;
+
+typedef struct dl_lora {
+    int64_t n_entries;
+    const dl_lora_entry *entries; /* sorted by (layer, module) */
+    const float *params;          /* all A and B matrices; owned by the caller */
+    const int32_t *slot;          /* [L, DL_N_MODULES] entry index, or -1 */
+    int64_t max_rank;
+} dl_lora;
+
+/* Which fused layer a module belongs to and its first output row there. */
+int dl_module_fused(int module);
+int64_t dl_module_row0(const dl_config *c, int module);
+
+/* Dropout of a LoRA input, as a function of its coordinates: the same mask in
+ * the forward and the backward pass without storing it. p = 0: no dropout. */
+typedef struct {
+    float p;
+    uint64_t seed;
+} dl_dropout;
+
+/* For each adapted module of (layer, fused): y[:, row0 + o] += scale (drop(x) A^T B^T).
+ * y: [n, ldy]; x: [n, in]. t_save: [n, rank] per entry, in module order,
+ * receives drop(x) A^T for the backward (or NULL). scratch: [n, max(in, rank)]. */
+void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int fused, float *y,
+                     int64_t ldy, const float *x, int64_t n, float *t_save, dl_dropout drop,
+                     float *scratch, int n_threads);
+/* Backward of dl_lora_forward: grad (same layout as params) += dA, dB;
+ * dx[n, in] += the LoRA path's input gradient. dy: [n, ldy]. */
+void dl_lora_backward(const dl_lora *lo, const dl_config *c, int64_t layer, int fused,
+                      float *grad, float *dx, const float *dy, int64_t ldy, const float *x,
+                      int64_t n, const float *t_save, dl_dropout drop, float *scratch,
+                      int n_threads);
+/* Floats of t_save one layer's fused layer needs for n rows. */
+int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n);
 
 /* ---- forward.c ----------------------------------------------------------- */
 
@@ -273,6 +360,8 @@ typedef struct {
     float *hidden;        /* [L + 1, N, d] raw residual stream, same indexing */
     float *token_out;     /* [N, d] final-norm token states */
     double *op_seconds;   /* [DL_N_OPS] wall time per kind of op, added to; or NULL */
+    int64_t stop_at;      /* > 0: run layers [0, stop_at) only ... */
+    float *residual_out;  /* ... and write the residual stream there [N, d], or NULL */
 } dl_forward_args;
 
 /* The kinds of op the forward pass times (op_seconds indices). */
@@ -284,5 +373,93 @@ enum {
 /* Runs the model over one packed batch. Inputs must have been validated
  * (token ids < V, offsets increasing, ranges inside their sentence). */
 int dl_model_forward(const dl_model *m, const dl_forward_args *a);
+
+/* What all layers of one batch share. */
+typedef struct {
+    const int64_t *seq_off;
+    int64_t n_seq;
+    int64_t n_rows;     /* N tokens */
+    int64_t gemm_rows;  /* R >= N rows of every float32 GEMM (zero rows appended) */
+    int32_t *pos;       /* [N] position of each token in its sentence */
+    float *rope_cs;     /* [max_len, hd/2, 2] */
+    dl_qact qx;         /* int8 copy of a GEMM input */
+    float *scratch;     /* LoRA scratch [R, widest input], when the model has LoRA */
+    dl_dropout drop;    /* LoRA dropout (training), p = 0 otherwise */
+    int n_threads;
+    double *op_seconds; /* timing, or NULL */
+    double clock;
+} dl_batch;
+
+int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_t n_seq,
+                  int n_threads);
+void dl_batch_free(dl_batch *b);
+
+/* The activations of one layer, [R, ...] each. Inference reuses one set for
+ * every layer, the residual updated in place (x_in == x_mid == x_out,
+ * xb1 == xb2); training keeps every trained layer's own for the backward. */
+typedef struct {
+    float *x_in, *x_mid, *x_out; /* [R, d] residual before, after attention, after the MLP */
+    float *xb1, *xb2;            /* [R, d] normed inputs of the attention and the MLP */
+    float *qkv;                  /* [R, qkv] q, k rotated */
+    float *att;                  /* [R, nh hd] attention output */
+    float *gu;                   /* [R, 2f] */
+    float *h;                    /* [R, f] */
+    float *lora_t[DL_N_FUSED];   /* LoRA's drop(x) A^T per fused layer (training), or NULL */
+} dl_layer_acts;
+
+/* Floats one set of activations takes, and how it is laid out in them. */
+int64_t dl_layer_acts_floats(const dl_config *c, int64_t R);
+void dl_layer_acts_carve(dl_layer_acts *a, const dl_config *c, int64_t R, float *mem,
+                         int separate_residuals);
+/* Layer l on a->x_in, writing the rest of a. */
+int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_acts *a,
+                     dl_batch *b);
+
+/* ---- train.c ------------------------------------------------------------- */
+
+/* Float32 copies of the frozen linear weights of layers >= layer_from, for
+ * the backward (pointers to the model's own in float32 precision).
+ * w: [L, DL_N_FUSED], NULL below layer_from. */
+typedef struct {
+    int64_t n_layers, layer_from;
+    const float **w;
+    float **owned;
+} dl_dense_weights;
+
+int dl_dense_weights_build(dl_dense_weights *dw, const dl_model *m, int64_t layer_from);
+void dl_dense_weights_free(dl_dense_weights *dw);
+
+typedef struct {
+    const float *x_in;          /* [N, d] residual entering layer layer_from */
+    const int64_t *seq_off;     /* [n_seq + 1] */
+    int64_t n_seq;
+    const int64_t *pool;        /* [n_seq, 2] */
+    int64_t layer_from;         /* first trained layer, < L */
+    int64_t bidirectional_from; /* -1: causal */
+    dl_dropout drop;
+    int n_threads;
+    float *pooled;              /* out: [n_seq, d] */
+} dl_train_args;
+
+/* What the backward needs of one training forward pass. */
+typedef struct {
+    int64_t layer_from, n_trained, bidirectional_from, n_seq;
+    int64_t *seq_off, *pool;
+    dl_dropout drop;
+    dl_batch batch;
+    dl_layer_acts *acts;  /* [n_trained] */
+    float *arena;         /* the activations */
+    float *lora_arena;    /* LoRA's saved drop(x) A^T */
+    float *grad_arena;    /* the backward's gradient buffers */
+} dl_train_state;
+
+/* Runs layers [layer_from, L) keeping their activations; *out receives the
+ * state dl_train_backward needs (free with dl_train_state_free). */
+int dl_train_forward(const dl_model *m, const dl_train_args *a, dl_train_state **out);
+/* grad (laid out like the LoRA parameters) += dL/dparams for dL/dpooled =
+ * d_pooled [n_seq, d]; dx_in [N, d] receives dL/dx_in when not NULL. */
+int dl_train_backward(const dl_model *m, const dl_dense_weights *dw, dl_train_state *st,
+                      const float *d_pooled, float *grad, float *dx_in);
+void dl_train_state_free(dl_train_state *st);
 
 #endif

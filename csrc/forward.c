@@ -22,48 +22,68 @@
  * number of rows and needs no padding. */
 #define MIN_GEMM_ROWS 32
 
-typedef struct { /* activations of one call, sized for N tokens */
-    float *x;    /* [N, d] */
-    float *xb;   /* [N, d] */
-    float *qkv;  /* [N, qkv] */
-    float *att;  /* [N, nh hd] */
-    float *gu;   /* [N, 2f] */
-    float *h;    /* [N, f] */
-    int32_t *pos;/* [N] position of each token inside its sentence */
-    float *scratch; /* [d] */
-    float *rope_cs; /* [max_len, hd/2, 2] */
-    dl_qact qx;     /* int8 copy of a GEMM input: [N, max(d, nh hd, f)] */
-} run_state;
-
-static void run_state_free(run_state *r) {
-    free(r->x); free(r->xb); free(r->qkv); free(r->att);
-    free(r->gu); free(r->h); free(r->pos); free(r->scratch); free(r->rope_cs);
-    dl_qact_free(&r->qx);
+/* The per-batch context: positions, rotary table, int8 and LoRA scratch. */
+void dl_batch_free(dl_batch *b) {
+    free(b->pos);
+    free(b->rope_cs);
+    free(b->scratch);
+    dl_qact_free(&b->qx);
+    memset(b, 0, sizeof *b);
 }
 
-static int run_state_alloc(run_state *r, const dl_config *c, int64_t n, int64_t max_len,
-                           int precision) {
-    memset(r, 0, sizeof *r);
-    const size_t N = (size_t)n;
-    /* zeroed: the padding rows must be 0 */
-    r->x = calloc(N * c->dim, sizeof(float));
-    r->xb = calloc(N * c->dim, sizeof(float));
-    r->qkv = calloc(N * dl_qkv_dim(c), sizeof(float));
-    r->att = calloc(N * c->n_heads * c->head_dim, sizeof(float));
-    r->gu = calloc(N * 2 * c->hidden_dim, sizeof(float));
-    r->h = calloc(N * c->hidden_dim, sizeof(float));
-    r->pos = malloc(N * sizeof(int32_t));
-    r->scratch = malloc(c->dim * sizeof(float));
-    r->rope_cs = malloc((size_t)(max_len > 0 ? max_len : 1) * c->head_dim * sizeof(float));
-    int64_t widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
-    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
-    int qerr = precision == DL_PRECISION_INT8 ? dl_qact_alloc(&r->qx, n, widest) : DL_OK;
-    if (qerr || !r->rope_cs || !r->x || !r->xb || !r->qkv || !r->att || !r->gu || !r->h || !r->pos ||
-        !r->scratch) {
-        run_state_free(r);
+/* The widest input any linear layer takes. */
+static int64_t widest_input(const dl_config *c) {
+    int64_t w = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
+    return c->n_heads * c->head_dim > w ? c->n_heads * c->head_dim : w;
+}
+
+int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_t n_seq,
+                  int n_threads) {
+    const dl_config *c = &m->cfg;
+    memset(b, 0, sizeof *b);
+    const int64_t N = seq_off[n_seq];
+    int64_t max_len = 0;
+    for (int64_t s = 0; s < n_seq; s++)
+        if (seq_off[s + 1] - seq_off[s] > max_len) max_len = seq_off[s + 1] - seq_off[s];
+    b->seq_off = seq_off;
+    b->n_seq = n_seq;
+    b->n_rows = N;
+    b->gemm_rows = m->precision == DL_PRECISION_F32 && N < MIN_GEMM_ROWS ? MIN_GEMM_ROWS : N;
+    b->n_threads = n_threads > 0 ? n_threads : 1;
+    const int64_t R = b->gemm_rows, widest = widest_input(c);
+    b->pos = (int32_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
+    b->rope_cs = (float *)malloc((size_t)(max_len > 0 ? max_len : 1) * c->head_dim * sizeof(float));
+    /* LoRA: dropped inputs [R, widest] in the forward, [R, rank] in the backward */
+    b->scratch = m->lora ? (float *)malloc((size_t)(R * widest) * sizeof(float)) : NULL;
+    int qerr = m->precision == DL_PRECISION_INT8 ? dl_qact_alloc(&b->qx, R, widest) : DL_OK;
+    if (qerr || !b->pos || !b->rope_cs || (m->lora && !b->scratch)) {
+        dl_batch_free(b);
         return DL_ERR_NOMEM;
     }
+    dl_rope_table(b->rope_cs, max_len, c->head_dim / 2, m->inv_freq);
+    for (int64_t s = 0; s < n_seq; s++)
+        for (int64_t t = seq_off[s]; t < seq_off[s + 1]; t++) b->pos[t] = (int32_t)(t - seq_off[s]);
     return DL_OK;
+}
+
+int64_t dl_layer_acts_floats(const dl_config *c, int64_t R) {
+    return R * (5 * c->dim + dl_qkv_dim(c) + c->n_heads * c->head_dim + 3 * c->hidden_dim);
+}
+
+void dl_layer_acts_carve(dl_layer_acts *a, const dl_config *c, int64_t R, float *mem,
+                         int separate_residuals) {
+    const int64_t d = c->dim;
+    memset(a, 0, sizeof *a);
+    a->x_in = mem;
+    a->x_mid = separate_residuals ? mem + R * d : mem;
+    a->x_out = separate_residuals ? mem + 2 * R * d : mem;
+    mem += 3 * R * d;
+    a->xb1 = mem; mem += R * d;
+    a->xb2 = separate_residuals ? mem : a->xb1; mem += R * d;
+    a->qkv = mem; mem += R * dl_qkv_dim(c);
+    a->att = mem; mem += R * c->n_heads * c->head_dim;
+    a->gu = mem; mem += R * 2 * c->hidden_dim;
+    a->h = mem;
 }
 
 static void embed_tokens(const dl_model *m, const int32_t *tokens, int64_t n, float *x, int nt) {
@@ -99,76 +119,99 @@ static void record(const dl_model *m, const dl_forward_args *a, int64_t slot, co
                         m->output_norm, d, m->cfg.rms_eps, scratch);
 }
 
-/* Adds the time since *t to op_seconds[op] (when timing) and restarts *t. */
-static void lap(const dl_forward_args *a, int op, double *t) {
-    if (!a->op_seconds) return;
+
+/* Adds the time since b->clock to op_seconds[op] (when timing) and restarts it. */
+static void lap(dl_batch *b, int op) {
+    if (!b->op_seconds) return;
     const double now = omp_get_wtime();
-    a->op_seconds[op] += now - *t;
-    *t = now;
+    b->op_seconds[op] += now - b->clock;
+    b->clock = now;
+}
+
+/* One linear layer of layer l plus its LoRA adapters: y (=, or +=) x W^T. */
+static void linear(const dl_model *m, int64_t l, int fused, float *y, const float *x,
+                   int accumulate, const dl_layer_acts *a, dl_batch *b) {
+    const dl_layer *ly = &m->layers[l];
+    const dl_linear *w = fused == DL_FUSED_QKV ? &ly->wqkv : fused == DL_FUSED_O ? &ly->wo
+                         : fused == DL_FUSED_GATE_UP ? &ly->wgate_up : &ly->wdown;
+    dl_linear_forward(w, y, x, b->gemm_rows, accumulate, &b->qx, m->isa, b->n_threads);
+    if (m->lora)
+        dl_lora_forward(m->lora, &m->cfg, l, fused, y, w->out, x, b->n_rows, a->lora_t[fused],
+                        b->drop, b->scratch, b->n_threads);
+}
+
+int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_acts *a,
+                     dl_batch *b) {
+    const dl_config *c = &m->cfg;
+    const dl_layer *ly = &m->layers[l];
+    const int64_t N = b->n_rows, R = b->gemm_rows, d = c->dim, qkv = dl_qkv_dim(c);
+    const int nt = b->n_threads;
+
+    rmsnorm_rows(a->xb1, a->x_in, ly->attn_norm, N, d, c->rms_eps, nt);
+    lap(b, DL_OP_RMSNORM);
+    linear(m, l, DL_FUSED_QKV, a->qkv, a->xb1, 0, a, b);
+    if (ly->bqkv)
+        for (int64_t t = 0; t < N; t++)
+            for (int64_t i = 0; i < qkv; i++) a->qkv[t * qkv + i] += ly->bqkv[i];
+    lap(b, DL_OP_QKV);
+    rope_rows(a->qkv, N, qkv, c, b->pos, b->rope_cs, nt);
+    lap(b, DL_OP_ROPE);
+    int err = dl_attention_forward(a->att, a->qkv, qkv, b->seq_off, b->n_seq, c->n_heads,
+                                   c->n_kv_heads, c->head_dim, causal, nt);
+    if (err) return err;
+    lap(b, DL_OP_ATTENTION);
+    if (a->x_mid != a->x_in) memcpy(a->x_mid, a->x_in, (size_t)(R * d) * sizeof(float));
+    linear(m, l, DL_FUSED_O, a->x_mid, a->att, 1, a, b);
+    lap(b, DL_OP_ATTN_OUT);
+
+    rmsnorm_rows(a->xb2, a->x_mid, ly->ffn_norm, N, d, c->rms_eps, nt);
+    lap(b, DL_OP_RMSNORM);
+    linear(m, l, DL_FUSED_GATE_UP, a->gu, a->xb2, 0, a, b);
+    lap(b, DL_OP_GATE_UP);
+    dl_swiglu_forward(a->h, a->gu, N, c->hidden_dim, nt);
+    lap(b, DL_OP_SWIGLU);
+    if (a->x_out != a->x_mid) memcpy(a->x_out, a->x_mid, (size_t)(R * d) * sizeof(float));
+    linear(m, l, DL_FUSED_DOWN, a->x_out, a->h, 1, a, b);
+    lap(b, DL_OP_DOWN);
+    return DL_OK;
 }
 
 int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
     const dl_config *c = &m->cfg;
-    const int64_t N = a->seq_off[a->n_seq], d = c->dim, f = c->hidden_dim;
-    const int64_t qkv = dl_qkv_dim(c);
-    const int nt = a->n_threads > 0 ? a->n_threads : 1;
-    int64_t max_len = 0;
-    for (int64_t s = 0; s < a->n_seq; s++)
-        if (a->seq_off[s + 1] - a->seq_off[s] > max_len) max_len = a->seq_off[s + 1] - a->seq_off[s];
-    /* rows of every GEMM */
-    const int64_t R = m->precision == DL_PRECISION_F32 && N < MIN_GEMM_ROWS ? MIN_GEMM_ROWS : N;
-    double clock = a->op_seconds ? omp_get_wtime() : 0.0;
-    run_state r;
-    int err = run_state_alloc(&r, c, R, max_len, m->precision);
+    const int64_t N = a->seq_off[a->n_seq], d = c->dim;
+    const int64_t stop = a->stop_at > 0 && a->stop_at < c->n_layers ? a->stop_at : c->n_layers;
+    dl_batch b;
+    int err = dl_batch_init(&b, m, a->seq_off, a->n_seq, a->n_threads);
     if (err) return err;
-    dl_rope_table(r.rope_cs, max_len, c->head_dim / 2, m->inv_freq);
+    b.op_seconds = a->op_seconds;
+    b.clock = a->op_seconds ? omp_get_wtime() : 0.0;
+    /* zeroed: the padding rows of the float32 GEMMs must be 0 */
+    float *mem = (float *)calloc((size_t)dl_layer_acts_floats(c, b.gemm_rows), sizeof(float));
+    if (!mem) {
+        dl_batch_free(&b);
+        return DL_ERR_NOMEM;
+    }
+    dl_layer_acts acts;
+    dl_layer_acts_carve(&acts, c, b.gemm_rows, mem, 0);
+    float *scratch = acts.xb2 + 0; /* [d], free between layers */
 
-    for (int64_t s = 0; s < a->n_seq; s++)
-        for (int64_t t = a->seq_off[s]; t < a->seq_off[s + 1]; t++)
-            r.pos[t] = (int32_t)(t - a->seq_off[s]);
-    embed_tokens(m, a->tokens, N, r.x, nt);
-    record(m, a, 0, r.x, N, r.scratch);
-    lap(a, DL_OP_EMBED_POOL, &clock);
-
-    for (int64_t l = 0; l < c->n_layers; l++) {
-        const dl_layer *ly = &m->layers[l];
+    embed_tokens(m, a->tokens, N, acts.x_in, b.n_threads);
+    record(m, a, 0, acts.x_in, N, scratch);
+    lap(&b, DL_OP_EMBED_POOL);
+    for (int64_t l = 0; l < stop && !err; l++) {
         const int causal = !(a->bidirectional_from >= 0 && l >= a->bidirectional_from);
-
-        rmsnorm_rows(r.xb, r.x, ly->attn_norm, N, d, c->rms_eps, nt);
-        lap(a, DL_OP_RMSNORM, &clock);
-        dl_linear_forward(&ly->wqkv, r.qkv, r.xb, R, 0, &r.qx, m->isa, nt);
-        if (ly->bqkv)
-            for (int64_t t = 0; t < N; t++)
-                for (int64_t i = 0; i < qkv; i++) r.qkv[t * qkv + i] += ly->bqkv[i];
-        lap(a, DL_OP_QKV, &clock);
-        rope_rows(r.qkv, N, qkv, c, r.pos, r.rope_cs, nt);
-        lap(a, DL_OP_ROPE, &clock);
-        err = dl_attention_forward(r.att, r.qkv, qkv, a->seq_off, a->n_seq, c->n_heads,
-                                   c->n_kv_heads, c->head_dim, causal, nt);
-        if (err) break;
-        lap(a, DL_OP_ATTENTION, &clock);
-        dl_linear_forward(&ly->wo, r.x, r.att, R, 1, &r.qx, m->isa, nt);
-        lap(a, DL_OP_ATTN_OUT, &clock);
-
-        rmsnorm_rows(r.xb, r.x, ly->ffn_norm, N, d, c->rms_eps, nt);
-        lap(a, DL_OP_RMSNORM, &clock);
-        dl_linear_forward(&ly->wgate_up, r.gu, r.xb, R, 0, &r.qx, m->isa, nt);
-        lap(a, DL_OP_GATE_UP, &clock);
-        dl_swiglu_forward(r.h, r.gu, N, f, nt);
-        lap(a, DL_OP_SWIGLU, &clock);
-        dl_linear_forward(&ly->wdown, r.x, r.h, R, 1, &r.qx, m->isa, nt);
-        lap(a, DL_OP_DOWN, &clock);
-
-        record(m, a, l + 1, r.x, N, r.scratch);
-        lap(a, DL_OP_EMBED_POOL, &clock);
+        err = dl_layer_forward(m, l, causal, &acts, &b);
+        if (!err) record(m, a, l + 1, acts.x_out, N, scratch);
+        lap(&b, DL_OP_EMBED_POOL);
     }
-    lap(a, DL_OP_EMBED_POOL, &clock);
-    if (!err) {
-        dl_pool_forward(a->pooled, r.x, a->seq_off, a->pool, a->n_seq, m->output_norm, d,
-                        c->rms_eps, r.scratch);
-        if (a->token_out) dl_rmsnorm_forward(a->token_out, r.x, m->output_norm, N, d, c->rms_eps);
-    }
-    lap(a, DL_OP_EMBED_POOL, &clock);
-    run_state_free(&r);
+    if (!err && a->residual_out) memcpy(a->residual_out, acts.x_out, (size_t)(N * d) * sizeof(float));
+    if (!err && a->pooled)
+        dl_pool_forward(a->pooled, acts.x_out, a->seq_off, a->pool, a->n_seq, m->output_norm, d,
+                        c->rms_eps, scratch);
+    if (!err && a->token_out)
+        dl_rmsnorm_forward(a->token_out, acts.x_out, m->output_norm, N, d, c->rms_eps);
+    lap(&b, DL_OP_EMBED_POOL);
+    free(mem);
+    dl_batch_free(&b);
     return err;
 }

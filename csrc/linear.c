@@ -6,6 +6,7 @@
  * the same OpenMP runtime and runs its own team).
  * int8: the activations are quantized, then qgemm.c multiplies. */
 #include <cblas.h>
+#include <stdlib.h>
 
 #include "deelm.h"
 
@@ -25,4 +26,22 @@ void dl_linear_forward(const dl_linear *w, float *y, const float *x, int64_t n, 
     }
     dl_quantize_rows(qx, x, n, w->in, isa, n_threads);
     dl_qgemm(y, w->out, qx, n, &w->q, accumulate, isa, n_threads);
+}
+
+void dl_linear_backward(float *dx, const float *dy, const float *w, int64_t n, int64_t in,
+                        int64_t out, int accumulate, int n_threads) {
+    if (n == 0) return;
+    openblas_set_num_threads(n_threads);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)n, (blasint)in, (blasint)out,
+                1.0f, dy, (blasint)out, w, (blasint)in, accumulate ? 1.0f : 0.0f, dx, (blasint)in);
+}
+
+const float *dl_linear_dense(const dl_linear *w, float **owned) {
+    *owned = NULL;
+    if (w->f32) return w->f32;
+    float *dense = (float *)malloc((size_t)(w->out * w->in) * sizeof(float));
+    if (!dense) return NULL;
+    for (int64_t r = 0; r < w->out; r++) dl_qmat_row(&w->q, r, dense + r * w->in);
+    *owned = dense;
+    return dense;
 }

@@ -20,3 +20,24 @@ void dl_rmsnorm_forward(float *out, const float *x, const float *w,
         for (int64_t i = 0; i < d; i++) ot[i] = (xt[i] * scale) * w[i];
     }
 }
+
+/* With r = 1/sqrt(mean(x^2) + eps) and g = c dout * w:
+ * dx = r g - x r^3 (g . x) / d. */
+void dl_rmsnorm_backward_row(float *dx, const float *dout, float c, const float *x,
+                             const float *w, int64_t d, float eps) {
+    double ss = 0.0, gx = 0.0;
+    for (int64_t i = 0; i < d; i++) {
+        ss += (double)x[i] * x[i];
+        gx += (double)dout[i] * w[i] * x[i];
+    }
+    const double r = 1.0 / sqrt(ss / (double)d + (double)eps);
+    const float a = (float)r * c, b = (float)(r * r * r * gx * c / (double)d);
+    for (int64_t i = 0; i < d; i++) dx[i] += a * dout[i] * w[i] - b * x[i];
+}
+
+void dl_rmsnorm_backward(float *dx, const float *dout, const float *x, const float *w,
+                         int64_t n, int64_t d, float eps, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t t = 0; t < n; t++)
+        dl_rmsnorm_backward_row(dx + t * d, dout + t * d, 1.0f, x + t * d, w, d, eps);
+}

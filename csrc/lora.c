@@ -1,0 +1,191 @@
+/* LoRA adapters on the linear layers: y += scale * (drop(x) A^T) B^T.
+ *
+ * A rank-r adapter adds 2 r (in + out) multiply-adds per token to a layer of
+ * in * out, so plain loops over rows do: each row's result is then computed
+ * alike whatever the batch (sgemm would take other paths for few rows), and
+ * the parameter gradients are sums over rows in row order, whatever the
+ * thread count. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "deelm.h"
+
+/* columns of dA one thread owns in the backward */
+#define COL_BLOCK 64
+
+int dl_module_fused(int module) {
+    static const int fused[DL_N_MODULES] = {DL_FUSED_QKV,     DL_FUSED_QKV,     DL_FUSED_QKV,
+                                            DL_FUSED_O,       DL_FUSED_GATE_UP, DL_FUSED_GATE_UP,
+                                            DL_FUSED_DOWN};
+    return fused[module];
+}
+
+int64_t dl_module_row0(const dl_config *c, int module) {
+    const int64_t dq = c->n_heads * c->head_dim, dkv = c->n_kv_heads * c->head_dim;
+    switch (module) {
+    case DL_MOD_K: return dq;
+    case DL_MOD_V: return dq + dkv;
+    case DL_MOD_UP: return c->hidden_dim;
+    default: return 0;
+    }
+}
+
+/* splitmix64: a counter-based generator, so element (row, col) of entry e's
+ * mask is recomputed, not stored. */
+static inline uint64_t mix(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* The mask of row `row` of entry e's input starts from this key; element k
+ * is kept when the top 24 bits of mix(key + k), as a fraction, are >= p. */
+static inline uint64_t row_key(dl_dropout dr, int64_t e, int64_t row) {
+    return mix(dr.seed ^ mix((uint64_t)e << 40 ^ (uint64_t)row));
+}
+
+/* 1 / (1 - p) where element k is kept, else 0. */
+static inline float mask_at(dl_dropout dr, uint64_t key, int64_t k) {
+    const uint32_t threshold = (uint32_t)(dr.p * 16777216.0f);
+    const uint32_t u = (uint32_t)(mix(key + (uint64_t)k) >> 40);
+    return u >= threshold ? 1.0f / (1.0f - dr.p) : 0.0f;
+}
+
+/* xd = drop(x) for one row of entry e. */
+static void drop_row(float *xd, const float *x, int64_t in, dl_dropout dr, int64_t e, int64_t row) {
+    const uint64_t key = row_key(dr, e, row);
+    for (int64_t k = 0; k < in; k++) xd[k] = x[k] * mask_at(dr, key, k);
+}
+
+/* The row of LoRA input entry e sees: x itself, or its dropped copy in buf. */
+static const float *input_row(const float *x, int64_t in, dl_dropout dr, int64_t e, int64_t t,
+                              float *buf) {
+    if (dr.p <= 0.0f) return x + t * in;
+    drop_row(buf, x + t * in, in, dr, e, t);
+    return buf;
+}
+
+static float dotf(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Entries of (layer, fused), as a range [*first, *last) of lo->entries
+ * (sorted by layer then module, and a fused layer's modules are adjacent). */
+static void entry_range(const dl_lora *lo, int64_t layer, int fused, int64_t *first,
+                        int64_t *last) {
+    *first = *last = 0;
+    if (!lo) return;
+    int64_t lo_i = -1, hi_i = -1;
+    for (int mod = 0; mod < DL_N_MODULES; mod++) {
+        if (dl_module_fused(mod) != fused) continue;
+        const int32_t e = lo->slot[layer * DL_N_MODULES + mod];
+        if (e < 0) continue;
+        if (lo_i < 0) lo_i = e;
+        hi_i = e + 1;
+    }
+    if (lo_i >= 0) {
+        *first = lo_i;
+        *last = hi_i;
+    }
+}
+
+int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n) {
+    int64_t first, last, size = 0;
+    entry_range(lo, layer, fused, &first, &last);
+    for (int64_t e = first; e < last; e++) size += n * lo->entries[e].rank;
+    return size;
+}
+
+void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int fused, float *y,
+                     int64_t ldy, const float *x, int64_t n, float *t_save, dl_dropout drop,
+                     float *scratch, int n_threads) {
+    int64_t first, last;
+    entry_range(lo, layer, fused, &first, &last);
+    for (int64_t e = first; e < last; e++) {
+        const dl_lora_entry *en = &lo->entries[e];
+        const int64_t r = en->rank, in = en->in, out = en->out;
+        const float *A = lo->params + en->off_a, *B = lo->params + en->off_b;
+        float *yc = y + dl_module_row0(c, (int)en->module);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t t = 0; t < n; t++) {
+            const float *xr = input_row(x, in, drop, e, t, scratch + t * in);
+            float tt[DL_LORA_MAX_RANK], *tp = t_save ? t_save + t * r : tt;
+            for (int64_t j = 0; j < r; j++) tp[j] = dotf(A + j * in, xr, in);
+            float *yr = yc + t * ldy;
+            for (int64_t o = 0; o < out; o++) yr[o] += en->scale * dotf(B + o * r, tp, r);
+        }
+        if (t_save) t_save += n * r;
+    }
+}
+
+void dl_lora_backward(const dl_lora *lo, const dl_config *c, int64_t layer, int fused,
+                      float *grad, float *dx, const float *dy, int64_t ldy, const float *x,
+                      int64_t n, const float *t_save, dl_dropout drop, float *scratch,
+                      int n_threads) {
+    int64_t first, last;
+    entry_range(lo, layer, fused, &first, &last);
+    for (int64_t e = first; e < last; e++) {
+        const dl_lora_entry *en = &lo->entries[e];
+        const int64_t r = en->rank, in = en->in, out = en->out;
+        const float *A = lo->params + en->off_a, *B = lo->params + en->off_b;
+        float *dA = grad + en->off_a, *dB = grad + en->off_b;
+        const float *dyc = dy + dl_module_row0(c, (int)en->module);
+        float *dt = scratch; /* [n, r] */
+        /* dB[o, j] += scale sum_t dy[t, o] t[t, j] */
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t o = 0; o < out; o++) {
+            float acc[DL_LORA_MAX_RANK] = {0.0f};
+            for (int64_t t = 0; t < n; t++) {
+                const float g = dyc[t * ldy + o];
+                for (int64_t j = 0; j < r; j++) acc[j] += g * t_save[t * r + j];
+            }
+            for (int64_t j = 0; j < r; j++) dB[o * r + j] += en->scale * acc[j];
+        }
+        /* dt[t, j] = scale sum_o dy[t, o] B[o, j] */
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t t = 0; t < n; t++) {
+            float acc[DL_LORA_MAX_RANK] = {0.0f};
+            for (int64_t o = 0; o < out; o++) {
+                const float g = dyc[t * ldy + o];
+                for (int64_t j = 0; j < r; j++) acc[j] += g * B[o * r + j];
+            }
+            for (int64_t j = 0; j < r; j++) dt[t * r + j] = en->scale * acc[j];
+        }
+        /* dA[j, k] += sum_t dt[t, j] drop(x)[t, k]; dx[t, k] += mask(t, k) sum_j dt[t, j] A[j, k].
+         * Column blocks per thread: each dA element sums its rows in order. */
+        const int64_t kb = COL_BLOCK, n_kb = (in + kb - 1) / kb;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t b = 0; b < n_kb; b++) {
+            const int64_t k0 = b * kb, k1 = k0 + kb < in ? k0 + kb : in;
+            float xd[COL_BLOCK], mask[COL_BLOCK];
+            for (int64_t t = 0; t < n; t++) {
+                const float *xr = x + t * in;
+                for (int64_t k = k0; k < k1; k++) xd[k - k0] = xr[k];
+                /* the mask of this row's columns, as the forward drew it */
+                const uint64_t key = drop.p > 0.0f ? row_key(drop, e, t) : 0;
+                for (int64_t k = k0; k < k1; k++) {
+                    mask[k - k0] = drop.p > 0.0f ? mask_at(drop, key, k) : 1.0f;
+                    xd[k - k0] *= mask[k - k0];
+                }
+                for (int64_t k = k0; k < k1; k++) {
+                    float s = 0.0f;
+                    for (int64_t j = 0; j < r; j++) s += dt[t * r + j] * A[j * in + k];
+                    dx[t * in + k] += mask[k - k0] * s;
+                }
+                for (int64_t j = 0; j < r; j++) {
+                    const float g = dt[t * r + j];
+                    float *dAj = dA + j * in;
+                    for (int64_t k = k0; k < k1; k++) dAj[k] += g * xd[k - k0];
+                }
+            }
+        }
+        t_save += n * r;
+    }
+}

@@ -48,3 +48,7 @@ class LoraConfigError(DeeLMError, ValueError):
 class AdapterError(ModelFileError):
     """A LoRA adapter directory or file is missing, corrupt, unsupported or does
     not fit the model. ``path`` names the file (or directory) at fault."""
+
+
+class CheckpointError(ModelFileError):
+    """A training checkpoint is incomplete, corrupt or belongs to another model."""

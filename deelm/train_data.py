@@ -53,7 +53,8 @@ def iter_jsonl(path):
     with fh:
         for lineno, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                # A byte-order mark some editors put first is not part of the JSON.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise TrainingDataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})",
                                         lineno) from None
@@ -346,23 +347,24 @@ def _plan_unique(ids, order, batch_size):
             self_dup |= ids[:, a] == ids[:, b]
     dropped = order[self_dup[order]]
     stream = order[~self_dup[order]].tolist()
-    rows = ids.tolist()
     plan, deferred, n_deferred, pos = [], deque(), 0, 0
     while pos < len(stream) or deferred:
         batch, seen, waiting = [], set(), deque()
         for i in deferred:
-            if len(batch) < batch_size and seen.isdisjoint(rows[i]):
+            row = ids[i].tolist()
+            if len(batch) < batch_size and seen.isdisjoint(row):
                 batch.append(i)
-                seen.update(rows[i])
+                seen.update(row)
             else:
                 waiting.append(i)
         deferred = waiting
         while len(batch) < batch_size and pos < len(stream):
             i = stream[pos]
             pos += 1
-            if seen.isdisjoint(rows[i]):
+            row = ids[i].tolist()
+            if seen.isdisjoint(row):
                 batch.append(i)
-                seen.update(rows[i])
+                seen.update(row)
             else:
                 deferred.append(i)
                 n_deferred += 1

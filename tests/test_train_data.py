@@ -30,6 +30,9 @@ def test_triplets_read_with_line_numbers_and_blank_lines_skipped(tmp_path):
     assert d.text == ["premise 0", "premise 1", "premise 2"]
     assert d.negative == ["contra 0", "contra 1", "contra 2"]
     assert d.lines.tolist() == [1, 4, 5]
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(TRIPLETS[0]).encode() + b"\r\n")
+    assert load_triplets(p).text == ["premise 0"]
 
 
 def test_triplets_without_negatives(tmp_path):

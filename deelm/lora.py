@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AdapterError, LoraConfigError
+from .gguf_file import ROPE_INTERLEAVED
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULE_IDS = {name: i for i, name in enumerate(MODULES)}
@@ -52,7 +53,6 @@ _SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn"
              "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 TABLE_COLUMNS = ("layer", "module_id", "rank", "in_dim", "out_dim", "off_A", "off_B")
 MODEL_KEYS = ("n_layers", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "rope_style")
-ROPE_INTERLEAVED = 0  # as deelm.gguf_file.ROPE_INTERLEAVED
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

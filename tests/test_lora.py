@@ -199,6 +199,7 @@ def expected_b(layout, params, i):
 
 @pytest.mark.parametrize("causal_lm, config", [
     (False, LoraConfig(r=4, alpha=8)),
+    (False, LoraConfig(r=3, alpha=6, layers=(1,), target_modules=("o_proj", "gate_proj"))),
     (True, LoraConfig(r=2, alpha=5, layers=(0, 2), target_modules=("q_proj", "k_proj", "up_proj"),
                       use_rslora=True)),
 ])

@@ -24,3 +24,31 @@ class UnsupportedModelError(ModelFileError):
 
 class ModelNotFoundError(DeeLMError, FileNotFoundError):
     """No model was given and the default model package is not installed."""
+
+
+class TrainingDataError(DeeLMError, ValueError):
+    """A training data file is missing, empty or has a malformed row.
+
+    ``path`` is the file, ``line`` the 1-based line number of the bad row (None
+    when the problem is the file as a whole) and ``reason`` what is wrong.
+    """
+
+    def __init__(self, path, reason, line=None):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = self.path if line is None else f"{self.path}, line {line}"
+        super().__init__(f"{where}: {reason}")
+
+
+class LoraConfigError(DeeLMError, ValueError):
+    """A LoRA configuration is invalid or does not fit the model it is meant for."""
+
+
+class AdapterError(ModelFileError):
+    """A LoRA adapter directory or file is missing, corrupt, unsupported or does
+    not fit the model. ``path`` names the file (or directory) at fault."""
+
+
+class CheckpointError(ModelFileError):
+    """A training checkpoint is incomplete, corrupt or belongs to another model."""

@@ -728,8 +728,8 @@ static PyObject *Model_residual(ModelObject *self, PyObject *args, PyObject *kwd
     if (check_ready(self) < 0) return NULL;
     const dl_config *c = &self->model->cfg;
     if (check_k(c, k) < 0 || check_threads(threads) < 0) return NULL;
-    if (layer < 1 || layer >= c->n_layers) {
-        PyErr_Format(PyExc_ValueError, "layer must be in [1, %lld), got %lld",
+    if (layer < 0 || layer >= c->n_layers) {
+        PyErr_Format(PyExc_ValueError, "layer must be in [0, %lld), got %lld",
                      (long long)c->n_layers, layer);
         return NULL;
     }
@@ -992,8 +992,8 @@ static PyObject *op_rmsnorm(PyObject *mod, PyObject *args) {
     return out;
 }
 
-static PyObject *op_rope(PyObject *mod, PyObject *args) {
-    (void)mod;
+/* rope(...) and rope_backward(...): the backward rotates by minus the angle. */
+static PyObject *rope_op(PyObject *args, int inverse) {
     PyObject *xo, *po, *fo;
     int style;
     if (!PyArg_ParseTuple(args, "OOOi", &xo, &po, &fo, &style)) return NULL;
@@ -1025,7 +1025,8 @@ static PyObject *op_rope(PyObject *mod, PyObject *args) {
         goto done;
     }
     dl_rope_table(cs, (int64_t)maxp + 1, hd / 2, PyArray_DATA(fr));
-    dl_rope_forward(PyArray_DATA(x), n, heads * hd, heads, hd, PyArray_DATA(pos), cs, style);
+    (inverse ? dl_rope_backward : dl_rope_forward)(PyArray_DATA(x), n, heads * hd, heads, hd,
+                                                   PyArray_DATA(pos), cs, style);
     ret = (PyObject *)x;
     Py_INCREF(ret);
 done:
@@ -1034,6 +1035,16 @@ done:
     Py_XDECREF(pos);
     Py_XDECREF(fr);
     return ret;
+}
+
+static PyObject *op_rope(PyObject *mod, PyObject *args) {
+    (void)mod;
+    return rope_op(args, 0);
+}
+
+static PyObject *op_rope_backward(PyObject *mod, PyObject *args) {
+    (void)mod;
+    return rope_op(args, 1);
 }
 
 static PyObject *op_attention(PyObject *mod, PyObject *args) {
@@ -1310,6 +1321,98 @@ static PyObject *op_type_info(PyObject *mod, PyObject *args) {
                          (long long)dl_type_block_bytes(type));
 }
 
+/* ---- backward ops, for tests ---------------------------------------------- */
+
+/* A C-contiguous float32 array with the same shape as `like`, or NULL with
+ * an exception set. */
+static PyArrayObject *f32_like(PyObject *o, PyArrayObject *like, const char *name) {
+    PyArrayObject *a = as_f32(o, PyArray_NDIM(like));
+    if (a && !PyArray_SAMESHAPE(a, like)) {
+        PyErr_Format(PyExc_ValueError, "%s must have the shape of the forward input", name);
+        Py_CLEAR(a);
+    }
+    return a;
+}
+
+static PyObject *op_rmsnorm_backward(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo, *wo, *go;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOfO", &xo, &wo, &eps, &go)) return NULL;
+    PyArrayObject *x = as_f32(xo, 2), *w = x ? as_f32(wo, 1) : NULL;
+    PyArrayObject *g = w ? f32_like(go, x, "dout") : NULL;
+    PyObject *dx = NULL;
+    if (g && PyArray_DIM(w, 0) != PyArray_DIM(x, 1))
+        PyErr_SetString(PyExc_ValueError, "w must have x.shape[1] entries");
+    else if (g && (dx = PyArray_ZEROS(2, PyArray_DIMS(x), NPY_FLOAT32, 0)))
+        dl_rmsnorm_backward(PyArray_DATA((PyArrayObject *)dx), PyArray_DATA(g), PyArray_DATA(x),
+                            PyArray_DATA(w), PyArray_DIM(x, 0), PyArray_DIM(x, 1), eps, 1);
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    Py_XDECREF(g);
+    return dx;
+}
+
+static PyObject *op_swiglu_backward(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *go, *do_;
+    if (!PyArg_ParseTuple(args, "OO", &go, &do_)) return NULL;
+    PyArrayObject *gu = as_f32(go, 2), *dout = gu ? as_f32(do_, 2) : NULL;
+    PyObject *dgu = NULL;
+    if (dout && (PyArray_DIM(gu, 1) % 2 || PyArray_DIM(dout, 0) != PyArray_DIM(gu, 0) ||
+                 2 * PyArray_DIM(dout, 1) != PyArray_DIM(gu, 1)))
+        PyErr_SetString(PyExc_ValueError, "swiglu_backward: gu [n, 2f] and dout [n, f]");
+    else if (dout && (dgu = new_f32(2, PyArray_DIMS(gu))))
+        dl_swiglu_backward(PyArray_DATA((PyArrayObject *)dgu), PyArray_DATA(dout),
+                           PyArray_DATA(gu), PyArray_DIM(gu, 0), PyArray_DIM(dout, 1), 1);
+    Py_XDECREF(gu);
+    Py_XDECREF(dout);
+    return dgu;
+}
+
+static PyObject *op_attention_backward(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *qo, *oo, *go;
+    long long nh, nkv, hd;
+    int causal, threads;
+    if (!PyArg_ParseTuple(args, "OOOLLLpi", &qo, &oo, &go, &nh, &nkv, &hd, &causal, &threads))
+        return NULL;
+    PyArrayObject *qkv = as_f32(qo, 2);
+    PyArrayObject *off = qkv ? (PyArrayObject *)PyArray_FROMANY(oo, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY) : NULL;
+    PyArrayObject *g = off ? as_f32(go, 2) : NULL;
+    PyObject *dqkv = NULL;
+    if (!g) goto done;
+    const int64_t N = PyArray_DIM(qkv, 0), n_seq = PyArray_DIM(off, 0) - 1;
+    const int64_t *o = PyArray_DATA(off);
+    if (nh < 1 || nkv < 1 || hd < 1 || nh % nkv || PyArray_DIM(qkv, 1) != (nh + 2 * nkv) * hd ||
+        PyArray_DIM(g, 0) != N || PyArray_DIM(g, 1) != nh * hd || n_seq < 0 || threads < 1 ||
+        o[0] != 0 || o[n_seq] != N) {
+        PyErr_SetString(PyExc_ValueError, "attention_backward: inconsistent shapes");
+        goto done;
+    }
+    for (int64_t s = 0; s < n_seq; s++)
+        if (o[s + 1] < o[s]) {
+            PyErr_SetString(PyExc_ValueError, "attention_backward: offsets decrease");
+            goto done;
+        }
+    if (!(dqkv = new_f32(2, PyArray_DIMS(qkv)))) goto done;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = dl_attention_backward(PyArray_DATA((PyArrayObject *)dqkv), PyArray_DATA(g),
+                                PyArray_DATA(qkv), (nh + 2 * nkv) * hd, o, n_seq, nh, nkv, hd,
+                                causal, threads);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        Py_CLEAR(dqkv);
+        PyErr_NoMemory();
+    }
+done:
+    Py_XDECREF(qkv);
+    Py_XDECREF(off);
+    Py_XDECREF(g);
+    return dqkv;
+}
+
 static PyMethodDef module_methods[] = {
     {"rmsnorm", op_rmsnorm, METH_VARARGS, "rmsnorm(x[n, d], w[d], eps) -> [n, d]"},
     {"rope", op_rope, METH_VARARGS,
@@ -1318,6 +1421,14 @@ static PyMethodDef module_methods[] = {
     {"attention", op_attention, METH_VARARGS,
      "attention(qkv[N, (nh+2nkv) hd], seq_offsets int64[n+1], nh, nkv, hd, causal, threads) -> [N, nh hd]"},
     {"swiglu", op_swiglu, METH_VARARGS, "swiglu(gu[n, 2f]) -> silu(g) * u, [n, f]"},
+    {"rmsnorm_backward", op_rmsnorm_backward, METH_VARARGS,
+     "rmsnorm_backward(x[n, d], w[d], eps, dout[n, d]) -> dx"},
+    {"rope_backward", op_rope_backward, METH_VARARGS,
+     "rope_backward(dx[n, heads, hd], pos, inv_freq, style) -> the gradient before the rotation"},
+    {"attention_backward", op_attention_backward, METH_VARARGS,
+     "attention_backward(qkv, seq_offsets, dout[N, nh hd], nh, nkv, hd, causal, threads) -> dqkv"},
+    {"swiglu_backward", op_swiglu_backward, METH_VARARGS,
+     "swiglu_backward(gu[n, 2f], dout[n, f]) -> dgu[n, 2f]"},
     {"linear", op_linear, METH_VARARGS, "linear(x[n, in], w[out, in], threads=1) -> x w^T"},
     {"dequantize", op_dequantize, METH_VARARGS, "dequantize(type, bytes, n) -> float32[n]"},
     {"qlinear", op_qlinear, METH_VARARGS,

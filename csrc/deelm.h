@@ -360,8 +360,8 @@ typedef struct {
     float *hidden;        /* [L + 1, N, d] raw residual stream, same indexing */
     float *token_out;     /* [N, d] final-norm token states */
     double *op_seconds;   /* [DL_N_OPS] wall time per kind of op, added to; or NULL */
-    int64_t stop_at;      /* > 0: run layers [0, stop_at) only ... */
-    float *residual_out;  /* ... and write the residual stream there [N, d], or NULL */
+    float *residual_out;  /* when set: run layers [0, stop_at) only, write the residual */
+    int64_t stop_at;      /* stream there [N, d] (pooled may then be NULL) */
 } dl_forward_args;
 
 /* The kinds of op the forward pass times (op_seconds indices). */

@@ -179,7 +179,7 @@ int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_ac
 int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
     const dl_config *c = &m->cfg;
     const int64_t N = a->seq_off[a->n_seq], d = c->dim;
-    const int64_t stop = a->stop_at > 0 && a->stop_at < c->n_layers ? a->stop_at : c->n_layers;
+    const int64_t stop = a->residual_out && a->stop_at < c->n_layers ? a->stop_at : c->n_layers;
     dl_batch b;
     int err = dl_batch_init(&b, m, a->seq_off, a->n_seq, a->n_threads);
     if (err) return err;

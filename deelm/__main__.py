@@ -1,4 +1,4 @@
-"""Command line: python -m deelm {demo,encode,eval,info,turning-point,probe} ..."""
+"""Command line: python -m deelm {demo,encode,eval,train,info,turning-point,probe} ..."""
 import argparse
 import sys
 import time
@@ -32,11 +32,14 @@ def _add_model_args(p, bidirectional=True):
                        help="first bidirectional layer; -1 causal, 0 fully bidirectional, 'auto' "
                             "the turning point measured on STS Benchmark dev (see the "
                             "turning-point command) (default: the last layer)")
-    p.add_argument("--pooling", default="mean", choices=["mean", "last", "text_mean"])
+    p.add_argument("--pooling", default=None, choices=["mean", "last", "text_mean"],
+                   help="default: mean, or what --adapter was trained with")
     p.add_argument("--prompt", default=None, help='template with one {text}, e.g. the paper\'s '
                    '\'The representative word for sentence {text} is:"\'')
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-seq-length", type=int, default=None)
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter folder (PEFT format, e.g. from `deelm train`)")
     p.add_argument("--precision", default=None, choices=["int8", "float32"],
                    help="linear layers in int8 (default for Q4_0/Q4_1/Q8_0 files) or float32")
 
@@ -48,7 +51,7 @@ def _load(args):
     model = DeeLM.from_pretrained(args.model, bidirectional_from=-1 if k == "auto" else k,
                                   pooling=args.pooling, prompt=args.prompt,
                                   max_seq_length=args.max_seq_length, threads=args.threads,
-                                  precision=args.precision)
+                                  precision=args.precision, adapter=args.adapter)
     if k == "auto":
         from .analysis import auto_bidirectional_from
 
@@ -233,6 +236,32 @@ def cmd_probe(args):
     return 0
 
 
+def cmd_train(args):
+    from .lora import MODULES, LoraConfig
+    from .train import TrainingArguments, train
+
+    model = _load(args)
+    weights = {"contrastive": args.contrastive_weight, "cosent": args.cosent_weight,
+               "angle": args.angle_weight}
+    targets = tuple(args.lora_modules) if args.lora_modules else MODULES
+    targs = TrainingArguments(
+        bidirectional_from=model.bidirectional_from, train_from=args.train_from,
+        lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        target_modules=targets),
+        loss_weights=weights, loss_scale=args.loss_scale, learning_rate=args.lr,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
+        epochs=args.epochs, max_steps=args.max_steps, max_grad_norm=args.max_grad_norm,
+        seed=args.seed, save_steps=args.save_steps, threads=args.threads)
+    print(f"training {model!r}\n  data {args.data}, output {args.output}", file=sys.stderr)
+    result = train(model, args.data, args.output, targs, resume=not args.no_resume)
+    print(f"\n{result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} "
+          f"tokens/s); final loss {result.history[-1]['loss']:.4f}" if result.history else
+          "\nnothing to do: the run had already finished")
+    print(f"adapter: {result.adapter}\n  use it: python -m deelm eval --adapter {result.adapter}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m deelm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +291,38 @@ def main(argv=None):
     p.add_argument("--output", default=None, help="folder for per-task JSON and summary.md")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("train", help="DeeLM: contrastive LoRA fine-tuning of the layers above "
+                       "the turning point (writes a PEFT-format adapter)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="JSONL of triplets (text, positive, negative) "
+                   "or scored pairs (sentence1, sentence2, score)")
+    p.add_argument("--output", required=True, help="folder for checkpoints and adapter/")
+    p.add_argument("--train-from", type=int, default=None,
+                   help="first trained layer; lower ones are frozen and cached (default: "
+                        "--bidirectional-from, 0 when causal)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-modules", nargs="+", default=None,
+                   help="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (default: all)")
+    p.add_argument("--contrastive-weight", type=float, default=1.0,
+                   help="in-batch negatives + hard negative loss (InfoNCE)")
+    p.add_argument("--cosent-weight", type=float, default=0.0)
+    p.add_argument("--angle-weight", type=float, default=0.0)
+    p.add_argument("--loss-scale", type=float, default=20.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per in-batch loss")
+    p.add_argument("--gradient-accumulation", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if --output holds checkpoints")
+    p.set_defaults(func=cmd_train)
     from .evaluation import TASKS
 
     p = sub.add_parser("turning-point", help="STS of every layer output of the causal model, the "

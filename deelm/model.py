@@ -76,11 +76,14 @@ class DeeLM:
                                if max_seq_length is None else max_seq_length)
         self.threads = threads
         self._op_seconds = None  # accumulates per-op wall time inside profile()
+        self._adapter = None
+        self._adapter_path = None
 
     # ---- construction --------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model=None, *, bidirectional_from=None, pooling="mean", prompt=None,
-                        max_seq_length=None, threads=None, precision=None, isa="auto"):
+    def from_pretrained(cls, model=None, *, bidirectional_from=None, pooling=None, prompt=None,
+                        max_seq_length=None, threads=None, precision=None, isa="auto",
+                        adapter=None):
         """Loads a GGUF model.
 
         model: a .gguf path (or a folder holding one); None means $DEELM_MODEL
@@ -93,7 +96,8 @@ class DeeLM:
             Benchmark dev (deelm.analysis; needs the data, cached per model
             file, minutes the first time).
         pooling: "mean" over all tokens, "last" token, or "text_mean" (mean
-            over the sentence's own tokens, leaving out the prompt template).
+            over the sentence's own tokens, leaving out the prompt template);
+            None: "mean" (or the adapter's).
         prompt: a template with one "{text}", such as PAPER_PROMPT, or a
             prefix string (sentence-transformers style); None for raw text.
         max_seq_length: longer inputs are truncated to this many tokens
@@ -111,6 +115,11 @@ class DeeLM:
         isa: the int8 GEMM's instruction path: "auto" (the fastest this CPU
             runs), "avx512vnni", "avx2" or "scalar". All give bitwise equal
             results; the choice only changes speed.
+        adapter: a LoRA adapter folder in PEFT's format (adapter_config.json
+            and adapter_model.safetensors, as `python -m deelm train` writes
+            or PEFT saves), applied unmerged; None for the bare model. The
+            bidirectional_from, pooling and prompt it was trained with
+            (deelm_config.json) apply unless given here.
         """
         path = resolve_model_path(model)
         gm = read_gguf(path)
@@ -129,14 +138,58 @@ class DeeLM:
             raise ModelFileError(path, str(e)) from None
         gm.release_resident_pages()  # the weights now live in the core's own buffers
         tok = Tokenizer.from_gguf_vocab(gm.vocab, path, gm.config["vocab_size"])
+        if adapter is not None:
+            # what the adapter was trained with, unless the caller says otherwise
+            from .train import read_deelm_config
+
+            trained = read_deelm_config(adapter)
+            bidirectional_from = (trained.get("bidirectional_from") if bidirectional_from is None
+                                  else bidirectional_from)
+            pooling = trained.get("pooling") if pooling is None else pooling
+            prompt = trained.get("prompt") if prompt is None else prompt
         auto = isinstance(bidirectional_from, str) and bidirectional_from == "auto"
         model = cls(gm, core, tok, bidirectional_from=-1 if auto else bidirectional_from,
-                    pooling=pooling, prompt=prompt, max_seq_length=max_seq_length, threads=threads)
+                    pooling=pooling or "mean", prompt=prompt, max_seq_length=max_seq_length,
+                    threads=threads)
+        if adapter is not None:
+            model.load_adapter(adapter)
         if auto:
             from .analysis import auto_bidirectional_from
 
             model.bidirectional_from = auto_bidirectional_from(model)
         return model
+
+    # ---- LoRA adapters ---------------------------------------------------------
+    def load_adapter(self, directory):
+        """Applies a PEFT-format LoRA adapter (replacing any other)."""
+        from .lora import load_adapter
+
+        _, layout, params = load_adapter(directory, self._core.config)
+        self.set_adapter(layout, params)
+        self._adapter_path = directory
+
+    def set_adapter(self, layout, params):
+        """Applies LoRA matrices held in `params` (float32 [layout.size]),
+        laid out by a deelm.lora.LoraLayout. The array is used in place:
+        changing it changes the model (training relies on this)."""
+        if not (isinstance(params, np.ndarray) and params.dtype == np.float32 and params.ndim == 1
+                and params.flags.c_contiguous and params.flags.writeable):
+            raise TypeError("params must be a writable contiguous 1-D float32 NumPy array")
+        if params.size != layout.size:
+            raise ValueError(f"params has {params.size} values, the layout needs {layout.size}")
+        self._core.set_lora(layout.table, layout.scales, params)
+        self._adapter = (layout, params)
+        self._adapter_path = None
+
+    def remove_adapter(self):
+        self._core.clear_lora()
+        self._adapter = None
+        self._adapter_path = None
+
+    @property
+    def adapter(self):
+        """(LoraLayout, params) of the applied adapter, or None."""
+        return self._adapter
 
     # ---- settings, validated on assignment -----------------------------
     @property
@@ -218,7 +271,8 @@ class DeeLM:
     def __repr__(self):
         return (f"DeeLM({self._file.name!r}, layers={self.num_layers}, dim={self._dim}, "
                 f"precision={self.precision!r}, bidirectional_from={self._k}, pooling={self._pooling!r}, "
-                f"max_seq_length={self._max_len})")
+                f"max_seq_length={self._max_len}"
+                + (f", adapter={self._adapter[0]!r}" if self._adapter else "") + ")")
 
     # ---- tokenisation ------------------------------------------------------
     def tokenize(self, sentences, prompt=None):
@@ -255,12 +309,8 @@ class DeeLM:
         all tokens). Returns (pooled [n, d], layer_pooled [L+1, n, d] or None,
         hidden [L+1, N, d] or None, token_states [N, d] or None, offsets [n+1]).
         """
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        # one conversion per sentence, not per token
-        tokens = (np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]) if ids
-                  else np.zeros(0, dtype=np.int32))
+        tokens, offsets = pack_ids(ids)
+        lengths = np.diff(offsets)
         if pool is None:
             pool = np.stack([np.zeros_like(lengths), lengths], axis=1)
         pool = np.asarray(pool, dtype=np.int64).reshape(len(ids), 2)
@@ -394,6 +444,18 @@ class DeeLM:
         if a.shape != b.shape:
             raise ValueError(f"pairwise similarity needs equal shapes, got {a.shape} and {b.shape}")
         return np.sum(_l2_normalize(a) * _l2_normalize(b), axis=1)
+
+
+def pack_ids(ids):
+    """Token id lists as the C core takes a batch: all ids end to end (int32
+    [N]) and each sentence's start (int64 [n + 1])."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    # one conversion per sentence, not per token
+    tokens = (np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]) if ids
+              else np.zeros(0, dtype=np.int32))
+    return tokens, offsets
 
 
 def _as_2d(x):

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models built at run time, the default model, the shared data."""
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -101,6 +102,48 @@ def hf_default(default_path):
     return model, tok
 
 
+def padded_batch(ids):
+    """Right-padded torch input ids [b, T] and the mask of real tokens."""
+    import torch
+
+    T = max(len(x) for x in ids)
+    input_ids = torch.zeros((len(ids), T), dtype=torch.long)
+    keep = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        keep[i, :len(x)] = 1
+    return input_ids, keep
+
+
+@contextlib.contextmanager
+def bidirectional_layers(layers, keep, bidirectional_from):
+    """While active, transformers decoder layers with index >= bidirectional_from
+    (>= 0) get a padding-only attention mask instead of the causal one, which is
+    how DeeLM changes a layer. keep: [batch, T] 1 for real tokens (eager attention)."""
+    import torch
+
+    visible = keep.bool()[:, None, None, :]  # [b, 1, 1, T]: key is a real token
+
+    def padding_only(module, args, kwargs):
+        am = kwargs.get("attention_mask")
+        assert am is not None, "expected an explicit attention mask in eager mode"
+        if am.dtype == torch.bool:
+            new = visible.expand(am.shape)
+        else:
+            new = torch.zeros(am.shape, dtype=am.dtype).masked_fill(
+                ~visible.expand(am.shape), torch.finfo(am.dtype).min)
+        kwargs["attention_mask"] = new
+        return args, kwargs
+
+    hooks = [layer.register_forward_pre_hook(padding_only, with_kwargs=True)
+             for i, layer in enumerate(layers) if 0 <= bidirectional_from <= i]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def hf_hidden_states(model, ids, bidirectional_from=-1):
     """transformers reference for a batch of token id lists (right-padded in one
     call): per sentence, the list of hidden states after the embedding and every
@@ -111,36 +154,9 @@ def hf_hidden_states(model, ids, bidirectional_from=-1):
 
     single = bool(ids) and isinstance(ids[0], (int, np.integer))
     batch = [list(ids)] if single else [list(x) for x in ids]
-    T = max(len(x) for x in batch)
-    input_ids = torch.zeros((len(batch), T), dtype=torch.long)
-    keep = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, x in enumerate(batch):
-        input_ids[i, :len(x)] = torch.tensor(x)
-        keep[i, :len(x)] = 1
-    hooks = []
-    if bidirectional_from >= 0:
-        visible = keep.bool()[:, None, None, :]  # [b, 1, 1, T]: key is a real token
-
-        def padding_only(module, args, kwargs):
-            am = kwargs.get("attention_mask")
-            assert am is not None, "expected an explicit attention mask in eager mode"
-            if am.dtype == torch.bool:
-                new = visible.expand(am.shape)
-            else:
-                new = torch.zeros(am.shape, dtype=am.dtype).masked_fill(
-                    ~visible.expand(am.shape), torch.finfo(am.dtype).min)
-            kwargs["attention_mask"] = new
-            return args, kwargs
-
-        for i, layer in enumerate(model.layers):
-            if i >= bidirectional_from:
-                hooks.append(layer.register_forward_pre_hook(padding_only, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            out = model(input_ids, attention_mask=keep, output_hidden_states=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    input_ids, keep = padded_batch(batch)
+    with bidirectional_layers(model.layers, keep, bidirectional_from), torch.no_grad():
+        out = model(input_ids, attention_mask=keep, output_hidden_states=True)
     states = [h.double().numpy() for h in out.hidden_states]
     per_sentence = [[st[i, :len(x)] for st in states] for i, x in enumerate(batch)]
     return per_sentence[0] if single else per_sentence
@@ -151,4 +167,5 @@ def cosine(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-__all__ = ["TINY", "DATA_DIR", "data_file", "read_jsonl", "sts_sentences", "hf_hidden_states", "cosine"]
+__all__ = ["TINY", "DATA_DIR", "data_file", "read_jsonl", "sts_sentences", "hf_hidden_states",
+           "bidirectional_layers", "padded_batch", "cosine"]

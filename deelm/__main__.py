@@ -38,8 +38,10 @@ def _add_model_args(p, bidirectional=True):
                    '\'The representative word for sentence {text} is:"\'')
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-seq-length", type=int, default=None)
-    p.add_argument("--adapter", default=None,
-                   help="LoRA adapter folder (PEFT format, e.g. from `deelm train`)")
+    p.add_argument("--adapter", default="auto" if bidirectional else "none",
+                   help="LoRA adapter folder (PEFT format, e.g. from `deelm train`); 'none' for "
+                        "the bare model; 'auto' (the default, except for the analyses of the "
+                        "pretrained model): deelm's bundled DeeLM adapter with the default model")
     p.add_argument("--precision", default=None, choices=["int8", "float32"],
                    help="linear layers in int8 (default for Q4_0/Q4_1/Q8_0 files) or float32")
 
@@ -51,7 +53,8 @@ def _load(args):
     model = DeeLM.from_pretrained(args.model, bidirectional_from=-1 if k == "auto" else k,
                                   pooling=args.pooling, prompt=args.prompt,
                                   max_seq_length=args.max_seq_length, threads=args.threads,
-                                  precision=args.precision, adapter=args.adapter)
+                                  precision=args.precision,
+                                  adapter=None if args.adapter == "none" else args.adapter)
     if k == "auto":
         from .analysis import auto_bidirectional_from
 
@@ -322,7 +325,7 @@ def main(argv=None):
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if --output holds checkpoints")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, adapter="none")  # training starts from the bare model
     from .evaluation import TASKS
 
     p = sub.add_parser("turning-point", help="STS of every layer output of the causal model, the "

@@ -52,3 +52,23 @@ def resolve_model_path(model=None):
                                        f"found {len(ggufs)}")
         path = ggufs[0]
     return path
+
+
+# The DeeLM adapter trained for the default model (python -m deelm train; see
+# the README), shipped inside the package so the default model embeds as a
+# DeeLM model out of the box.
+BUNDLED_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-deelm"
+
+
+def bundled_adapter_path():
+    """The packaged DeeLM adapter folder of the default model, or None if this
+    installation has none."""
+    return BUNDLED_ADAPTER if (BUNDLED_ADAPTER / "adapter_config.json").is_file() else None
+
+
+def default_adapter(model):
+    """adapter="auto": the bundled DeeLM adapter when `model` is None and
+    $DEELM_MODEL is unset (the default model is used), else none."""
+    if model is None and not os.environ.get(MODEL_ENV):
+        return bundled_adapter_path()
+    return None

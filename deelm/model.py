@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from . import _core
-from .default_model import resolve_model_path
+from .default_model import default_adapter, resolve_model_path
 from .errors import ModelFileError
 from .gguf_file import read_gguf
 from .tokenizer import Tokenizer
@@ -83,7 +83,7 @@ class DeeLM:
     @classmethod
     def from_pretrained(cls, model=None, *, bidirectional_from=None, pooling=None, prompt=None,
                         max_seq_length=None, threads=None, precision=None, isa="auto",
-                        adapter=None):
+                        adapter="auto"):
         """Loads a GGUF model.
 
         model: a .gguf path (or a folder holding one); None means $DEELM_MODEL
@@ -119,9 +119,13 @@ class DeeLM:
             and adapter_model.safetensors, as `python -m deelm train` writes
             or PEFT saves), applied unmerged; None for the bare model. The
             bidirectional_from, pooling and prompt it was trained with
-            (deelm_config.json) apply unless given here.
+            (deelm_config.json) apply unless given here. "auto": the DeeLM
+            adapter shipped with deelm when the default model is loaded
+            (model=None, $DEELM_MODEL unset), none otherwise.
         """
         path = resolve_model_path(model)
+        if isinstance(adapter, str) and adapter == "auto":
+            adapter = default_adapter(model)
         gm = read_gguf(path)
         if precision is None:
             precision = default_precision(gm.tensors)

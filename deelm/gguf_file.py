@@ -138,7 +138,7 @@ def _check_layout(path, file_size):
     it, before the gguf reader sees it: the reader trusts them, and a corrupted
     array length can keep it looping for hours. Raises ModelFileError at the
     first one that does not fit."""
-    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     def bad(what):
         return ModelFileError(path, f"corrupted or truncated GGUF ({what})")
@@ -199,6 +199,14 @@ def _check_layout(path, file_size):
             dims = struct.unpack_from(f"<{n_dims}Q", buf, take(8 * n_dims, f"shape of tensor {name!r}"))
             infos.append((name, dims, uint("I", f"type of tensor {name!r}"),
                           uint("Q", f"offset of tensor {name!r}")))
+        # GGML types encode each row in whole blocks (256 values for K-quants);
+        # the gguf reader would refuse such a tensor without naming it
+        for name, dims, type_id, _ in infos:
+            if type_id in GGML_QUANT_SIZES and dims and dims[0] % GGML_QUANT_SIZES[type_id][0]:
+                raise ModelFileError(
+                    path, f"tensor '{name}': row length {dims[0]} is not a multiple of the "
+                          f"{GGMLQuantizationType(type_id).name} block of "
+                          f"{GGML_QUANT_SIZES[type_id][0]} (corrupted tensor table?)")
         # a file cut short (an interrupted download) ends inside some tensor's data
         if alignment and not alignment & (alignment - 1):  # else the gguf reader says what is wrong
             data_start = -(-pos // alignment) * alignment

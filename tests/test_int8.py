@@ -311,6 +311,71 @@ def test_precision_defaults_follow_the_weights(tiny_path, default_path):
     assert f32["precision"] == "float32" and f32["isa"] == "openblas"
 
 
+@pytest.mark.parametrize("weight_type, overrides, expected", [
+    ("Q5_0", None, "int8"), ("Q5_1", None, "int8"), ("Q4_K", None, "int8"), ("Q5_K", None, "int8"),
+    ("Q6_K", None, "int8"), ("Q4_K_M", None, "int8"), ("Q4_K", {"ffn_up": "F16"}, "float32"),
+    ("Q8_0", {"attn_output": "BF16"}, "float32"), ("F16", None, "float32")])
+def test_precision_default_needs_every_linear_weight_quantized(tmp_path, weight_type, overrides,
+                                                               expected):
+    from deelm.gguf_file import read_gguf
+    from deelm.model import default_precision
+
+    path, _ = write_tiny_gguf(tmp_path / "t.gguf", weight_type=weight_type, cfg=tiny_cfg(weight_type),
+                              type_overrides=overrides)
+    assert default_precision(read_gguf(path).tensors) == expected
+
+
+TINY_SENTENCES = ["A cat sat on the mat.", "x", "the heat in the station was rather oppressive",
+                  "Üñíçødé, emoji 🙂 and digits 12345!", "a man is playing a guitar on the street",
+                  "the cat sat at the door and looked at the other cat for a long time"]
+
+
+@pytest.mark.parametrize("weight_type", ["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M"])
+def test_int8_against_float32_tiny_models_of_new_types(tmp_path, weight_type):
+    """Tiny random models stored in the new types (test_tiny_parity.py checks
+    their float32 path against transformers) load as int8 by default and stay
+    within the default model's int8 tolerance, causal and bidirectional."""
+    path, _ = write_tiny_gguf(tmp_path / "t.gguf", weight_type=weight_type, cfg=tiny_cfg(weight_type))
+    q = deelm.DeeLM.from_pretrained(path, threads=1)
+    f = deelm.DeeLM.from_pretrained(path, threads=1, precision="float32")
+    assert q.config["precision"] == "int8"
+    for k in (-1, 0):
+        a = q.forward_ids(q.tokenizer.encode_ids(TINY_SENTENCES), bidirectional_from=k)[0]
+        b = f.forward_ids(f.tokenizer.encode_ids(TINY_SENTENCES), bidirectional_from=k)[0]
+        cos = np.array([cosine(x, y) for x, y in zip(a, b)])
+        print(f"\n[int8 vs float32, tiny {weight_type}, k={k}] pooled cosine: min {cos.min():.5f}, "
+              f"median {np.median(cos):.5f}")
+        assert cos.min() >= COS_BOUNDS[-1][0] and np.median(cos) >= COS_BOUNDS[-1][1]
+
+
+def test_q6_k_rounding_is_a_small_part_of_int8_error(tmp_path):
+    """In a Q4_K_M file (attn_v, ffn_down in Q6_K) the int8 path rounds the
+    Q6_K weights to 8 bits. Split its error: the float32 path on those rounded
+    weights against the float32 path on the exact ones is the Q6_K rounding
+    alone; int8 against float32 is everything int8 does (activations too)."""
+    from deelm.gguf_file import read_gguf
+
+    path, stored = write_tiny_gguf(tmp_path / "m.gguf", weight_type="Q4_K_M", cfg=tiny_cfg("Q4_K_M"))
+    rounded, tensors = dict(stored), read_gguf(path).tensors
+    q6k = [name for name, t in tensors.items() if t[0] == int(T.Q6_K)]
+    assert len(q6k) == 2 * tiny_cfg("Q4_K_M")["n_layers"]
+    for name in q6k:  # attn_v, ffn_down: their rows are not permuted on disk
+        t, ne0, ne1, raw = tensors[name]
+        rounded[name] = _core.qweight(t, raw.tobytes(), ne1, ne0)
+    emb = {}
+    for key, w in (("exact", stored), ("q6k-rounded", rounded)):
+        p, _ = write_tiny_gguf(tmp_path / f"{key}.gguf", weights=w, cfg=tiny_cfg("Q4_K_M"))
+        m = deelm.DeeLM.from_pretrained(p, threads=1, precision="float32")
+        emb[key] = m.forward_ids(m.tokenizer.encode_ids(TINY_SENTENCES))[0]
+    m = deelm.DeeLM.from_pretrained(path, threads=1)
+    emb["int8"] = m.forward_ids(m.tokenizer.encode_ids(TINY_SENTENCES))[0]
+    loss = {key: 1 - min(cosine(x, y) for x, y in zip(emb[key], emb["exact"]))
+            for key in ("q6k-rounded", "int8")}
+    print(f"\n[Q4_K_M tiny] worst 1 - pooled cosine to exact float32: Q6_K rounding alone "
+          f"{loss['q6k-rounded']:.2e}, int8 path {loss['int8']:.2e}")
+    assert loss["q6k-rounded"] < 0.25 * loss["int8"]
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"precision": "int4"}, "precision"), ({"precision": 8}, "precision"),
     ({"isa": "neon"}, "isa"), ({"isa": 2}, "isa"), ({"isa": None}, "isa")])

@@ -16,7 +16,7 @@ TINY = dict(n_layers=3, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, context_
             rope_theta=10000.0, rms_eps=1e-5)
 # K-quants encode rows in super-blocks of 256 values: every row length (dim,
 # hidden_dim) must be a multiple of 256
-TINY_K = dict(TINY, dim=256, hidden_dim=512)
+TINY_K = dict(TINY, dim=256, hidden_dim=256)
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 # Named mixes of types, as llama.cpp's file types have: Q4_K_M keeps attn_v
 # and ffn_down in Q6_K (here in every layer).

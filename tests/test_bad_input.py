@@ -331,6 +331,19 @@ def test_truncated_data_names_the_tensor(tmp_path, tiny_bytes, layout):
     _load_fails(_write(tmp_path, tiny_bytes[:-3]), re.escape(f"tensor '{last}'") + ".*truncated")
 
 
+def test_tensor_table_is_the_gguf_readers(tiny_file, layout, tmp_path, tiny_bytes):
+    """deelm.gguf_file.tensor_table (the header alone, checked like read_gguf)
+    lists what gguf's reader finds, and refuses a file cut inside the data."""
+    from deelm.gguf_file import tensor_table
+
+    assert tensor_table(tiny_file) == [(t.name, tuple(int(x) for x in t.shape), int(t.tensor_type),
+                                        int(t.data_offset)) for t in layout.tensors]
+    with pytest.raises(deelm.ModelFileError, match="truncated"):
+        tensor_table(_write(tmp_path, tiny_bytes[:-3]))
+    with pytest.raises(deelm.ModelFileError, match="not a GGUF file"):
+        tensor_table(_write(tmp_path, b"GGML" + tiny_bytes[4:]))
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "mamba"])
 def test_unknown_architecture(tmp_path, arch):
     path, _ = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch)

@@ -23,7 +23,9 @@
  *         giving q in 0..63.
  *         x = (d * sc[e / 16]) * (q - 32), one scale per 16 values.
  * Every product and difference is evaluated in float32 in the same order as
- * the gguf package's NumPy decoders, which these match bitwise.
+ * the gguf package's NumPy decoders, which these match bitwise (a K-quant's
+ * (d sc) q - (dmin mn) is computed as (d sc) q + -(dmin mn): IEEE defines
+ * subtraction as exactly that).
  */
 #include <math.h>
 #include <string.h>

@@ -101,6 +101,19 @@ typedef struct {
     Py_buffer view;
 } tensor_ref;
 
+/* "F32, F16, ..." : the type names dl_type_supported accepts, for messages. */
+static const char *supported_type_names(void) {
+    static char names[256];
+    if (!names[0]) {
+        size_t len = 0;
+        for (int t = 0; t < 64; t++)
+            if (dl_type_supported(t))
+                len += (size_t)snprintf(names + len, sizeof names - len, "%s%s", len ? ", " : "",
+                                        dl_type_name(t));
+    }
+    return names;
+}
+
 /* Looks up `name`, checks its type, shape (cols x rows) and byte size.
  * Returns 1 and fills *t (caller releases t->view) if found, 0 if absent and
  * optional, -1 with an exception set otherwise. */
@@ -121,7 +134,7 @@ static int get_tensor(PyObject *tensors, const char *name, int64_t cols, int64_t
     }
     if (type < 0 || type > 1000 || !dl_type_supported((int)type)) {
         PyErr_Format(PyExc_ValueError, "tensor '%s' has tensor type %lld, which deelm does not "
-                     "support (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", name, type);
+                     "support (supported: %s)", name, type, supported_type_names());
         return -1;
     }
     if (ne0 != cols || ne1 != rows) {
@@ -132,7 +145,8 @@ static int get_tensor(PyObject *tensors, const char *name, int64_t cols, int64_t
     int64_t rb = dl_row_bytes((int)type, cols);
     if (rb < 0) {
         PyErr_Format(PyExc_ValueError, "tensor '%s': row length %lld is not a multiple of the %s "
-                     "block size", name, (long long)cols, dl_type_name((int)type));
+                     "block of %lld", name, (long long)cols, dl_type_name((int)type),
+                     (long long)dl_type_block_elems((int)type));
         return -1;
     }
     if (PyObject_GetBuffer(buf, &t->view, PyBUF_SIMPLE) < 0) return -1;
@@ -1300,7 +1314,10 @@ static PyObject *op_dequantize(PyObject *mod, PyObject *args) {
     int64_t rb = dl_row_bytes(type, n);
     if (!dl_type_supported(type)) {
         PyErr_Format(PyExc_ValueError, "tensor type %d is not supported", type);
-    } else if (rb < 0 || rb != (int64_t)buf.len) {
+    } else if (rb < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: %lld elements are not a whole number of its blocks of "
+                     "%lld", dl_type_name(type), n, (long long)dl_type_block_elems(type));
+    } else if (rb != (int64_t)buf.len) {
         PyErr_Format(PyExc_ValueError, "%s: %lld elements need %lld bytes, got %lld",
                      dl_type_name(type), n, (long long)rb, (long long)buf.len);
     } else {

@@ -29,7 +29,12 @@ enum {
     DL_TYPE_F16 = 1,
     DL_TYPE_Q4_0 = 2,
     DL_TYPE_Q4_1 = 3,
+    DL_TYPE_Q5_0 = 6,
+    DL_TYPE_Q5_1 = 7,
     DL_TYPE_Q8_0 = 8,
+    DL_TYPE_Q4_K = 12,
+    DL_TYPE_Q5_K = 13,
+    DL_TYPE_Q6_K = 14,
     DL_TYPE_BF16 = 30,
 };
 
@@ -47,6 +52,14 @@ int64_t dl_row_bytes(int type, int64_t n_cols);
 /* Decodes n elements (a multiple of the block size) from src into dst.
  * Returns the number of non-finite decoded values (0 for a sound tensor). */
 int64_t dl_dequantize(int type, const void *src, float *dst, int64_t n);
+/* Block b (columns 32b..32b+31) of a row encoded in a type whose every 32
+ * columns share one affine map, x[j] = d * (q[j] - zero) + m with q[j] an
+ * unsigned byte: Q4_0, Q5_0 and Q8_0 (m = 0, zero = 8, 16, 128), Q4_1 and
+ * Q5_1 (zero = 0), Q4_K and Q5_K (zero = 0, d = super-block scale x 6-bit
+ * sub-block scale, m = -(super-block min x 6-bit sub-block min); both
+ * products are exact in float32). Fills q[32], *d and *m; returns zero, or
+ * -1 for types without this form (floats, Q6_K). */
+int dl_block32(int type, const uint8_t *row, int64_t b, uint8_t q[32], float *d, float *m);
 float dl_fp16_to_fp32(uint16_t h);
 
 /* ---- cpu.c: instruction-set paths ----------------------------------------- */
@@ -74,8 +87,10 @@ double dl_peak_gops(int kind, int n_threads, int64_t iters);
 #define DL_QPANEL 16 /* output rows packed together: one 512-bit vector of int32 */
 
 /* W[r, k] = d[r, b] * q[r, k] + m[r, b] for k in block b, with q an unsigned
- * byte. This holds exactly for Q4_0 (m = -8 d), Q4_1 and Q8_0 (q + 128,
- * m = -128 d) blocks; float weights are rounded to 8 bits per block.
+ * byte. This holds exactly for the types dl_block32 reads (Q4_0, Q4_1, Q5_0,
+ * Q5_1, Q8_0, Q4_K, Q5_K: m = -zero * d for the symmetric ones); float
+ * weights and Q6_K (two scales per 32 columns) are rounded to 8 bits per
+ * block.
  * Layout, panel p = rows 16p..16p+15, block b = columns 32b..32b+31:
  *   q: [n_panels, n_blocks, 8 groups of 4 columns, 16 rows, 4 columns]
  *      (one group of one panel is the 64-byte operand of one vpdpbusd)

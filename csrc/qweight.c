@@ -1,9 +1,12 @@
 /* Linear weights packed once at load into the layout the integer GEMM reads.
  *
- * GGUF's 4- and 8-bit blocks already have the form d * q + m over 32 columns,
- * so they are repacked without changing a single weight; only the nibbles
- * are spread out to one byte each, because unpacking them in the inner loop
- * would cost as many instructions as the dot products themselves. */
+ * GGUF's 4-, 5- and 8-bit blocks (K-quant sub-blocks of Q4_K and Q5_K too)
+ * already have the form d * q + m over 32 columns, so they are repacked
+ * without changing a single weight; only the nibbles and high bits are spread
+ * out to one byte each, because unpacking them in the inner loop would cost
+ * as many instructions as the dot products themselves. Float weights and
+ * Q6_K, whose 16-column sub-blocks have scales of their own, are rounded to
+ * 8 bits per 32 columns. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,33 +47,6 @@ static size_t scale_index(const dl_qmat *w, int64_t r, int64_t b) {
     return (size_t)(((r / DL_QPANEL) * w->n_blocks + b) * DL_QPANEL + r % DL_QPANEL);
 }
 
-static uint16_t read_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-
-/* One row's block b from its GGUF encoding: q[32], returns d and m. */
-static void block_from_gguf(int type, const uint8_t *blk, uint8_t q[DL_QBLOCK], float *d, float *m) {
-    *d = dl_fp16_to_fp32(read_u16(blk));
-    switch (type) {
-    case DL_TYPE_Q4_1:
-        *m = dl_fp16_to_fp32(read_u16(blk + 2));
-        for (int j = 0; j < 16; j++) {
-            q[j] = blk[4 + j] & 15;
-            q[j + 16] = blk[4 + j] >> 4;
-        }
-        break;
-    case DL_TYPE_Q4_0:
-        *m = -8.0f * *d;
-        for (int j = 0; j < 16; j++) {
-            q[j] = blk[2 + j] & 15;
-            q[j + 16] = blk[2 + j] >> 4;
-        }
-        break;
-    default: /* DL_TYPE_Q8_0 */
-        *m = -128.0f * *d;
-        for (int j = 0; j < DL_QBLOCK; j++) q[j] = (uint8_t)((int)(int8_t)blk[2 + j] + 128);
-        break;
-    }
-}
-
 /* Float weights: 8-bit asymmetric rounding over the block's range. */
 static void block_from_floats(const float *x, int64_t n, uint8_t q[DL_QBLOCK], float *d, float *m) {
     float lo = x[0], hi = x[0];
@@ -92,8 +68,6 @@ int64_t dl_qmat_pack_rows(dl_qmat *w, int64_t row0, int type, const void *src, i
                           float *scratch) {
     const int64_t row_bytes = dl_row_bytes(type, w->cols);
     if (row_bytes < 0 || row0 < 0 || n_rows < 0 || row0 + n_rows > w->rows) return DL_ERR_VALUE;
-    const int quantized = type == DL_TYPE_Q4_0 || type == DL_TYPE_Q4_1 || type == DL_TYPE_Q8_0;
-    const int64_t blk_bytes = dl_type_block_bytes(type);
     int64_t bad = 0;
     uint8_t q[DL_QBLOCK];
     for (int64_t i = 0; i < n_rows; i++) {
@@ -104,9 +78,10 @@ int64_t dl_qmat_pack_rows(dl_qmat *w, int64_t row0, int type, const void *src, i
             const int64_t k0 = b * DL_QBLOCK;
             const int64_t n = w->cols - k0 < DL_QBLOCK ? w->cols - k0 : DL_QBLOCK;
             float d, m;
-            if (quantized)
-                block_from_gguf(type, row + b * blk_bytes, q, &d, &m);
-            else
+            const int zero = dl_block32(type, row, b, q, &d, &m);
+            if (zero > 0)
+                m = -(float)zero * d; /* exact: d times a power of two */
+            else if (zero < 0)
                 block_from_floats(scratch + k0, n, q, &d, &m);
             for (int64_t j = 0; j < n; j++) {
                 w->q[q_index(w, r, k0 + j)] = q[j];

@@ -43,7 +43,8 @@ def _add_model_args(p, bidirectional=True):
                         "the bare model; 'auto' (the default, except for the analyses of the "
                         "pretrained model): deelm's bundled DeeLM adapter with the default model")
     p.add_argument("--precision", default=None, choices=["int8", "float32"],
-                   help="linear layers in int8 (default for Q4_0/Q4_1/Q8_0 files) or float32")
+                   help="linear layers in int8 (default for block-quantized files: Q4_0/Q4_1/Q5_0/"
+                   "Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) or float32 (default for F32/F16/BF16 files)")
 
 
 def _load(args):

@@ -42,15 +42,27 @@ def _split_prompt(prompt):
 
 PRECISIONS = ("int8", "float32")
 ISAS = ("auto", "avx512vnni", "avx2", "scalar")
-_QUANTIZED_TYPES = {"Q4_0", "Q4_1", "Q8_0"}
+# Block-quantized types whose 32-column blocks are d * q + m: packing them
+# for the int8 GEMM changes no weight.
+_EXACT_INT8_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"}
+# Q6_K has a scale per 16 columns, so packing rounds it to 8 bits per 32
+# columns: at most 64/510 (~1/8) of Q6_K's own step, a quarter of its own worst
+# rounding; on the Gemma-3-270M Q4_K_M file its RMS is 0.23x Q6_K's own RMS
+# rounding error, and in a tiny Q4_K_M model it is 7% of the int8 path's
+# pooled error (tests/test_int8.py, tests/test_gguf_types_real.py). Files such
+# as Q4_K_M keep some ffn_down / attn_v weights in Q6_K: they still default to
+# int8.
+_INT8_TYPES = _EXACT_INT8_TYPES | {"Q6_K"}
+_LINEAR_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def default_precision(tensors):
-    """ "int8" when the linear weights are stored quantized (packing them is
-    exact), "float32" when they are floats (int8 would round them)."""
-    t = tensors.get("blk.0.attn_q")
-    name = _core.type_info(int(t[0])) if t is not None else None
-    return "int8" if name and name[0] in _QUANTIZED_TYPES else "float32"
+    """ "int8" when every linear weight is stored block-quantized (packing it
+    is exact, or for Q6_K nearly so), "float32" when any is stored as floats
+    (int8 would round it)."""
+    types = {_core.type_info(int(t[0]))[0] for name, t in tensors.items()
+             if name.startswith("blk.") and name.rsplit(".", 1)[-1] in _LINEAR_WEIGHTS}
+    return "int8" if types and types <= _INT8_TYPES else "float32"
 
 
 class DeeLM:
@@ -105,13 +117,14 @@ class DeeLM:
             512, or the model's context length if that is shorter.
         threads: threads of the C core; None means all available cores.
         precision: how the linear layers compute. "int8": weights packed once
-            at load as 4/8-bit integers with a float scale and offset per 32
-            columns (GGUF's Q4_0, Q4_1 and Q8_0 blocks exactly; float weights
-            rounded to 8 bits), activations quantized to int8 per 32 columns
-            before each layer, int32 dot products. "float32": weights decoded
-            to float32, OpenBLAS sgemm; exact to float rounding, slower, and
-            4 bytes per weight in memory. None: "int8" when the file's linear
-            weights are quantized, "float32" when they are floats.
+            at load as 4/5/8-bit integers with a float scale and offset per 32
+            columns (GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K blocks
+            exactly; Q6_K and float weights rounded to 8 bits), activations
+            quantized to int8 per 32 columns before each layer, int32 dot
+            products. "float32": weights decoded to float32, OpenBLAS sgemm;
+            exact to float rounding, slower, and 4 bytes per weight in
+            memory. None: "int8" when all of the file's linear weights are
+            block-quantized (Q6_K included), "float32" when any is float.
         isa: the int8 GEMM's instruction path: "auto" (the fastest this CPU
             runs), "avx512vnni", "avx2" or "scalar". All give bitwise equal
             results; the choice only changes speed.

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QT
 import deelm
 from deelm import _core
 from deelm.gguf_file import read_gguf
-from tiny_gguf import TINY, random_weights, tiny_vocab, write_tiny_gguf
+from tiny_gguf import TINY, random_weights, tiny_cfg, tiny_vocab, write_tiny_gguf
 
 TEMPLATE = 'The representative word for sentence {text} is:"'
 LONG_TEXT = "the cat sat on the mat and looked at the other cat " * 20
@@ -69,10 +69,11 @@ def _flipped(tmp_path, data, pos, bit):
     return _write(tmp_path, b, f"flip_{pos}_{bit}.gguf")
 
 
-def _load_fails(path, reason, cls=deelm.ModelFileError):
-    """Loading `path` raises `cls`, naming the file and matching `reason`."""
+def _load_fails(path, reason, cls=deelm.ModelFileError, **kw):
+    """Loading `path` (from_pretrained options kw) raises `cls`, naming the
+    file and matching `reason`."""
     with pytest.raises(cls, match=reason) as info:
-        deelm.DeeLM.from_pretrained(path, threads=1)
+        deelm.DeeLM.from_pretrained(path, threads=1, **kw)
     assert isinstance(info.value, ValueError)
     assert str(path) in str(info.value)
     assert info.value.path == str(path)
@@ -330,13 +331,26 @@ def test_truncated_data_names_the_tensor(tmp_path, tiny_bytes, layout):
     _load_fails(_write(tmp_path, tiny_bytes[:-3]), re.escape(f"tensor '{last}'") + ".*truncated")
 
 
+def test_tensor_table_is_the_gguf_readers(tiny_file, layout, tmp_path, tiny_bytes):
+    """deelm.gguf_file.tensor_table (the header alone, checked like read_gguf)
+    lists what gguf's reader finds, and refuses a file cut inside the data."""
+    from deelm.gguf_file import tensor_table
+
+    assert tensor_table(tiny_file) == [(t.name, tuple(int(x) for x in t.shape), int(t.tensor_type),
+                                        int(t.data_offset)) for t in layout.tensors]
+    with pytest.raises(deelm.ModelFileError, match="truncated"):
+        tensor_table(_write(tmp_path, tiny_bytes[:-3]))
+    with pytest.raises(deelm.ModelFileError, match="not a GGUF file"):
+        tensor_table(_write(tmp_path, b"GGML" + tiny_bytes[4:]))
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "mamba"])
 def test_unknown_architecture(tmp_path, arch):
     path, _ = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch)
     _load_fails(path, f"architecture '{arch}' is not supported", deelm.UnsupportedModelError)
 
 
-@pytest.mark.parametrize("qtype, row_bytes", [(QT.Q6_K, 210), (QT.Q5_0, 22)], ids=["Q6_K", "Q5_0"])
+@pytest.mark.parametrize("qtype, row_bytes", [(QT.Q2_K, 84), (QT.IQ4_NL, 18)], ids=["Q2_K", "IQ4_NL"])
 def test_unsupported_extra_tensor_type(tmp_path, qtype, row_bytes):
     extra = {"blk.0.extra.weight": (np.zeros((1, row_bytes), np.uint8), qtype)}
     path, _ = write_tiny_gguf(tmp_path / "extra.gguf", extra_tensors=extra)
@@ -344,10 +358,23 @@ def test_unsupported_extra_tensor_type(tmp_path, qtype, row_bytes):
 
 
 def test_unsupported_layer_weight_type(tmp_path):
-    # blk.1.ffn_up [64 x 96] stored as Q5_0: 2 blocks of 22 bytes per row
-    extra = {"blk.1.ffn_up.weight": (np.zeros((96, 44), np.uint8), QT.Q5_0)}
-    path, _ = write_tiny_gguf(tmp_path / "q5.gguf", skip=("blk.1.ffn_up",), extra_tensors=extra)
-    _load_fails(path, r"blk\.1\.ffn_up\.weight.*Q5_0", deelm.UnsupportedModelError)
+    # blk.1.ffn_up [64 x 96] stored as IQ4_NL: 2 blocks of 18 bytes per row
+    extra = {"blk.1.ffn_up.weight": (np.zeros((96, 36), np.uint8), QT.IQ4_NL)}
+    path, _ = write_tiny_gguf(tmp_path / "iq4.gguf", skip=("blk.1.ffn_up",), extra_tensors=extra)
+    _load_fails(path, r"blk\.1\.ffn_up\.weight.*IQ4_NL.*supported: .*Q4_K, Q5_K, Q6_K",
+                deelm.UnsupportedModelError)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+def test_k_quant_rows_must_be_whole_super_blocks(tmp_path, qtype):
+    """A K-quant encodes each row in super-blocks of 256 values: blk.1.ffn_down
+    has rows of 96 (the tiny hidden size), which no K-quant file can hold."""
+    be, bb = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = D, TINY["hidden_dim"]
+    extra = {"blk.1.ffn_down.weight": (np.zeros(rows * cols * bb // be, np.int8), qtype, (rows, cols))}
+    path, _ = write_tiny_gguf(tmp_path / "k.gguf", skip=("blk.1.ffn_down",), extra_tensors=extra)
+    _load_fails(path, rf"tensor 'blk\.1\.ffn_down\.weight': row length {cols} is not a multiple of "
+                      rf"the {qtype.name} block of 256")
 
 
 @pytest.mark.parametrize("name", ["blk.1.ffn_up", "token_embd", "output_norm", "blk.2.attn_norm"])
@@ -365,19 +392,24 @@ def test_non_finite_f32_weight(tmp_path, name, value):
     _load_fails(path, re.escape(f"'{name}") + ".*non-finite")
 
 
-@pytest.mark.parametrize("weight_type", ["Q8_0", "Q4_0", "Q4_1", "F16"])
-def test_non_finite_f16_scale(tmp_path, weight_type):
-    """The first fp16 of blk.1.ffn_gate (a block scale, or the first value of an
-    F16 tensor) set to inf."""
-    path, _ = write_tiny_gguf(tmp_path / f"{weight_type}.gguf", weight_type=weight_type)
+@pytest.mark.parametrize("weight_type, field", [
+    ("Q8_0", 0), ("Q4_0", 0), ("Q4_1", 0), ("F16", 0), ("Q5_0", 0), ("Q5_1", 2), ("Q4_K", 0),
+    ("Q4_K", 2), ("Q5_K", 2), ("Q6_K", 208)])
+@pytest.mark.parametrize("precision", ["int8", "float32"])
+def test_non_finite_f16_scale(tmp_path, weight_type, field, precision):
+    """An fp16 field of blk.1.ffn_gate's first block (its scale d, the min m of
+    Q5_1, the dmin of the K-quants, the first value of an F16 tensor) set to
+    inf, whichever way the weights are decoded."""
+    path, _ = write_tiny_gguf(tmp_path / f"{weight_type}.gguf", weight_type=weight_type,
+                              cfg=tiny_cfg(weight_type))
     t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_gate.weight")
     assert t.tensor_type == QT[weight_type]
-    at = int(t.data_offset)
+    at = int(t.data_offset) + field
     del t  # it maps the file
     data = bytearray(path.read_bytes())
     data[at:at + 2] = np.float16(np.inf).tobytes()
     path = _write(tmp_path, data, "inf.gguf")
-    _load_fails(path, r"'blk\.1\.ffn_gate.*non-finite")
+    _load_fails(path, r"'blk\.1\.ffn_gate.*non-finite", precision=precision)
 
 
 def test_huge_finite_weights_raise_instead_of_nan(tmp_path):
@@ -572,17 +604,20 @@ def test_core_model_long_buffer(tiny_read):
         _core.Model(tiny_read.config, dict(tiny_read.tensors, **{"blk.1.ffn_up": (t, ne0, ne1, longer)}))
 
 
-@pytest.mark.parametrize("lie", ["type-F16", "type-Q8_0", "type-unknown", "ne0", "ne1", "not-a-tuple",
-                                 "short-tuple", "not-a-buffer"])
+@pytest.mark.parametrize("lie", ["type-F16", "type-Q8_0", "type-Q4_K", "type-unknown", "ne0", "ne1",
+                                 "not-a-tuple", "short-tuple", "not-a-buffer"])
 def test_core_model_lying_tensor(tiny_read, lie):
     name = "blk.1.attn_k"
     t, ne0, ne1, buf = tiny_read.tensors[name]
     value = {"type-F16": (1, ne0, ne1, buf), "type-Q8_0": (8, ne0, ne1, buf),
-             "type-unknown": (14, ne0, ne1, buf), "ne0": (t, ne0 * 2, ne1 // 2, buf),
+             "type-Q4_K": (12, ne0, ne1, buf),  # rows of 64: not whole super-blocks of 256
+             "type-unknown": (10, ne0, ne1, buf), "ne0": (t, ne0 * 2, ne1 // 2, buf),
              "ne1": (t, ne0, ne1 + 1, buf), "not-a-tuple": [t, ne0, ne1, buf],
              "short-tuple": (t, ne0, ne1), "not-a-buffer": (t, ne0, ne1, list(range(10)))}[lie]
     exc = TypeError if lie == "not-a-buffer" else ValueError
-    with pytest.raises(exc, match=None if exc is TypeError else re.escape(f"'{name}'")):
+    reason = {"type-Q4_K": "row length 64 is not a multiple of the Q4_K block of 256",
+              "type-unknown": "tensor type 10, which deelm does not support"}.get(lie, "")
+    with pytest.raises(exc, match=None if exc is TypeError else re.escape(f"'{name}'") + ".*" + reason):
         _core.Model(tiny_read.config, dict(tiny_read.tensors, **{name: value}))
 
 

@@ -2,7 +2,11 @@
 ISA path, and the whole model against float32 and transformers.
 
 What is exact and what is not:
-- Packing GGUF's Q4_0 / Q4_1 / Q8_0 blocks changes no weight (tested bitwise).
+- Packing GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K blocks changes
+  no weight (tested bitwise on random blocks). Q6_K (a scale per 16 columns)
+  is rounded to 8 bits per 32 columns like float weights: at most 1/510 of
+  the block's range, which is at most 64/510 ~ 1/8 of Q6_K's own (larger)
+  step there.
 - The GEMM is checked against a float64 NumPy emulation of the same integer
   arithmetic (independent parsing of the blocks, independent quantization):
   only float32 rounding separates them.
@@ -13,6 +17,7 @@ What is exact and what is not:
   measured pooled cosine ~0.999 median on real sentences; the tolerance is set
   a little under what was measured and printed with `pytest -s`.
 """
+import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -21,10 +26,17 @@ from gguf import quants
 import deelm
 from deelm import _core
 from conftest import cosine, hf_hidden_states, sts_sentences
+from tiny_gguf import K_QUANTS, encode_matrix, random_blocks, tiny_cfg, write_tiny_gguf
 
 ISAS = [isa for isa in ("avx512vnni", "avx2", "scalar") if isa in _core.isa_info()["supported"]]
-QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
+QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"]  # packed exactly
+SYMMETRIC = {"Q4_0", "Q5_0", "Q8_0"}  # d (q - zero): packed as d q + (-zero d)
 FTYPES = ["F32", "F16", "BF16"]
+
+
+def type_cols(type_name, cols):
+    """A row length the type can hold: K-quants need multiples of 256."""
+    return -(-cols // 256) * 256 if type_name in K_QUANTS else cols
 
 
 def encode_weight(w, type_name):
@@ -33,24 +45,52 @@ def encode_weight(w, type_name):
         return int(t), w.astype(np.float32).tobytes()
     if type_name == "F16":
         return int(t), w.astype(np.float16).tobytes()
-    return int(t), quants.quantize(w.astype(np.float32), t).tobytes()
+    return int(t), encode_matrix(w.astype(np.float32), type_name, np.random.default_rng(0)).tobytes()
+
+
+def _f16(b, off):
+    return b[..., off:off + 2].copy().view(np.float16)[..., 0].astype(np.float64)
+
+
+def _nibbles(b):
+    """[..., 16] bytes -> [..., 32]: the low nibbles, then the high ones."""
+    return np.concatenate([b & 15, b >> 4], axis=-1).astype(np.int64)
+
+
+def _bits(h, n):
+    """Bit j of each h, j = 0..n-1, on a new last axis."""
+    return (h.astype(np.int64)[..., None] >> np.arange(n)) & 1
 
 
 def parse_blocks(raw, type_name, rows, cols):
     """(d, m, q) per 32-column block, read straight from GGUF bytes:
     d, m: [rows, nb] float64; q: [rows, cols] unsigned, W = d q + m."""
     nb = cols // 32
-    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[type_name]
-    b = np.frombuffer(raw, np.uint8).reshape(rows, nb, size)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    be, size = gguf.GGML_QUANT_SIZES[T[type_name]]
+    b = np.frombuffer(raw, np.uint8).reshape(rows, cols // be, size)
+    d = _f16(b, 0)
     if type_name == "Q8_0":
         q = b[..., 2:].view(np.int8).astype(np.int64) + 128
         return d, -128 * d, q.reshape(rows, cols)
+    if type_name in ("Q4_K", "Q5_K"):  # 8 sub-blocks of 32 per super-block
+        sc, mn = quants.Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))
+        sub_d = d[..., None] * sc.reshape(rows, -1, 8)
+        sub_m = -_f16(b, 2)[..., None] * mn.reshape(rows, -1, 8)
+        qs = b[..., 16:] if type_name == "Q4_K" else b[..., 48:]
+        qs = qs.reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+        q = (qs & 15).reshape(rows, -1, 8, 32).astype(np.int64)  # pairs of sub-blocks share bytes
+        if type_name == "Q5_K":
+            q |= np.moveaxis(_bits(b[..., 16:48], 8), -1, -2) << 4  # bit j of h[i]: sub-block j
+        return sub_d.reshape(rows, nb), sub_m.reshape(rows, nb), q.reshape(rows, cols)
+    if type_name in ("Q5_0", "Q5_1"):
+        off = 2 if type_name == "Q5_1" else 0
+        m = _f16(b, 2) if off else -16 * d
+        h = b[..., 2 + off:6 + off].copy().view(np.uint32)[..., 0]
+        q = _nibbles(b[..., 6 + off:]) | _bits(h, 32) << 4
+        return d, m, q.reshape(rows, cols)
     start = 4 if type_name == "Q4_1" else 2
-    m = (b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64) if type_name == "Q4_1"
-         else -8 * d)
-    nib = b[..., start:start + 16]
-    q = np.concatenate([nib & 15, nib >> 4], axis=-1).astype(np.int64)
+    m = _f16(b, 2) if type_name == "Q4_1" else -8 * d
+    q = _nibbles(b[..., start:start + 16])
     return d, m, q.reshape(rows, cols)
 
 
@@ -91,12 +131,48 @@ def activations(rng, n, cols):
 
 @pytest.mark.parametrize("type_name", QTYPES)
 def test_packing_quantized_blocks_changes_no_weight(type_name):
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((37, 96)).astype(np.float32)
-    t, raw = encode_weight(w, type_name)
-    packed = _core.qweight(t, raw, 37, 96)
-    ref = quants.dequantize(np.frombuffer(raw, np.uint8).reshape(37, -1), getattr(T, type_name))
+    """Random blocks (every bit pattern, random finite fp16 scales): the
+    packed d q + m is gguf's decoded weight, bitwise. The symmetric types
+    compute d q - zero d instead of d (q - zero): the same number, except that
+    a zero weight may lose its sign."""
+    be, bb = gguf.GGML_QUANT_SIZES[T[type_name]]
+    rows, cols = 37, type_cols(type_name, 96)
+    blocks = random_blocks(np.random.default_rng(1), type_name, rows * cols // be)
+    packed = _core.qweight(int(T[type_name]), blocks.tobytes(), rows, cols)
+    ref = quants.dequantize(blocks.reshape(rows, -1), T[type_name])
     assert np.array_equal(packed, ref)
+    nonzero = ref != 0
+    assert np.array_equal(packed[nonzero].view(np.uint32), ref[nonzero].view(np.uint32))
+    if type_name not in SYMMETRIC:
+        assert np.array_equal(packed.view(np.uint32), ref.view(np.uint32))
+    d, m, q = parse_blocks(blocks.tobytes(), type_name, rows, cols)  # the parse the GEMM test uses
+    f32 = np.float32
+    assert np.array_equal(q.astype(f32) * np.repeat(d, 32, 1).astype(f32) + np.repeat(m, 32, 1).astype(f32),
+                          ref)
+
+
+def test_q6_k_rounds_to_8_bits_per_block():
+    """Q6_K has a scale per 16 columns, so its 32-column blocks are rounded
+    to 8 bits like float weights: error <= half of (range / 255). Its range
+    spans at most 64 of Q6_K's own steps |d sc| (the larger of the two; 64
+    when the two scales have opposite signs), so the error is at most
+    64 / 510 ~ 1/8 of that step, a quarter of Q6_K's own worst rounding."""
+    rows, cols = 24, 512
+    blocks = random_blocks(np.random.default_rng(7), "Q6_K", rows * cols // 256)
+    blocks[0, 192:208] = 1  # all sub-block scales equal: the common case of real files
+    ref = quants.dequantize(blocks, T.Q6_K).reshape(rows, cols).astype(np.float64)
+    packed = _core.qweight(int(T.Q6_K), blocks.tobytes(), rows, cols)
+    err = np.abs(packed - ref).reshape(rows, -1, 32)
+    blk = ref.reshape(rows, -1, 32)
+    step8 = (blk.max(-1) - blk.min(-1)) / 255
+    d = np.repeat(blocks[:, 208:210].copy().view(np.float16).astype(np.float64), 16, 0)
+    own = np.abs(d[:, 0] * blocks[:, 192:208].view(np.int8).reshape(-1)).reshape(rows, -1, 2).max(-1)
+    ratio = float((err.max(-1) / np.where(own > 0, own, np.inf)).max())
+    report_err = float(err.max() / np.abs(ref).max())
+    print(f"\n[Q6_K packing] max error / Q6_K step {ratio:.4f} (bound 64/510 = {64 / 510:.4f}); "
+          f"max error / max |w| {report_err:.2e}")
+    assert np.all(err.max(-1) <= step8 / 2 * 1.001 + 1e-30)
+    assert ratio <= 64 / 510 * 1.001
 
 
 @pytest.mark.parametrize("type_name", ["F32", "F16"])
@@ -131,7 +207,7 @@ def test_activation_quantization_matches_numpy(cols, isa):
 @pytest.mark.parametrize("type_name", QTYPES)
 def test_gemm_matches_float64_emulation(type_name, isa):
     rng = np.random.default_rng(4)
-    rows, cols, n = 53, 128, 13
+    rows, cols, n = 53, type_cols(type_name, 128), 13
     w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
     t, raw = encode_weight(w, type_name)
     x = activations(rng, n, cols)
@@ -149,12 +225,13 @@ def test_gemm_matches_float64_emulation(type_name, isa):
     assert rel < 1e-5
 
 
-@pytest.mark.parametrize("type_name", QTYPES + ["F32"])
+@pytest.mark.parametrize("type_name", QTYPES + ["Q6_K", "F32"])
 def test_isa_paths_are_bitwise_equal(type_name):
     """Odd sizes everywhere: rows not a multiple of 16 or 32, row counts that
-    leave remainders in every tile, a partial last column block (F32)."""
+    leave remainders in every tile, a partial last column block (F32). The
+    5-bit types reach q = 31 and take the AVX2 path's wide branch."""
     rng = np.random.default_rng(5)
-    cols = 96 if type_name != "F32" else 70
+    cols = type_cols(type_name, 96) if type_name != "F32" else 70
     for rows, n in [(1, 1), (17, 3), (50, 67), (33, 5)]:
         w = rng.standard_normal((rows, cols)).astype(np.float32)
         t, raw = encode_weight(w, type_name)
@@ -232,6 +309,71 @@ def test_precision_defaults_follow_the_weights(tiny_path, default_path):
     assert deelm.DeeLM.from_pretrained(tiny_path[0]).config["precision"] == "float32"  # F32 file
     f32 = deelm.DeeLM.from_pretrained(default_path, precision="float32").config
     assert f32["precision"] == "float32" and f32["isa"] == "openblas"
+
+
+@pytest.mark.parametrize("weight_type, overrides, expected", [
+    ("Q5_0", None, "int8"), ("Q5_1", None, "int8"), ("Q4_K", None, "int8"), ("Q5_K", None, "int8"),
+    ("Q6_K", None, "int8"), ("Q4_K_M", None, "int8"), ("Q4_K", {"ffn_up": "F16"}, "float32"),
+    ("Q8_0", {"attn_output": "BF16"}, "float32"), ("F16", None, "float32")])
+def test_precision_default_needs_every_linear_weight_quantized(tmp_path, weight_type, overrides,
+                                                               expected):
+    from deelm.gguf_file import read_gguf
+    from deelm.model import default_precision
+
+    path, _ = write_tiny_gguf(tmp_path / "t.gguf", weight_type=weight_type, cfg=tiny_cfg(weight_type),
+                              type_overrides=overrides)
+    assert default_precision(read_gguf(path).tensors) == expected
+
+
+TINY_SENTENCES = ["A cat sat on the mat.", "x", "the heat in the station was rather oppressive",
+                  "Üñíçødé, emoji 🙂 and digits 12345!", "a man is playing a guitar on the street",
+                  "the cat sat at the door and looked at the other cat for a long time"]
+
+
+@pytest.mark.parametrize("weight_type", ["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M"])
+def test_int8_against_float32_tiny_models_of_new_types(tmp_path, weight_type):
+    """Tiny random models stored in the new types (test_tiny_parity.py checks
+    their float32 path against transformers) load as int8 by default and stay
+    within the default model's int8 tolerance, causal and bidirectional."""
+    path, _ = write_tiny_gguf(tmp_path / "t.gguf", weight_type=weight_type, cfg=tiny_cfg(weight_type))
+    q = deelm.DeeLM.from_pretrained(path, threads=1)
+    f = deelm.DeeLM.from_pretrained(path, threads=1, precision="float32")
+    assert q.config["precision"] == "int8"
+    for k in (-1, 0):
+        a = q.forward_ids(q.tokenizer.encode_ids(TINY_SENTENCES), bidirectional_from=k)[0]
+        b = f.forward_ids(f.tokenizer.encode_ids(TINY_SENTENCES), bidirectional_from=k)[0]
+        cos = np.array([cosine(x, y) for x, y in zip(a, b)])
+        print(f"\n[int8 vs float32, tiny {weight_type}, k={k}] pooled cosine: min {cos.min():.5f}, "
+              f"median {np.median(cos):.5f}")
+        assert cos.min() >= COS_BOUNDS[-1][0] and np.median(cos) >= COS_BOUNDS[-1][1]
+
+
+def test_q6_k_rounding_is_a_small_part_of_int8_error(tmp_path):
+    """In a Q4_K_M file (attn_v, ffn_down in Q6_K) the int8 path rounds the
+    Q6_K weights to 8 bits. Split its error: the float32 path on those rounded
+    weights against the float32 path on the exact ones is the Q6_K rounding
+    alone; int8 against float32 is everything int8 does (activations too)."""
+    from deelm.gguf_file import read_gguf
+
+    path, stored = write_tiny_gguf(tmp_path / "m.gguf", weight_type="Q4_K_M", cfg=tiny_cfg("Q4_K_M"))
+    rounded, tensors = dict(stored), read_gguf(path).tensors
+    q6k = [name for name, t in tensors.items() if t[0] == int(T.Q6_K)]
+    assert len(q6k) == 2 * tiny_cfg("Q4_K_M")["n_layers"]
+    for name in q6k:  # attn_v, ffn_down: their rows are not permuted on disk
+        t, ne0, ne1, raw = tensors[name]
+        rounded[name] = _core.qweight(t, raw.tobytes(), ne1, ne0)
+    emb = {}
+    for key, w in (("exact", stored), ("q6k-rounded", rounded)):
+        p, _ = write_tiny_gguf(tmp_path / f"{key}.gguf", weights=w, cfg=tiny_cfg("Q4_K_M"))
+        m = deelm.DeeLM.from_pretrained(p, threads=1, precision="float32")
+        emb[key] = m.forward_ids(m.tokenizer.encode_ids(TINY_SENTENCES))[0]
+    m = deelm.DeeLM.from_pretrained(path, threads=1)
+    emb["int8"] = m.forward_ids(m.tokenizer.encode_ids(TINY_SENTENCES))[0]
+    loss = {key: 1 - min(cosine(x, y) for x, y in zip(emb[key], emb["exact"]))
+            for key in ("q6k-rounded", "int8")}
+    print(f"\n[Q4_K_M tiny] worst 1 - pooled cosine to exact float32: Q6_K rounding alone "
+          f"{loss['q6k-rounded']:.2e}, int8 path {loss['int8']:.2e}")
+    assert loss["q6k-rounded"] < 0.25 * loss["int8"]
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -8,12 +8,22 @@ import pytest
 
 import deelm
 from conftest import cosine, hf_hidden_states
-from tiny_gguf import TINY, reference_forward, write_tiny_gguf
+from tiny_gguf import TINY, reference_forward, tiny_cfg, write_tiny_gguf
 
 L = TINY["n_layers"]
-WEIGHT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
-HF_WEIGHT_TYPES = ["F32", "Q8_0", "Q4_1"]
+# K-quants (and the Q4_K_M mix: Q4_K with attn_v and ffn_down in Q6_K) need
+# rows of 256: their tiny model is TINY_K, 256 wide
+NEW_TYPES = ["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M"]
+WEIGHT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"] + NEW_TYPES
+HF_WEIGHT_TYPES = ["F32", "Q8_0", "Q4_1"] + NEW_TYPES
 KS = [-1, 0, 1, L - 1]
+
+
+def _cases(types, new_ks):
+    """(type, k) pairs: every k for the first types; attention does not depend
+    on the weight type, so the new types run a few (the 256-wide models cost
+    more)."""
+    return [(t, k) for t in types for k in (new_ks if t in NEW_TYPES else KS)]
 
 SENTENCES = [
     "A cat sat on the mat.",
@@ -22,8 +32,15 @@ SENTENCES = [
     "Üñíçødé, emoji 🙂 and digits 12345!",
 ]
 # float32 against float64 on these activations (max |x| ~ 10) measures ~3e-6;
-# a wrong op (mask, rotation, norm) gives differences of order 1
+# a wrong op (mask, rotation, norm) or a wrongly decoded block gives
+# differences of order 1. Hidden states are held to TOL per 10 of their
+# largest magnitude: the 256-wide K-quant models reach |x| ~ 60 (float32
+# error ~1e-4 there, 1.6e-6 relative).
 TOL = 5e-5
+
+
+def state_tol(max_state):
+    return TOL * max(1.0, max_state / 10)
 
 
 def report(name, value):
@@ -42,7 +59,8 @@ def tiny(tmp_path_factory):
     def get(weight_type):
         if weight_type not in cache:
             folder = tmp_path_factory.mktemp(f"tiny_{weight_type}")
-            path, stored = write_tiny_gguf(folder / f"tiny-{weight_type}.gguf", weight_type=weight_type)
+            path, stored = write_tiny_gguf(folder / f"tiny-{weight_type}.gguf", weight_type=weight_type,
+                                           cfg=tiny_cfg(weight_type))
             model = deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, precision="float32")
             cache[weight_type] = (folder, path.name, stored, model)
         return cache[weight_type]
@@ -77,19 +95,21 @@ def _forward(model, ids, k, **kw):
     return model.forward_ids(ids, hidden=True, token_states=True, bidirectional_from=k, **kw)
 
 
-@pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+@pytest.mark.parametrize("weight_type, k", _cases(WEIGHT_TYPES, [1]))
 def test_hidden_states_vs_numpy_reference(tiny, weight_type, k):
     _, _, stored, model = tiny(weight_type)
     ids = _ids(model)
+    cfg = tiny_cfg(weight_type)
     pooled, _, hidden, tokens, off = _forward(model, ids, k)  # all sentences packed in one batch
-    assert hidden.shape == (L + 1, off[-1], TINY["dim"]) and tokens.shape == (off[-1], TINY["dim"])
+    assert hidden.shape == (L + 1, off[-1], cfg["dim"]) and tokens.shape == (off[-1], cfg["dim"])
     worst_layer, worst_final, worst_cos = [0.0] * (L + 1), 0.0, 1.0
+    biggest = [0.0] * (L + 1)
     for s, x in enumerate(ids):
         a, b = off[s], off[s + 1]
-        states, final = reference_forward(stored, None, x, k)
+        states, final = reference_forward(stored, cfg, x, k)
         for l in range(L + 1):
             worst_layer[l] = max(worst_layer[l], max_abs(hidden[l, a:b], states[l]))
+            biggest[l] = max(biggest[l], float(np.abs(states[l]).max()))
         worst_final = max(worst_final, max_abs(tokens[a:b], final))
         c = cosine(pooled[s], final.mean(0))
         worst_cos = min(worst_cos, c)
@@ -99,7 +119,8 @@ def test_hidden_states_vs_numpy_reference(tiny, weight_type, k):
            + ", ".join(f"{v:.2e}" for v in worst_layer)
            + f"; final-normed tokens {worst_final:.2e}; pooled 1 - cosine {1 - worst_cos:.2e}")
     assert worst_layer[0] == 0.0, "the embedding lookup must reproduce the stored rows exactly"
-    assert max(worst_layer) <= TOL and worst_final <= TOL, (worst_layer, worst_final)
+    assert all(w <= state_tol(m) for w, m in zip(worst_layer, biggest)), (worst_layer, biggest)
+    assert worst_final <= TOL, worst_final
 
 
 @pytest.mark.parametrize("weight_type", ["F32", "Q4_0"])
@@ -137,14 +158,14 @@ def test_thread_count_does_not_change_results(tiny):
     assert max_abs(one[2], two[2]) <= 1e-6 and max_abs(one[0], two[0]) <= 1e-6
 
 
-@pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("weight_type", HF_WEIGHT_TYPES)
+@pytest.mark.parametrize("weight_type, k", _cases(HF_WEIGHT_TYPES, [1]))
 def test_hidden_states_vs_transformers(tiny, hf_tiny, weight_type, k):
     _, _, stored, model = tiny(weight_type)
     hf = hf_tiny(weight_type)
     ids = _ids(model)
     pooled, _, hidden, tokens, off = _forward(model, ids, k)
     worst_layer, worst_final, worst_cos = [0.0] * (L + 1), 0.0, 1.0
+    biggest = [0.0] * (L + 1)
     for s, x in enumerate(ids):
         a, b = off[s], off[s + 1]
         ref = hf_hidden_states(hf, x, k)
@@ -152,16 +173,18 @@ def test_hidden_states_vs_transformers(tiny, hf_tiny, weight_type, k):
         # transformers' states 0..L-1 are raw residual streams, its last one is final-normed
         for l in range(L):
             worst_layer[l] = max(worst_layer[l], max_abs(hidden[l, a:b], ref[l]))
+            biggest[l] = max(biggest[l], float(np.abs(ref[l]).max()))
         worst_final = max(worst_final, max_abs(tokens[a:b], ref[L]))
         c = cosine(pooled[s], ref[L].mean(0))
         worst_cos = min(worst_cos, c)
         assert c >= 0.99999, f"sentence {s}: pooled cosine {c}"
         # and the NumPy reference agrees with transformers (both sides of the comparison are sane)
-        assert max_abs(reference_forward(stored, None, x, k)[1], ref[L]) <= TOL
+        assert max_abs(reference_forward(stored, tiny_cfg(weight_type), x, k)[1], ref[L]) <= TOL
     report(f"transformers {weight_type} k={k}", "max abs diff per layer "
            + ", ".join(f"{v:.2e}" for v in worst_layer[:L])
            + f"; final-normed tokens {worst_final:.2e}; pooled 1 - cosine {1 - worst_cos:.2e}")
-    assert max(worst_layer) <= TOL and worst_final <= TOL, (worst_layer, worst_final)
+    assert all(w <= state_tol(m) for w, m in zip(worst_layer, biggest)), (worst_layer, biggest)
+    assert worst_final <= TOL, worst_final
 
 
 @pytest.mark.parametrize("weight_type", ["F32", "BF16", "Q4_1"])

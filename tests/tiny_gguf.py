@@ -14,6 +14,68 @@ from gguf import quants
 
 TINY = dict(n_layers=3, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, context_length=256,
             rope_theta=10000.0, rms_eps=1e-5)
+# K-quants encode rows in super-blocks of 256 values: every row length (dim,
+# hidden_dim) must be a multiple of 256
+TINY_K = dict(TINY, dim=256, hidden_dim=256)
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+# Named mixes of types, as llama.cpp's file types have: Q4_K_M keeps attn_v
+# and ffn_down in Q6_K (here in every layer).
+MIXES = {"Q4_K_M": ("Q4_K", {"attn_v": "Q6_K", "ffn_down": "Q6_K"})}
+
+
+def tiny_cfg(weight_type):
+    """The tiny config a weight type (or mix) needs: TINY_K for K-quants."""
+    base = MIXES.get(weight_type, (weight_type,))[0]
+    return TINY_K if base in K_QUANTS else TINY
+
+# Byte offsets of the fp16 fields (scale first, then min/offset) of each
+# block-quantized type; everything else in a block is free bits.
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+              "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(rng, type_name, n_blocks, scale=1.0, decades=2.5):
+    """n_blocks random valid blocks [n_blocks, block_bytes] of a quantized
+    type: random bytes, with finite fp16 scales, normal times 10 ** uniform
+    over `decades` decades (the default reaches fp16 subnormals), times `scale`."""
+    bb = gguf.GGML_QUANT_SIZES[QT[type_name]][1]
+    blocks = rng.integers(0, 256, (n_blocks, bb), dtype=np.uint8)
+    for off in F16_FIELDS[type_name]:
+        v = rng.standard_normal(n_blocks) * 10.0 ** rng.uniform(-decades, 0, n_blocks) * scale
+        blocks[:, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
+def _weight_blocks(seed, type_name, n_blocks, scale=1.0):
+    """Random blocks as model weights: Q4_K/Q5_K sub-blocks are centred on 0
+    (each min equal to its scale, dmin = d x the middle level), so that random
+    layers do not add up large row means."""
+    blocks = random_blocks(np.random.default_rng(seed), type_name, n_blocks, scale, decades=1)
+    if type_name in ("Q4_K", "Q5_K"):
+        s = blocks[:, 4:16]
+        s[:, 4:8] = s[:, 0:4]  # mins of sub-blocks 0-3 (and top bits of 4-7) = the scales'
+        s[:, 8:12] = (s[:, 8:12] & 15) * 17  # sub-blocks 4-7: min nibble = scale nibble
+        middle = 7.5 if type_name == "Q4_K" else 15.5
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+        blocks[:, 2:4] = (d * middle).astype(np.float16).view(np.uint8)
+    return blocks
+
+
+def encode_matrix(x, type_name, rng):
+    """x [rows, cols] in a GGUF type: gguf's own quantizer where it has one,
+    otherwise (K-quants) random valid blocks scaled to x's standard deviation,
+    which is all a random-weight test model needs. Returns raw [rows, bytes]."""
+    qt = QT[type_name]
+    try:
+        return quants.quantize(x, qt)
+    except NotImplementedError:
+        be, bb = gguf.GGML_QUANT_SIZES[qt]
+        rows, cols = x.shape
+        seed = int(rng.integers(1 << 32))
+        unit = _weight_blocks(seed, type_name, rows * cols // be)
+        scale = float(x.std() / quants.dequantize(unit, qt).std())
+        blocks = _weight_blocks(seed, type_name, rows * cols // be, scale)
+        return blocks.reshape(rows, cols // be * bb)
 
 
 def _bytes_to_unicode():
@@ -76,18 +138,26 @@ def random_weights(cfg, seed=0):
 
 
 def write_tiny_gguf(path, *, cfg=None, weight_type="F32", seed=0, arch="llama", add_bos=False,
-                    weights=None, skip=(), extra_tensors=None):
+                    weights=None, skip=(), extra_tensors=None, type_overrides=None):
     """Writes a tiny LLaMA GGUF to `path` and returns (path, HF-layout weights).
 
     weight_type: encoding of the 2-D projection weights (F32, F16, BF16, Q8_0,
-    Q4_0, Q4_1); norms stay F32, the embedding table uses the same type.
+    Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, or a mix of MIXES; K-quants
+    need cfg=tiny_cfg(weight_type)); norms stay F32, the embedding table uses
+    the same type.
+    type_overrides: tensor name suffix -> type, e.g. {"ffn_down": "Q6_K"}.
     The returned weights are the values as stored (after a quantisation round
     trip), so a reference built from them sees exactly what deelm reads.
-    skip: tensor names to leave out; extra_tensors: name -> (array, raw type).
+    skip: tensor names to leave out; extra_tensors: name -> (array, raw type)
+    or (array, raw type, shape): the shape as written when the array is not
+    uint8 (a uint8 array's shape is read as bytes per row).
     """
     cfg = dict(TINY, **(cfg or {}))
     w = weights or random_weights(cfg, seed)
-    qt = QT[weight_type]
+    rng = np.random.default_rng(seed + 1000)
+    if weight_type in MIXES:
+        weight_type, mix = MIXES[weight_type]
+        type_overrides = dict(mix, **(type_overrides or {}))
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg["n_layers"])
     writer.add_context_length(cfg["context_length"])
@@ -117,8 +187,10 @@ def write_tiny_gguf(path, *, cfg=None, weight_type="F32", seed=0, arch="llama", 
             data = _permute_for_gguf(arr, cfg["n_heads"])
         elif name.endswith("attn_k"):
             data = _permute_for_gguf(arr, cfg["n_kv_heads"])
+        qt = QT[next((t for suffix, t in (type_overrides or {}).items() if name.endswith(suffix)),
+                     weight_type)]
         if arr.ndim == 2 and qt != QT.F32:
-            q = quants.quantize(data, qt)
+            q = encode_matrix(data, qt.name, rng)
             writer.add_tensor(name + ".weight", q, raw_dtype=qt)
             back = quants.dequantize(q, qt).reshape(data.shape).astype(np.float32)
         else:
@@ -129,8 +201,8 @@ def write_tiny_gguf(path, *, cfg=None, weight_type="F32", seed=0, arch="llama", 
             out, inp = back.shape
             back = back.reshape(heads, out // heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
         stored[name] = back
-    for name, (arr, raw) in (extra_tensors or {}).items():
-        writer.add_tensor(name, arr, raw_dtype=raw)
+    for name, (arr, raw, *shape) in (extra_tensors or {}).items():
+        writer.add_tensor(name, arr, raw_dtype=raw, raw_shape=shape[0] if shape else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -134,7 +134,7 @@ def torch_worker(opts):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return float(loss), int(keep.sum())
+        return loss.item(), int(keep.sum())
 
     return step
 

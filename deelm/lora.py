@@ -330,7 +330,14 @@ def atomic_directory(target):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        # mkdtemp (and some writers) create owner-only files; give the result
+        # the modes a plain mkdir / open would, so others can read an adapter
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
             _fsync_path(f)
         _fsync_path(tmp)
         _swap_in(tmp, target)

@@ -368,3 +368,23 @@ def test_train_cli(tiny_path, triplets, tmp_path):
     assert cfg["bidirectional_from"] == 2 and cfg["train_from"] == 2 and cfg["steps"] == 2
     peft_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert peft_cfg["r"] == 2 and peft_cfg["layers_to_transform"] == [2]
+
+
+def test_default_model_carries_the_bundled_deelm_adapter(default_path, monkeypatch):
+    from deelm.default_model import MODEL_ENV, bundled_adapter_path
+
+    if bundled_adapter_path() is None:
+        pytest.skip("this installation has no bundled adapter (deelm/adapters/)")
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    shipped = deelm.DeeLM.from_pretrained(threads=2)
+    assert shipped.adapter is not None
+    settings = json.loads((bundled_adapter_path() / "deelm_config.json").read_text())
+    assert shipped.bidirectional_from == settings["bidirectional_from"]
+    assert shipped.pooling == settings["pooling"]
+    bare = deelm.DeeLM.from_pretrained(adapter=None, threads=2)
+    assert bare.adapter is None
+    assert np.abs(shipped.encode(SENTENCES) - bare.encode(SENTENCES)).max() > 1e-2
+    # an explicit model path (or $DEELM_MODEL) means "this file as it is"
+    assert deelm.DeeLM.from_pretrained(default_path).adapter is None
+    monkeypatch.setenv(MODEL_ENV, str(default_path))
+    assert deelm.DeeLM.from_pretrained().adapter is None

@@ -255,7 +255,8 @@ def cmd_train(args):
         loss_weights=weights, loss_scale=args.loss_scale, learning_rate=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
-        epochs=args.epochs, max_steps=args.max_steps, max_grad_norm=args.max_grad_norm,
+        epochs=args.epochs, max_steps=args.max_steps, max_examples=args.max_examples,
+        max_grad_norm=args.max_grad_norm,
         seed=args.seed, save_steps=args.save_steps, threads=args.threads)
     print(f"training {model!r}\n  data {args.data}, output {args.output}", file=sys.stderr)
     result = train(model, args.data, args.output, targs, resume=not args.no_resume)
@@ -321,6 +322,8 @@ def main(argv=None):
     p.add_argument("--gradient-accumulation", type=int, default=1)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="train on the first N examples of --data only")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")

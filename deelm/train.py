@@ -48,6 +48,7 @@ class TrainingArguments:
     gradient_accumulation: int = 1  # batches per optimiser step
     epochs: int = 1
     max_steps: int | None = None    # optimiser steps; overrides epochs when set
+    max_examples: int | None = None  # train on the data's first N examples only
     max_grad_norm: float = 1.0
     seed: int = 0
     save_steps: int = 0             # checkpoint every N steps (0: only the final adapter)
@@ -65,8 +66,10 @@ class TrainingArguments:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be a positive int or None, got {self.max_steps!r}")
+        for name in ("max_steps", "max_examples"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         if not (self.learning_rate > 0 and self.max_grad_norm > 0 and 0 <= self.warmup_ratio < 1
                 and self.weight_decay >= 0 and self.save_steps >= 0):
             raise ValueError("need learning_rate > 0, max_grad_norm > 0, 0 <= warmup_ratio < 1, "
@@ -143,6 +146,8 @@ def train(model, data, output_dir, args: TrainingArguments | None = None, *, res
     L = model.num_layers
     args.check(L)
     data = _read_data(data)
+    if args.max_examples is not None:
+        data = data.head(args.max_examples)
     if isinstance(data, Pairs) and args.loss_weights.get("contrastive", 0) > 0:
         raise TrainingDataError(data.path, "scored pairs have no in-batch positives: set the "
                                 "contrastive weight to 0 and use cosent and/or angle")

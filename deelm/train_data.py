@@ -110,6 +110,16 @@ class _Examples:
     def __len__(self):
         return len(self.lines)
 
+    def head(self, n):
+        """The first n examples (all of them if there are fewer), as a new object."""
+        import dataclasses
+
+        cut = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in cut.items():
+            if name != "path" and value is not None:
+                cut[name] = value[:n]
+        return type(self)(**cut)
+
     def text_columns(self):
         """The text columns present, in the order examples list them."""
         return [getattr(self, c) for c in self.columns if getattr(self, c) is not None]

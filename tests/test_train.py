@@ -388,3 +388,15 @@ def test_default_model_carries_the_bundled_deelm_adapter(default_path, monkeypat
     assert deelm.DeeLM.from_pretrained(default_path).adapter is None
     monkeypatch.setenv(MODEL_ENV, str(default_path))
     assert deelm.DeeLM.from_pretrained().adapter is None
+
+
+def test_max_examples_takes_the_first_rows(tiny_path, triplets, tmp_path):
+    from deelm.train_data import load_training_data
+
+    data = load_training_data(triplets)
+    head = data.head(16)
+    assert head.text == data.text[:16] and list(head.lines) == list(range(1, 17))
+    result = train(fresh_tiny(tiny_path), triplets, tmp_path / "run",
+                   quick_args(max_steps=None, max_examples=16, batch_size=8),
+                   show_progress_bar=False)
+    assert result.steps == 2

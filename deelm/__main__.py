@@ -92,7 +92,9 @@ def cmd_demo(args):
     dt = time.perf_counter() - t0
     print(f"\nSTS Benchmark test ({result.n_pairs} pairs from {result.path}), "
           f"cosine Spearman x100: {100 * result.main_score:.2f}")
-    print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}, untrained; "
+    trained = ("the bundled DeeLM adapter" if model._adapter_path is None and model.adapter
+               else f"adapter {model._adapter_path}" if model.adapter else "untrained")
+    print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}, {trained}; "
           f"{dt:.0f} s with {model.threads} threads")
     print("  all 7 MTEB STS tasks: python -m deelm eval --output results/sts")
     return 0

@@ -259,7 +259,8 @@ def cmd_train(args):
         batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
         epochs=args.epochs, max_steps=args.max_steps, max_examples=args.max_examples,
         max_grad_norm=args.max_grad_norm,
-        seed=args.seed, save_steps=args.save_steps, threads=args.threads)
+        seed=args.seed, save_steps=args.save_steps, threads=args.threads,
+        adapter_dtype=args.adapter_dtype)
     print(f"training {model!r}\n  data {args.data}, output {args.output}", file=sys.stderr)
     result = train(model, args.data, args.output, targs, resume=not args.no_resume)
     print(f"\n{result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} "
@@ -329,6 +330,8 @@ def main(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
+    p.add_argument("--adapter-dtype", default="float32", choices=["float32", "float16"],
+                   help="dtype of the final adapter file (float16 halves it)")
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if --output holds checkpoints")
     p.set_defaults(func=cmd_train, adapter="none")  # training starts from the bare model

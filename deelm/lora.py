@@ -408,10 +408,15 @@ def _write_tensors(path, tensors):
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def write_adapter_files(directory, layout, params, base_model_name=None, causal_lm=False):
-    """Writes the two adapter files into an existing directory (not atomic by itself)."""
+def write_adapter_files(directory, layout, params, base_model_name=None, causal_lm=False,
+                        dtype="float32"):
+    """Writes the two adapter files into an existing directory (not atomic by
+    itself); dtype "float16" halves the file (PEFT and deelm load either)."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"adapter dtype must be 'float32' or 'float16', got {dtype!r}")
     directory = Path(directory)
-    _write_tensors(directory / WEIGHTS_FILE, adapter_tensors(layout, params, causal_lm))
+    tensors = {k: v.astype(dtype) for k, v in adapter_tensors(layout, params, causal_lm).items()}
+    _write_tensors(directory / WEIGHTS_FILE, tensors)
     _write_json(directory / CONFIG_FILE, peft_config_dict(layout.config, base_model_name, causal_lm))
 
 

@@ -54,6 +54,7 @@ class TrainingArguments:
     save_steps: int = 0             # checkpoint every N steps (0: only the final adapter)
     keep_checkpoints: int = 2
     cache_bytes: int = 2 << 30      # cap on the frozen-layer cache
+    adapter_dtype: str = "float32"  # the final adapter's file dtype ("float16" halves it)
     threads: int | None = None
 
     def check(self, n_layers):
@@ -276,7 +277,8 @@ def save_trained_adapter(directory, model, layout, params, args, train_from, his
     }
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        write_adapter_files(tmp, layout, params, base_model_name=settings["base_model"])
+        write_adapter_files(tmp, layout, params, base_model_name=settings["base_model"],
+                            dtype=args.adapter_dtype)
         (Path(tmp) / DEELM_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return directory
 

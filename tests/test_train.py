@@ -363,11 +363,16 @@ def test_train_cli(tiny_path, triplets, tmp_path):
     out = tmp_path / "cli"
     assert main(["train", "--model", str(tiny_path[0]), "--data", str(triplets), "--output",
                  str(out), "--max-steps", "2", "--batch-size", "8", "--bidirectional-from", "2",
-                 "--lora-r", "2", "--threads", "1"]) == 0
+                 "--lora-r", "2", "--threads", "1", "--adapter-dtype", "float16"]) == 0
     cfg = json.loads((out / "adapter" / "deelm_config.json").read_text())
     assert cfg["bidirectional_from"] == 2 and cfg["train_from"] == 2 and cfg["steps"] == 2
     peft_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert peft_cfg["r"] == 2 and peft_cfg["layers_to_transform"] == [2]
+    from safetensors.numpy import load_file
+
+    assert all(v.dtype == np.float16
+               for v in load_file(str(out / "adapter" / "adapter_model.safetensors")).values())
+    assert deelm.DeeLM.from_pretrained(tiny_path[0], adapter=out / "adapter").adapter is not None
 
 
 def test_default_model_carries_the_bundled_deelm_adapter(default_path, monkeypatch):

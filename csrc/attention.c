@@ -14,20 +14,17 @@
 #include <stdlib.h>
 
 #include "deelm.h"
+#include "dot.h"
 #include "fastexp.h"
 
 #define GEMM_MIN_LEN 32
 
-/* Eight running sums in a fixed order: the compiler vectorizes this (it may
- * not reorder a single running sum), and the result does not depend on it. */
-static float dot(const float *a, const float *b, int64_t n) {
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
+/* The longest sentence's token count. */
+static int64_t longest(const int64_t *seq_off, int64_t n_seq) {
+    int64_t m = 0;
+    for (int64_t s = 0; s < n_seq; s++)
+        if (seq_off[s + 1] - seq_off[s] > m) m = seq_off[s + 1] - seq_off[s];
+    return m;
 }
 
 /* row[0, n) = softmax(row[0, n)), row[n, n_total) = 0. */
@@ -61,9 +58,7 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
                          const int64_t *seq_off, int64_t n_seq,
                          int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                          int causal, int n_threads) {
-    int64_t max_len = 0;
-    for (int64_t s = 0; s < n_seq; s++)
-        if (seq_off[s + 1] - seq_off[s] > max_len) max_len = seq_off[s + 1] - seq_off[s];
+    const int64_t max_len = longest(seq_off, n_seq);
     if (max_len == 0) return DL_OK;
     const int64_t group = n_heads / n_kv_heads;
     const int64_t k_col = n_heads * head_dim, v_col = k_col + n_kv_heads * head_dim;
@@ -98,7 +93,7 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
                     const int64_t n_keys = causal ? i + 1 : len;
                     for (int64_t j = 0; j < n_keys; j++) {
                         const float *k = qkv + (base + j) * qkv_stride + k_col + kvh * head_dim;
-                        scores[j] = dot(q, k, head_dim) * scale;
+                        scores[j] = dl_dot(q, k, head_dim) * scale;
                     }
                     softmax_row(scores, n_keys, n_keys);
                     float *o = out + (base + i) * out_stride + h * head_dim;
@@ -133,8 +128,8 @@ static void kv_head_backward(float *dqkv, const float *dout, int64_t out_stride,
             for (int64_t j = 0; j < n_keys; j++) {
                 const float *k = qkv + (base + j) * stride + k_col + kvh * hd;
                 const float *v = qkv + (base + j) * stride + v_col + kvh * hd;
-                p[j] = dot(q, k, hd) * scale;
-                dp[j] = dot(g, v, hd);
+                p[j] = dl_dot(q, k, hd) * scale;
+                dp[j] = dl_dot(g, v, hd);
             }
             softmax_row(p, n_keys, n_keys);
             float pdp = 0.0f;
@@ -161,9 +156,7 @@ int dl_attention_backward(float *dqkv, const float *dout, const float *qkv, int6
                           int causal, int n_threads) {
     const int64_t N = seq_off[n_seq];
     for (int64_t i = 0; i < N * qkv_stride; i++) dqkv[i] = 0.0f;
-    int64_t max_len = 0;
-    for (int64_t s = 0; s < n_seq; s++)
-        if (seq_off[s + 1] - seq_off[s] > max_len) max_len = seq_off[s + 1] - seq_off[s];
+    const int64_t max_len = longest(seq_off, n_seq);
     if (max_len == 0) return DL_OK;
     const int64_t group = n_heads / n_kv_heads;
     const int64_t k_col = n_heads * head_dim, v_col = k_col + n_kv_heads * head_dim;

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "deelm.h"
+#include "dot.h"
 
 /* columns of dA one thread owns in the backward */
 #define COL_BLOCK 64
@@ -66,16 +67,6 @@ static const float *input_row(const float *x, int64_t in, dl_dropout dr, int64_t
     return buf;
 }
 
-static float dotf(const float *a, const float *b, int64_t n) {
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* Entries of (layer, fused), as a range [*first, *last) of lo->entries
  * (sorted by layer then module, and a fused layer's modules are adjacent). */
 static void entry_range(const dl_lora *lo, int64_t layer, int fused, int64_t *first,
@@ -117,9 +108,9 @@ void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int f
         for (int64_t t = 0; t < n; t++) {
             const float *xr = input_row(x, in, drop, e, t, scratch + t * in);
             float tt[DL_LORA_MAX_RANK], *tp = t_save ? t_save + t * r : tt;
-            for (int64_t j = 0; j < r; j++) tp[j] = dotf(A + j * in, xr, in);
+            for (int64_t j = 0; j < r; j++) tp[j] = dl_dot(A + j * in, xr, in);
             float *yr = yc + t * ldy;
-            for (int64_t o = 0; o < out; o++) yr[o] += en->scale * dotf(B + o * r, tp, r);
+            for (int64_t o = 0; o < out; o++) yr[o] += en->scale * dl_dot(B + o * r, tp, r);
         }
         if (t_save) t_save += n * r;
     }

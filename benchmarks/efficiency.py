@@ -55,7 +55,7 @@ def main(argv=None):
 
     sents = unique_sentences(STSB_TEST)[:args.sentences]
     kw = {} if args.precision is None else {"precision": args.precision}
-    model = deelm.DeeLM.from_pretrained(args.model, bidirectional_from=-1, **kw)
+    model = deelm.DeeLM.from_pretrained(args.model, bidirectional_from=-1, adapter=None, **kw)
     cfg = model.config
     kind = "int8" if cfg["precision"] == "int8" else "fp32"
     n_tokens = sum(len(e.ids) for e in model.tokenize(sents))

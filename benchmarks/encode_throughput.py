@@ -116,7 +116,7 @@ class TransformersPeer:
 def main(argv=None):
     args = parse_args(argv)
     model = deelm.DeeLM.from_pretrained(args.model, bidirectional_from=args.bidirectional_from,
-                                        pooling=args.pooling)
+                                        pooling=args.pooling, adapter=None)
     rss_load = peak_rss_mb()
     sentences = unique_sentences(STSB_TEST)
     n_tokens = sum(len(e.ids) for e in model.tokenize(sentences))

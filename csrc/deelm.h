@@ -346,7 +346,7 @@ typedef struct {
 
 /* For each adapted module of (layer, fused): y[:, row0 + o] += scale (drop(x) A^T B^T).
  * y: [n, ldy]; x: [n, in]. t_save: [n, rank] per entry, in module order,
- * receives drop(x) A^T for the backward (or NULL). scratch: [n, max(in, rank)]. */
+ * receives drop(x) A^T for the backward (or NULL). scratch: dl_lora_scratch_floats. */
 void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int fused, float *y,
                      int64_t ldy, const float *x, int64_t n, float *t_save, dl_dropout drop,
                      float *scratch, int n_threads);
@@ -356,6 +356,9 @@ void dl_lora_backward(const dl_lora *lo, const dl_config *c, int64_t layer, int 
                       float *grad, float *dx, const float *dy, int64_t ldy, const float *x,
                       int64_t n, const float *t_save, dl_dropout drop, float *scratch,
                       int n_threads);
+/* Floats of the scratch dl_lora_forward and dl_lora_backward take for n rows
+ * whose widest input is `widest`: [n, max(widest, rank)] rows, then B^T. */
+int64_t dl_lora_scratch_floats(const dl_lora *lo, const dl_config *c, int64_t n, int64_t widest);
 /* Floats of t_save one layer's fused layer needs for n rows. */
 int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n);
 

@@ -53,8 +53,9 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
     const int64_t R = b->gemm_rows, widest = widest_input(c);
     b->pos = (int32_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
     b->rope_cs = (float *)malloc((size_t)(max_len > 0 ? max_len : 1) * c->head_dim * sizeof(float));
-    /* LoRA: dropped inputs [R, widest] in the forward, [R, rank] in the backward */
-    b->scratch = m->lora ? (float *)malloc((size_t)(R * widest) * sizeof(float)) : NULL;
+    b->scratch = m->lora
+                     ? (float *)malloc((size_t)dl_lora_scratch_floats(m->lora, c, R, widest) * sizeof(float))
+                     : NULL;
     int qerr = m->precision == DL_PRECISION_INT8 ? dl_qact_alloc(&b->qx, R, widest) : DL_OK;
     if (qerr || !b->pos || !b->rope_cs || (m->lora && !b->scratch)) {
         dl_batch_free(b);

@@ -87,6 +87,14 @@ static void entry_range(const dl_lora *lo, int64_t layer, int fused, int64_t *fi
     }
 }
 
+int64_t dl_lora_scratch_floats(const dl_lora *lo, const dl_config *c, int64_t n, int64_t widest) {
+    int64_t max_out = dl_qkv_dim(c);
+    if (2 * c->hidden_dim > max_out) max_out = 2 * c->hidden_dim;
+    if (c->dim > max_out) max_out = c->dim;
+    const int64_t row = widest > lo->max_rank ? widest : lo->max_rank;
+    return n * row + lo->max_rank * max_out;
+}
+
 int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n) {
     int64_t first, last, size = 0;
     entry_range(lo, layer, fused, &first, &last);
@@ -104,13 +112,21 @@ void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int f
         const int64_t r = en->rank, in = en->in, out = en->out;
         const float *A = lo->params + en->off_a, *B = lo->params + en->off_b;
         float *yc = y + dl_module_row0(c, (int)en->module);
+        /* B^T, so each row's y += B (scale t) is r passes over contiguous
+         * outputs that vectorize, instead of `out` dot products of length r */
+        float *bt = scratch + n * in;
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t j = 0; j < r; j++) bt[j * out + o] = B[o * r + j];
 #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int64_t t = 0; t < n; t++) {
             const float *xr = input_row(x, in, drop, e, t, scratch + t * in);
             float tt[DL_LORA_MAX_RANK], *tp = t_save ? t_save + t * r : tt;
             for (int64_t j = 0; j < r; j++) tp[j] = dl_dot(A + j * in, xr, in);
             float *yr = yc + t * ldy;
-            for (int64_t o = 0; o < out; o++) yr[o] += en->scale * dl_dot(B + o * r, tp, r);
+            for (int64_t j = 0; j < r; j++) {
+                const float sj = en->scale * tp[j], *bj = bt + j * out;
+                for (int64_t o = 0; o < out; o++) yr[o] += sj * bj[o];
+            }
         }
         if (t_save) t_save += n * r;
     }

@@ -219,26 +219,79 @@ AVX512 static void tile_vnni(const gemm_job *J, int64_t t0, int64_t nt, int64_t 
 }
 #endif
 
-/* y[t, :] += v W[:, k] for the outliers (k, v) of row t, taken out of the
- * integer blocks by dl_quantize_rows. W[r, k] is formed as dl_qmat_row does. */
-static void add_outliers(const gemm_job *J, int64_t t) {
-    const dl_qmat *w = J->w;
-    const dl_qact *x = J->x;
+/* y += v W[:, k] for one column, over all panels: (yt, w, b = k / 32, kk = k % 32, v) */
+typedef void (*column_fn)(float *, const dl_qmat *, int64_t, int64_t, float);
+
+static void add_column_scalar(float *yt, const dl_qmat *w, int64_t b, int64_t kk, float v) {
     const int64_t nb = w->n_blocks;
-    float *yt = J->y + t * J->ldy;
-    for (int32_t i = 0; i < x->n_out[t]; i++) {
-        const int64_t k = x->out_k[t * nb + i], b = k / DL_QBLOCK, kk = k % DL_QBLOCK;
-        const float v = x->out_v[t * nb + i];
-        for (int64_t p = 0; p < w->n_panels; p++) {
-            const uint8_t *q = w->q + ((p * nb + b) * 8 + kk / 4) * 64 + kk % 4;
-            const float *d = w->d + (p * nb + b) * DL_QPANEL, *m = w->m + (p * nb + b) * DL_QPANEL;
-            const int64_t r0 = p * DL_QPANEL;
-            const int n_rows = w->rows - r0 < DL_QPANEL ? (int)(w->rows - r0) : DL_QPANEL;
-            for (int rr = 0; rr < n_rows; rr++) {
-                const float wv = d[rr] * (float)q[rr * 4] + m[rr];
-                yt[r0 + rr] += v * wv;
-            }
+    for (int64_t p = 0; p < w->n_panels; p++) {
+        const uint8_t *q = w->q + ((p * nb + b) * 8 + kk / 4) * 64 + kk % 4;
+        const float *d = w->d + (p * nb + b) * DL_QPANEL, *m = w->m + (p * nb + b) * DL_QPANEL;
+        const int64_t r0 = p * DL_QPANEL;
+        for (int64_t rr = 0; rr < DL_QPANEL && r0 + rr < w->rows; rr++)
+            yt[r0 + rr] = fmaf(v, fmaf(d[rr], (float)q[rr * 4], m[rr]), yt[r0 + rr]);
+    }
+}
+
+#ifdef DL_X86
+AVX512 static void add_column_avx512(float *yt, const dl_qmat *w, int64_t b, int64_t kk, float v) {
+    const int64_t nb = w->n_blocks;
+    const __m512i byte = _mm512_set1_epi32(0xFF);
+    const __m512 vv = _mm512_set1_ps(v);
+    const __m128i shift = _mm_cvtsi32_si128((int)(8 * (kk % 4)));
+    for (int64_t p = 0; p < w->n_panels; p++) {
+        const int64_t pb = p * nb + b, r0 = p * DL_QPANEL, left = w->rows - r0;
+        const __mmask16 mask = left >= DL_QPANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512i g = _mm512_loadu_si512(w->q + (pb * 8 + kk / 4) * 64);
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(g, shift), byte));
+        const __m512 wk = _mm512_fmadd_ps(_mm512_loadu_ps(w->d + pb * DL_QPANEL), q,
+                                          _mm512_loadu_ps(w->m + pb * DL_QPANEL));
+        const __m512 y = _mm512_maskz_loadu_ps(mask, yt + r0);
+        _mm512_mask_storeu_ps(yt + r0, mask, _mm512_fmadd_ps(vv, wk, y));
+    }
+}
+
+/* Whole 8-row halves of panels only; the caller finishes a partial last panel. */
+AVX2 static void add_column_avx2(float *yt, const dl_qmat *w, int64_t b, int64_t kk, float v) {
+    const int64_t nb = w->n_blocks;
+    const __m256i byte = _mm256_set1_epi32(0xFF);
+    const __m256 vv = _mm256_set1_ps(v);
+    const __m128i shift = _mm_cvtsi32_si128((int)(8 * (kk % 4)));
+    for (int64_t p = 0; p < w->n_panels; p++) {
+        const int64_t pb = p * nb + b;
+        for (int64_t rh = p * DL_QPANEL; rh < (p + 1) * DL_QPANEL && rh + 8 <= w->rows; rh += 8) {
+            const int64_t h = rh - p * DL_QPANEL;
+            const __m256i g = _mm256_loadu_si256((const __m256i *)(w->q + (pb * 8 + kk / 4) * 64 + 4 * h));
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(g, shift), byte));
+            const __m256 wk = _mm256_fmadd_ps(_mm256_loadu_ps(w->d + pb * DL_QPANEL + h), q,
+                                              _mm256_loadu_ps(w->m + pb * DL_QPANEL + h));
+            _mm256_storeu_ps(yt + rh, _mm256_fmadd_ps(vv, wk, _mm256_loadu_ps(yt + rh)));
         }
+    }
+    const int64_t done = w->rows / 8 * 8; /* rows past the last whole half, as the scalar path */
+    const int64_t p = done / DL_QPANEL, pb = p * nb + b;
+    for (int64_t r = done; r < w->rows; r++) {
+        const int64_t rr = r - p * DL_QPANEL;
+        const float wk = fmaf(w->d[pb * DL_QPANEL + rr], (float)w->q[(pb * 8 + kk / 4) * 64 + rr * 4 + kk % 4],
+                              w->m[pb * DL_QPANEL + rr]);
+        yt[r] = fmaf(v, wk, yt[r]);
+    }
+}
+#endif
+
+/* y[t, :] += v W[:, k] for the outliers (k, v) of row t, taken out of the
+ * integer blocks by dl_quantize_rows, one column at a time in column order.
+ * Column k of the packed matrix is byte k % 4 of every 32-bit lane of one
+ * 64-byte group per panel, so a panel's 16 weights come from one load. Every
+ * path forms W[r, k] = fma(d, q, m) and adds fma(v, W[r, k], y), so the paths
+ * agree bitwise. Most rows have an outlier or two (the "massive activation"
+ * channels of LLMs): as a scalar loop, each cost up to 40 % of the GEMM. */
+static void add_outliers(const gemm_job *J, int64_t t, column_fn add_column) {
+    const int64_t nb = J->w->n_blocks;
+    const dl_qact *x = J->x;
+    for (int32_t i = 0; i < x->n_out[t]; i++) {
+        const int64_t k = x->out_k[t * nb + i];
+        add_column(J->y + t * J->ldy, J->w, k / DL_QBLOCK, k % DL_QBLOCK, x->out_v[t * nb + i]);
     }
 }
 
@@ -263,7 +316,13 @@ void dl_qgemm(float *y, int64_t ldy, const dl_qact *x, int64_t n, const dl_qmat 
         }
         /* the implicit barrier above: every tile of y is written */
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < n; t++)
-            if (x->n_out[t]) add_outliers(&J, t);
+        for (int64_t t = 0; t < n; t++) {
+            if (!x->n_out[t]) continue;
+#ifdef DL_X86
+            if (isa == DL_ISA_AVX512VNNI) { add_outliers(&J, t, add_column_avx512); continue; }
+            if (isa == DL_ISA_AVX2) { add_outliers(&J, t, add_column_avx2); continue; }
+#endif
+            add_outliers(&J, t, add_column_scalar);
+        }
     }
 }

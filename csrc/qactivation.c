@@ -92,19 +92,25 @@ static int quantize_block_avx512(const float *xb, int8_t *q, float *d_out, float
     __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
     const __m512 vmax = _mm512_set1_ps(amax);
-    const uint32_t at_max = (uint32_t)_mm512_cmp_ps_mask(a0, vmax, _CMP_EQ_OQ) |
-                            ((uint32_t)_mm512_cmp_ps_mask(a1, vmax, _CMP_EQ_OQ) << 16);
-    const int top = at_max ? __builtin_ctz(at_max) : 0;
-    const __mmask16 k0 = top < 16 ? (__mmask16)(1u << top) : 0;
-    const __mmask16 k1 = top >= 16 ? (__mmask16)(1u << (top - 16)) : 0;
-    const float amax2 = _mm512_reduce_max_ps(
-        _mm512_max_ps(_mm512_maskz_mov_ps((__mmask16)~k0, a0), _mm512_maskz_mov_ps((__mmask16)~k1, a1)));
+    /* amax > 4 * (the largest of the others) exactly when the maximum is the
+     * only value with 4 |x| >= amax (4 |x| is exact, or inf when the others
+     * would give 4 * amax2 = inf too), so the second reduction is needed only
+     * for blocks that have an outlier. */
+    const __m512 four = _mm512_set1_ps(4.0f);
+    const uint32_t near_max =
+        (uint32_t)_mm512_cmp_ps_mask(_mm512_mul_ps(a0, four), vmax, _CMP_GE_OQ) |
+        ((uint32_t)_mm512_cmp_ps_mask(_mm512_mul_ps(a1, four), vmax, _CMP_GE_OQ) << 16);
     int outlier = -1;
-    if (amax > DL_OUTLIER_RATIO * amax2) {
+    if (__builtin_popcount(near_max) == 1) {
+        const uint32_t at_max = (uint32_t)_mm512_cmp_ps_mask(a0, vmax, _CMP_EQ_OQ) |
+                                ((uint32_t)_mm512_cmp_ps_mask(a1, vmax, _CMP_EQ_OQ) << 16);
+        const int top = __builtin_ctz(at_max);
+        const __mmask16 k0 = top < 16 ? (__mmask16)(1u << top) : 0;
+        const __mmask16 k1 = top >= 16 ? (__mmask16)(1u << (top - 16)) : 0;
         outlier = top;
         v0 = _mm512_maskz_mov_ps((__mmask16)~k0, v0);
         v1 = _mm512_maskz_mov_ps((__mmask16)~k1, v1);
-        amax = amax2;
+        amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     }
     /* the tree of quantize_block_scalar: (j, j+16), (j, j+8), (j, j+4), ... */
     const __m512 t16 = _mm512_add_ps(v0, v1);

@@ -11,6 +11,8 @@
  * a run of (panel pair, row chunk) items, panel-major, so the weight panel
  * stays in L1/L2 while the activations (L2-resident) stream past it. */
 #include <math.h>
+#include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "deelm.h"
@@ -219,80 +221,126 @@ AVX512 static void tile_vnni(const gemm_job *J, int64_t t0, int64_t nt, int64_t 
 }
 #endif
 
-/* y += v W[:, k] for one column, over all panels: (yt, w, b = k / 32, kk = k % 32, v) */
-typedef void (*column_fn)(float *, const dl_qmat *, int64_t, int64_t, float);
+/* ---- outliers: y[t, :] += v W[:, k] -------------------------------------- */
+/* The outliers (k, v) dl_quantize_rows took out of the integer blocks are
+ * added column by column. Every path forms W[r, k] = fma(d, q, m) and adds
+ * fma(v, W[r, k], y) for a row's outliers in column order, so the paths and
+ * the two orders below agree bitwise. Most rows have an outlier or two, in
+ * the same few channels (the "massive activations" of LLMs): one weight
+ * column decoded serves every row whose outlier sits in it. */
+#define OUT_PANELS 16 /* panels of one column decoded at a time: 256 floats */
 
-static void add_column_scalar(float *yt, const dl_qmat *w, int64_t b, int64_t kk, float v) {
-    const int64_t nb = w->n_blocks;
-    for (int64_t p = 0; p < w->n_panels; p++) {
-        const uint8_t *q = w->q + ((p * nb + b) * 8 + kk / 4) * 64 + kk % 4;
-        const float *d = w->d + (p * nb + b) * DL_QPANEL, *m = w->m + (p * nb + b) * DL_QPANEL;
-        const int64_t r0 = p * DL_QPANEL;
-        for (int64_t rr = 0; rr < DL_QPANEL && r0 + rr < w->rows; rr++)
-            yt[r0 + rr] = fmaf(v, fmaf(d[rr], (float)q[rr * 4], m[rr]), yt[r0 + rr]);
+/* wcol[16 i + rr] = W[16 (p0 + i) + rr, 32 b + kk] for i < np. Column k of the
+ * packed matrix is byte k % 4 of every 32-bit lane of one 64-byte group per
+ * panel. Rows past w->rows decode as zero weights. */
+typedef void (*decode_fn)(float *wcol, const dl_qmat *w, int64_t b, int64_t kk, int64_t p0, int64_t np);
+/* y[r] = fma(v, wcol[r], y[r]) for r < n */
+typedef void (*axpy_fn)(float *y, const float *wcol, float v, int64_t n);
+
+static void decode_scalar(float *wcol, const dl_qmat *w, int64_t b, int64_t kk, int64_t p0, int64_t np) {
+    for (int64_t i = 0; i < np; i++) {
+        const int64_t pb = (p0 + i) * w->n_blocks + b;
+        const uint8_t *q = w->q + (pb * 8 + kk / 4) * 64 + kk % 4;
+        for (int rr = 0; rr < DL_QPANEL; rr++)
+            wcol[i * DL_QPANEL + rr] = fmaf(w->d[pb * DL_QPANEL + rr], (float)q[rr * 4], w->m[pb * DL_QPANEL + rr]);
     }
+}
+
+static void axpy_scalar(float *y, const float *wcol, float v, int64_t n) {
+    for (int64_t r = 0; r < n; r++) y[r] = fmaf(v, wcol[r], y[r]);
 }
 
 #ifdef DL_X86
-AVX512 static void add_column_avx512(float *yt, const dl_qmat *w, int64_t b, int64_t kk, float v) {
-    const int64_t nb = w->n_blocks;
+AVX512 static void decode_avx512(float *wcol, const dl_qmat *w, int64_t b, int64_t kk, int64_t p0, int64_t np) {
     const __m512i byte = _mm512_set1_epi32(0xFF);
-    const __m512 vv = _mm512_set1_ps(v);
     const __m128i shift = _mm_cvtsi32_si128((int)(8 * (kk % 4)));
-    for (int64_t p = 0; p < w->n_panels; p++) {
-        const int64_t pb = p * nb + b, r0 = p * DL_QPANEL, left = w->rows - r0;
-        const __mmask16 mask = left >= DL_QPANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    for (int64_t i = 0; i < np; i++) {
+        const int64_t pb = (p0 + i) * w->n_blocks + b;
         const __m512i g = _mm512_loadu_si512(w->q + (pb * 8 + kk / 4) * 64);
         const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(g, shift), byte));
-        const __m512 wk = _mm512_fmadd_ps(_mm512_loadu_ps(w->d + pb * DL_QPANEL), q,
-                                          _mm512_loadu_ps(w->m + pb * DL_QPANEL));
-        const __m512 y = _mm512_maskz_loadu_ps(mask, yt + r0);
-        _mm512_mask_storeu_ps(yt + r0, mask, _mm512_fmadd_ps(vv, wk, y));
+        _mm512_storeu_ps(wcol + i * DL_QPANEL, _mm512_fmadd_ps(_mm512_loadu_ps(w->d + pb * DL_QPANEL), q,
+                                                               _mm512_loadu_ps(w->m + pb * DL_QPANEL)));
     }
 }
 
-/* Whole 8-row halves of panels only; the caller finishes a partial last panel. */
-AVX2 static void add_column_avx2(float *yt, const dl_qmat *w, int64_t b, int64_t kk, float v) {
-    const int64_t nb = w->n_blocks;
+AVX512 static void axpy_avx512(float *y, const float *wcol, float v, int64_t n) {
+    const __m512 vv = _mm512_set1_ps(v);
+    for (int64_t r = 0; r < n; r += 16) {
+        const __mmask16 m = n - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - r)) - 1);
+        _mm512_mask_storeu_ps(y + r, m, _mm512_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, wcol + r),
+                                                        _mm512_maskz_loadu_ps(m, y + r)));
+    }
+}
+
+AVX2 static void decode_avx2(float *wcol, const dl_qmat *w, int64_t b, int64_t kk, int64_t p0, int64_t np) {
     const __m256i byte = _mm256_set1_epi32(0xFF);
-    const __m256 vv = _mm256_set1_ps(v);
     const __m128i shift = _mm_cvtsi32_si128((int)(8 * (kk % 4)));
-    for (int64_t p = 0; p < w->n_panels; p++) {
-        const int64_t pb = p * nb + b;
-        for (int64_t rh = p * DL_QPANEL; rh < (p + 1) * DL_QPANEL && rh + 8 <= w->rows; rh += 8) {
-            const int64_t h = rh - p * DL_QPANEL;
-            const __m256i g = _mm256_loadu_si256((const __m256i *)(w->q + (pb * 8 + kk / 4) * 64 + 4 * h));
-            const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(g, shift), byte));
-            const __m256 wk = _mm256_fmadd_ps(_mm256_loadu_ps(w->d + pb * DL_QPANEL + h), q,
-                                              _mm256_loadu_ps(w->m + pb * DL_QPANEL + h));
-            _mm256_storeu_ps(yt + rh, _mm256_fmadd_ps(vv, wk, _mm256_loadu_ps(yt + rh)));
-        }
+    for (int64_t i = 0; i < 2 * np; i++) { /* half panels of 8 rows */
+        const int64_t pb = (p0 + i / 2) * w->n_blocks + b, h = 8 * (i % 2);
+        const __m256i g = _mm256_loadu_si256((const __m256i *)(w->q + (pb * 8 + kk / 4) * 64 + 4 * h));
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(g, shift), byte));
+        _mm256_storeu_ps(wcol + 8 * i, _mm256_fmadd_ps(_mm256_loadu_ps(w->d + pb * DL_QPANEL + h), q,
+                                                       _mm256_loadu_ps(w->m + pb * DL_QPANEL + h)));
     }
-    const int64_t done = w->rows / 8 * 8; /* rows past the last whole half, as the scalar path */
-    const int64_t p = done / DL_QPANEL, pb = p * nb + b;
-    for (int64_t r = done; r < w->rows; r++) {
-        const int64_t rr = r - p * DL_QPANEL;
-        const float wk = fmaf(w->d[pb * DL_QPANEL + rr], (float)w->q[(pb * 8 + kk / 4) * 64 + rr * 4 + kk % 4],
-                              w->m[pb * DL_QPANEL + rr]);
-        yt[r] = fmaf(v, wk, yt[r]);
-    }
+}
+
+AVX2 static void axpy_avx2(float *y, const float *wcol, float v, int64_t n) {
+    const __m256 vv = _mm256_set1_ps(v);
+    int64_t r = 0;
+    for (; r + 8 <= n; r += 8)
+        _mm256_storeu_ps(y + r, _mm256_fmadd_ps(vv, _mm256_loadu_ps(wcol + r), _mm256_loadu_ps(y + r)));
+    for (; r < n; r++) y[r] = fmaf(v, wcol[r], y[r]);
 }
 #endif
 
-/* y[t, :] += v W[:, k] for the outliers (k, v) of row t, taken out of the
- * integer blocks by dl_quantize_rows, one column at a time in column order.
- * Column k of the packed matrix is byte k % 4 of every 32-bit lane of one
- * 64-byte group per panel, so a panel's 16 weights come from one load. Every
- * path forms W[r, k] = fma(d, q, m) and adds fma(v, W[r, k], y), so the paths
- * agree bitwise. Most rows have an outlier or two (the "massive activation"
- * channels of LLMs): as a scalar loop, each cost up to 40 % of the GEMM. */
-static void add_outliers(const gemm_job *J, int64_t t, column_fn add_column) {
-    const int64_t nb = J->w->n_blocks;
+typedef struct {
+    int32_t k, t;
+    float v;
+} outlier;
+
+static int by_column_then_row(const void *pa, const void *pb) {
+    const outlier *a = (const outlier *)pa, *b = (const outlier *)pb;
+    if (a->k != b->k) return a->k < b->k ? -1 : 1;
+    return (a->t > b->t) - (a->t < b->t);
+}
+
+/* The outliers of rows [t0, t1), each distinct column decoded once per panel
+ * chunk. Without memory for the list, row by row (the same bits). */
+static void add_outliers(const gemm_job *J, int64_t t0, int64_t t1, decode_fn decode, axpy_fn axpy) {
+    const dl_qmat *w = J->w;
     const dl_qact *x = J->x;
-    for (int32_t i = 0; i < x->n_out[t]; i++) {
-        const int64_t k = x->out_k[t * nb + i];
-        add_column(J->y + t * J->ldy, J->w, k / DL_QBLOCK, k % DL_QBLOCK, x->out_v[t * nb + i]);
+    const int64_t nb = w->n_blocks;
+    float wcol[OUT_PANELS * DL_QPANEL];
+    int64_t count = 0;
+    for (int64_t t = t0; t < t1; t++) count += x->n_out[t];
+    if (!count) return;
+    outlier *list = (outlier *)malloc((size_t)count * sizeof(outlier));
+    if (list) {
+        int64_t i = 0;
+        for (int64_t t = t0; t < t1; t++)
+            for (int32_t j = 0; j < x->n_out[t]; j++)
+                list[i++] = (outlier){x->out_k[t * nb + j], (int32_t)t, x->out_v[t * nb + j]};
+        qsort(list, (size_t)count, sizeof(outlier), by_column_then_row);
     }
+    for (int64_t p0 = 0; p0 < w->n_panels; p0 += OUT_PANELS) {
+        const int64_t np = w->n_panels - p0 < OUT_PANELS ? w->n_panels - p0 : OUT_PANELS;
+        const int64_t r0 = p0 * DL_QPANEL, nr = w->rows - r0 < np * DL_QPANEL ? w->rows - r0 : np * DL_QPANEL;
+        if (list) {
+            for (int64_t i = 0; i < count; i++) {
+                if (i == 0 || list[i].k != list[i - 1].k)
+                    decode(wcol, w, list[i].k / DL_QBLOCK, list[i].k % DL_QBLOCK, p0, np);
+                axpy(J->y + list[i].t * J->ldy + r0, wcol, list[i].v, nr);
+            }
+        } else {
+            for (int64_t t = t0; t < t1; t++)
+                for (int32_t j = 0; j < x->n_out[t]; j++) {
+                    const int64_t k = x->out_k[t * nb + j];
+                    decode(wcol, w, k / DL_QBLOCK, k % DL_QBLOCK, p0, np);
+                    axpy(J->y + t * J->ldy + r0, wcol, x->out_v[t * nb + j], nr);
+                }
+        }
+    }
+    free(list);
 }
 
 void dl_qgemm(float *y, int64_t ldy, const dl_qact *x, int64_t n, const dl_qmat *w,
@@ -315,14 +363,13 @@ void dl_qgemm(float *y, int64_t ldy, const dl_qact *x, int64_t n, const dl_qmat 
             tile_scalar(&J, t0, nt, p0, np);
         }
         /* the implicit barrier above: every tile of y is written */
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n; t++) {
-            if (!x->n_out[t]) continue;
+        const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t t0 = n * tid / nth, t1 = n * (tid + 1) / nth;
 #ifdef DL_X86
-            if (isa == DL_ISA_AVX512VNNI) { add_outliers(&J, t, add_column_avx512); continue; }
-            if (isa == DL_ISA_AVX2) { add_outliers(&J, t, add_column_avx2); continue; }
+        if (isa == DL_ISA_AVX512VNNI) add_outliers(&J, t0, t1, decode_avx512, axpy_avx512);
+        else if (isa == DL_ISA_AVX2) add_outliers(&J, t0, t1, decode_avx2, axpy_avx2);
+        else
 #endif
-            add_outliers(&J, t, add_column_scalar);
-        }
+            add_outliers(&J, t0, t1, decode_scalar, axpy_scalar);
     }
 }

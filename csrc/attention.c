@@ -28,7 +28,7 @@ static int64_t longest(const int64_t *seq_off, int64_t n_seq) {
 }
 
 /* row[0, n) = softmax(row[0, n)), row[n, n_total) = 0. */
-DL_VECTOR_MATH static void softmax_row(float *row, int64_t n, int64_t n_total) {
+DL_VECTOR_MATH DL_CLONES static void softmax_row(float *row, int64_t n, int64_t n_total) {
     float mx = row[0];
     for (int64_t j = 1; j < n; j++) mx = row[j] > mx ? row[j] : mx;
     for (int64_t j = 0; j < n; j++) row[j] = dl_expf(row[j] - mx);

@@ -15,6 +15,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A function built once per vector width and chosen at load time (an ifunc):
+ * the baseline build is 4-wide SSE. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DL_CLONES
+#endif
+
 enum {
     DL_OK = 0,
     DL_ERR_NOMEM = -1,

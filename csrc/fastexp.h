@@ -14,13 +14,6 @@
  * otherwise keeps branches, for NaN's sake, and the loop stays scalar). */
 #define DL_VECTOR_MATH __attribute__((optimize("finite-math-only", "no-signed-zeros")))
 
-/* A function built once per vector width and chosen at load time (an ifunc):
- * the baseline build is 4-wide SSE. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DL_CLONES
-#endif
 
 DL_VECTOR_MATH static inline __attribute__((always_inline)) float dl_expf(float x) {
     x = x < -87.0f ? -87.0f : x;

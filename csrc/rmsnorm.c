@@ -3,7 +3,7 @@
 
 #include "deelm.h"
 
-void dl_rmsnorm_forward(float *out, const float *x, const float *w,
+DL_CLONES void dl_rmsnorm_forward(float *out, const float *x, const float *w,
                         int64_t n, int64_t d, float eps) {
     for (int64_t t = 0; t < n; t++) {
         const float *xt = x + t * d;

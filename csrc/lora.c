@@ -102,6 +102,63 @@ int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n
     return size;
 }
 
+#define LORA_TILE 8 /* token rows that share each pass over B^T */
+
+/* t[j] = A[j] . x for j < r (A: [r, in]) */
+DL_CLONES static void lora_down_row(float *t, const float *A, const float *x, int64_t r, int64_t in) {
+    for (int64_t j = 0; j < r; j++) t[j] = dl_dot(A + j * in, x, in);
+}
+
+/* y[i, o] += sum_j s[i, j] B^T[j, o] for rows i < nt and 16 outputs from o:
+ * each output's sum runs over j in order and is added to y once. nt is a
+ * constant at both calls, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void
+lora_up16(float *y, int64_t ldy, const float s[][DL_LORA_MAX_RANK], const int64_t nt, int64_t r,
+          const float *bt, int64_t out, int64_t o) {
+    dl_v8 acc[LORA_TILE][2] = {{{0}}};
+    for (int64_t j = 0; j < r; j++) {
+        const dl_v8 b0 = dl_load8(bt + j * out + o), b1 = dl_load8(bt + j * out + o + 8);
+        for (int64_t i = 0; i < nt; i++) {
+            acc[i][0] += s[i][j] * b0;
+            acc[i][1] += s[i][j] * b1;
+        }
+    }
+    for (int64_t i = 0; i < nt; i++) {
+        dl_store8(y + i * ldy + o, dl_load8(y + i * ldy + o) + acc[i][0]);
+        dl_store8(y + i * ldy + o + 8, dl_load8(y + i * ldy + o + 8) + acc[i][1]);
+    }
+}
+
+/* The same sums for the outputs past the last multiple of 16, one at a time. */
+static void lora_up_tail(float *y, int64_t ldy, const float s[][DL_LORA_MAX_RANK], int64_t nt,
+                         int64_t r, const float *bt, int64_t out, int64_t o0) {
+    for (int64_t i = 0; i < nt; i++)
+        for (int64_t o = o0; o < out; o++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < r; j++) acc += s[i][j] * bt[j * out + o];
+            y[i * ldy + o] += acc;
+        }
+}
+
+/* y[i] += scale B t[i] for the nt <= LORA_TILE rows of a tile; t: [nt, r],
+ * bt = B^T: [r, out]. A row's result does not depend on the rows beside it:
+ * a partial tile goes row by row, through the same sums. */
+DL_CLONES static void lora_up_tile(float *y, int64_t ldy, const float *t, int64_t nt, int64_t r,
+                                   const float *bt, int64_t out, float scale) {
+    float s[LORA_TILE][DL_LORA_MAX_RANK];
+    for (int64_t i = 0; i < nt; i++)
+        for (int64_t j = 0; j < r; j++) s[i][j] = scale * t[i * r + j];
+    const int64_t o16 = out / 16 * 16;
+    for (int64_t o = 0; o < o16; o += 16) {
+        if (nt == LORA_TILE) {
+            lora_up16(y, ldy, s, LORA_TILE, r, bt, out, o);
+        } else {
+            for (int64_t i = 0; i < nt; i++) lora_up16(y + i * ldy, ldy, s + i, 1, r, bt, out, o);
+        }
+    }
+    lora_up_tail(y, ldy, s, nt, r, bt, out, o16);
+}
+
 void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int fused, float *y,
                      int64_t ldy, const float *x, int64_t n, float *t_save, dl_dropout drop,
                      float *scratch, int n_threads) {
@@ -112,21 +169,18 @@ void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int f
         const int64_t r = en->rank, in = en->in, out = en->out;
         const float *A = lo->params + en->off_a, *B = lo->params + en->off_b;
         float *yc = y + dl_module_row0(c, (int)en->module);
-        /* B^T, so each row's y += B (scale t) is r passes over contiguous
-         * outputs that vectorize, instead of `out` dot products of length r */
+        /* B^T: a tile of rows then reads it once, 16 contiguous outputs at a
+         * time, instead of each row taking `out` dot products of length r */
         float *bt = scratch + n * in;
         for (int64_t o = 0; o < out; o++)
             for (int64_t j = 0; j < r; j++) bt[j * out + o] = B[o * r + j];
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int64_t t = 0; t < n; t++) {
-            const float *xr = input_row(x, in, drop, e, t, scratch + t * in);
-            float tt[DL_LORA_MAX_RANK], *tp = t_save ? t_save + t * r : tt;
-            for (int64_t j = 0; j < r; j++) tp[j] = dl_dot(A + j * in, xr, in);
-            float *yr = yc + t * ldy;
-            for (int64_t j = 0; j < r; j++) {
-                const float sj = en->scale * tp[j], *bj = bt + j * out;
-                for (int64_t o = 0; o < out; o++) yr[o] += sj * bj[o];
-            }
+        for (int64_t t0 = 0; t0 < n; t0 += LORA_TILE) {
+            const int64_t nt = n - t0 < LORA_TILE ? n - t0 : LORA_TILE;
+            float tt[LORA_TILE * DL_LORA_MAX_RANK], *tp = t_save ? t_save + t0 * r : tt;
+            for (int64_t i = 0; i < nt; i++)
+                lora_down_row(tp + i * r, A, input_row(x, in, drop, e, t0 + i, scratch + (t0 + i) * in), r, in);
+            lora_up_tile(yc + t0 * ldy, ldy, tp, nt, r, bt, out, en->scale);
         }
         if (t_save) t_save += n * r;
     }

@@ -8,9 +8,10 @@
  * work grows with the square of the length: 12 % of a 400-token text's FLOPs).
  * Which way a sentence goes depends on its length alone, so a sentence gets
  * the same bits in any batch.
- * Grouped-query: query head h reads key/value head h / (nh / nkv). */
+ * Grouped-query: query head h reads key/value head h / (nh / nkv).
+ * A query's keys (causal or not, sliding window or not, dl_attn_spec) are
+ * always one contiguous range of its sentence. */
 #include <cblas.h>
-#include <math.h>
 #include <stdlib.h>
 
 #include "deelm.h"
@@ -25,6 +26,13 @@ static int64_t longest(const int64_t *seq_off, int64_t n_seq) {
     for (int64_t s = 0; s < n_seq; s++)
         if (seq_off[s + 1] - seq_off[s] > m) m = seq_off[s + 1] - seq_off[s];
     return m;
+}
+
+/* The keys [*j0, *j1) query i of a len-token sentence sees. */
+static void key_range(const dl_attn_spec *sp, int64_t i, int64_t len, int64_t *j0, int64_t *j1) {
+    const int64_t w = sp->window;
+    *j0 = w > 0 && i - w + 1 > 0 ? i - w + 1 : 0;
+    *j1 = sp->causal ? i + 1 : (w > 0 && i + w < len ? i + w : len);
 }
 
 /* row[0, n) = softmax(row[0, n)), row[n, n_total) = 0. */
@@ -43,13 +51,20 @@ DL_VECTOR_MATH DL_CLONES static void softmax_row(float *row, int64_t n, int64_t 
     for (j = n; j < n_total; j++) row[j] = 0.0f;
 }
 
-/* One (sentence, head) by sgemm: S = scale Q K^T [len, len], softmax, O = S V. */
+/* One (sentence, head) by sgemm: S = scale Q K^T [len, len], softmax over
+ * each query's keys (0 elsewhere), O = S V. */
 static void head_by_gemm(float *o, int64_t o_stride, const float *q, const float *k, const float *v,
-                         int64_t stride, int64_t len, int64_t hd, float scale, int causal,
+                         int64_t stride, int64_t len, int64_t hd, const dl_attn_spec *sp,
                          float *scores) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)len, (blasint)len, (blasint)hd,
-                scale, q, (blasint)stride, k, (blasint)stride, 0.0f, scores, (blasint)len);
-    for (int64_t i = 0; i < len; i++) softmax_row(scores + i * len, causal ? i + 1 : len, len);
+                sp->scale, q, (blasint)stride, k, (blasint)stride, 0.0f, scores, (blasint)len);
+    for (int64_t i = 0; i < len; i++) {
+        int64_t j0, j1;
+        key_range(sp, i, len, &j0, &j1);
+        float *row = scores + i * len;
+        for (int64_t j = 0; j < j0; j++) row[j] = 0.0f;
+        softmax_row(row + j0, j1 - j0, len - j0);
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)len, (blasint)hd, (blasint)len,
                 1.0f, scores, (blasint)len, v, (blasint)stride, 0.0f, o, (blasint)o_stride);
 }
@@ -57,13 +72,13 @@ static void head_by_gemm(float *o, int64_t o_stride, const float *q, const float
 int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
                          const int64_t *seq_off, int64_t n_seq,
                          int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                         int causal, int n_threads) {
+                         dl_attn_spec spec, int n_threads) {
     const int64_t max_len = longest(seq_off, n_seq);
     if (max_len == 0) return DL_OK;
     const int64_t group = n_heads / n_kv_heads;
     const int64_t k_col = n_heads * head_dim, v_col = k_col + n_kv_heads * head_dim;
     const int64_t out_stride = n_heads * head_dim;
-    const float scale = 1.0f / sqrtf((float)head_dim);
+    const float scale = spec.scale;
     int failed = 0;
 
 #pragma omp parallel num_threads(n_threads)
@@ -85,21 +100,23 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
                     const float *k0 = qkv + base * qkv_stride + k_col + kvh * head_dim;
                     const float *v0 = qkv + base * qkv_stride + v_col + kvh * head_dim;
                     head_by_gemm(out + base * out_stride + h * head_dim, out_stride, q0, k0, v0,
-                                 qkv_stride, len, head_dim, scale, causal, scores);
+                                 qkv_stride, len, head_dim, &spec, scores);
                     continue;
                 }
                 for (int64_t i = 0; i < len; i++) {
                     const float *q = qkv + (base + i) * qkv_stride + h * head_dim;
-                    const int64_t n_keys = causal ? i + 1 : len;
+                    int64_t j0, j1;
+                    key_range(&spec, i, len, &j0, &j1);
+                    const int64_t n_keys = j1 - j0;
                     for (int64_t j = 0; j < n_keys; j++) {
-                        const float *k = qkv + (base + j) * qkv_stride + k_col + kvh * head_dim;
+                        const float *k = qkv + (base + j0 + j) * qkv_stride + k_col + kvh * head_dim;
                         scores[j] = dl_dot(q, k, head_dim) * scale;
                     }
                     softmax_row(scores, n_keys, n_keys);
                     float *o = out + (base + i) * out_stride + h * head_dim;
                     for (int64_t c = 0; c < head_dim; c++) o[c] = 0.0f;
                     for (int64_t j = 0; j < n_keys; j++) {
-                        const float *v = qkv + (base + j) * qkv_stride + v_col + kvh * head_dim;
+                        const float *v = qkv + (base + j0 + j) * qkv_stride + v_col + kvh * head_dim;
                         const float p = scores[j];
                         for (int64_t c = 0; c < head_dim; c++) o[c] += p * v[c];
                     }
@@ -118,16 +135,19 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
  * p, dp: [len] scratch rows. */
 static void kv_head_backward(float *dqkv, const float *dout, int64_t out_stride, const float *qkv,
                              int64_t stride, int64_t base, int64_t len, int64_t kvh,
-                             int64_t group, int64_t hd, int64_t k_col, int64_t v_col, float scale,
-                             int causal, float *p, float *dp) {
+                             int64_t group, int64_t hd, int64_t k_col, int64_t v_col,
+                             const dl_attn_spec *sp, float *p, float *dp) {
+    const float scale = sp->scale;
     for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
         for (int64_t i = 0; i < len; i++) {
             const float *q = qkv + (base + i) * stride + h * hd;
             const float *g = dout + (base + i) * out_stride + h * hd;
-            const int64_t n_keys = causal ? i + 1 : len;
+            int64_t j0, j1;
+            key_range(sp, i, len, &j0, &j1);
+            const int64_t n_keys = j1 - j0, b0 = base + j0;
             for (int64_t j = 0; j < n_keys; j++) {
-                const float *k = qkv + (base + j) * stride + k_col + kvh * hd;
-                const float *v = qkv + (base + j) * stride + v_col + kvh * hd;
+                const float *k = qkv + (b0 + j) * stride + k_col + kvh * hd;
+                const float *v = qkv + (b0 + j) * stride + v_col + kvh * hd;
                 p[j] = dl_dot(q, k, hd) * scale;
                 dp[j] = dl_dot(g, v, hd);
             }
@@ -137,9 +157,9 @@ static void kv_head_backward(float *dqkv, const float *dout, int64_t out_stride,
             float *dq = dqkv + (base + i) * stride + h * hd;
             for (int64_t j = 0; j < n_keys; j++) {
                 const float ds = p[j] * (dp[j] - pdp) * scale;
-                const float *k = qkv + (base + j) * stride + k_col + kvh * hd;
-                float *dk = dqkv + (base + j) * stride + k_col + kvh * hd;
-                float *dv = dqkv + (base + j) * stride + v_col + kvh * hd;
+                const float *k = qkv + (b0 + j) * stride + k_col + kvh * hd;
+                float *dk = dqkv + (b0 + j) * stride + k_col + kvh * hd;
+                float *dv = dqkv + (b0 + j) * stride + v_col + kvh * hd;
                 for (int64_t c = 0; c < hd; c++) {
                     dq[c] += ds * k[c];
                     dk[c] += ds * q[c];
@@ -153,14 +173,13 @@ static void kv_head_backward(float *dqkv, const float *dout, int64_t out_stride,
 int dl_attention_backward(float *dqkv, const float *dout, const float *qkv, int64_t qkv_stride,
                           const int64_t *seq_off, int64_t n_seq,
                           int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                          int causal, int n_threads) {
+                          dl_attn_spec spec, int n_threads) {
     const int64_t N = seq_off[n_seq];
     for (int64_t i = 0; i < N * qkv_stride; i++) dqkv[i] = 0.0f;
     const int64_t max_len = longest(seq_off, n_seq);
     if (max_len == 0) return DL_OK;
     const int64_t group = n_heads / n_kv_heads;
     const int64_t k_col = n_heads * head_dim, v_col = k_col + n_kv_heads * head_dim;
-    const float scale = 1.0f / sqrtf((float)head_dim);
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
@@ -175,7 +194,7 @@ int dl_attention_backward(float *dqkv, const float *dout, const float *qkv, int6
                 if (p)
                     kv_head_backward(dqkv, dout, n_heads * head_dim, qkv, qkv_stride, seq_off[s],
                                      seq_off[s + 1] - seq_off[s], kvh, group, head_dim, k_col,
-                                     v_col, scale, causal, p, p + max_len);
+                                     v_col, &spec, p, p + max_len);
         free(p);
     }
     return failed ? DL_ERR_NOMEM : DL_OK;

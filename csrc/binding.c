@@ -187,30 +187,54 @@ static int decode_tensor(PyObject *tensors, const char *name, int64_t cols, int6
     return decode_ref(name, &t, dst);
 }
 
-/* The nine weights of a layer, in the order bind_layer stores them. */
-#define N_LAYER_TENSORS 9
-typedef struct {
-    const char *suffix;
-    int64_t cols, rows;
-} layer_spec;
-
-static void layer_specs(const dl_config *c, layer_spec s[N_LAYER_TENSORS]) {
-    const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
-    const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
-    const layer_spec all[N_LAYER_TENSORS] = {
-        {"attn_norm", d, 1}, {"attn_q", d, dq}, {"attn_k", d, dkv}, {"attn_v", d, dkv},
-        {"attn_output", dq, d}, {"ffn_norm", d, 1}, {"ffn_gate", d, f}, {"ffn_up", d, f},
-        {"ffn_down", f, d},
-    };
-    memcpy(s, all, sizeof all);
-}
-
 /* Where one file tensor goes: a float vector, or rows row0.. of a linear layer. */
 typedef struct {
     float *vec;
     dl_linear *lin;
     int64_t row0;
 } weight_dst;
+
+/* A layer's weights: the nine of LLaMA's block, then the q/k head norms
+ * (cfg.qk_norm) and the post-norms (cfg.post_norms). */
+#define MAX_LAYER_TENSORS 13
+typedef struct {
+    const char *suffix;
+    int64_t cols, rows;
+    weight_dst dst; /* its place in ly (zeros when ly is NULL) */
+} layer_spec;
+
+/* The weights layer ly (or any layer, when ly is NULL) of config c reads;
+ * returns their count. q, k, v are stacked into one fused matrix, gate and
+ * up into another. */
+static int layer_specs(const dl_config *c, dl_layer *ly, layer_spec s[MAX_LAYER_TENSORS]) {
+    const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
+    const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
+    dl_layer none;
+    memset(&none, 0, sizeof none);
+    dl_layer *y = ly ? ly : &none;
+    const layer_spec base[9] = {
+        {"attn_norm", d, 1, {y->attn_norm, NULL, 0}},
+        {"attn_q", d, dq, {NULL, &y->wqkv, 0}},
+        {"attn_k", d, dkv, {NULL, &y->wqkv, dq}},
+        {"attn_v", d, dkv, {NULL, &y->wqkv, dq + dkv}},
+        {"attn_output", dq, d, {NULL, &y->wo, 0}},
+        {"ffn_norm", d, 1, {y->ffn_norm, NULL, 0}},
+        {"ffn_gate", d, f, {NULL, &y->wgate_up, 0}},
+        {"ffn_up", d, f, {NULL, &y->wgate_up, f}},
+        {"ffn_down", f, d, {NULL, &y->wdown, 0}},
+    };
+    memcpy(s, base, sizeof base);
+    int n = 9;
+    if (c->qk_norm) {
+        s[n++] = (layer_spec){"attn_q_norm", hd, 1, {y->q_norm, NULL, 0}};
+        s[n++] = (layer_spec){"attn_k_norm", hd, 1, {y->k_norm, NULL, 0}};
+    }
+    if (c->post_norms) {
+        s[n++] = (layer_spec){"post_attention_norm", d, 1, {y->post_attn_norm, NULL, 0}};
+        s[n++] = (layer_spec){"post_ffw_norm", d, 1, {y->post_ffn_norm, NULL, 0}};
+    }
+    return n;
+}
 
 /* Decodes (float32) or packs (int8) a checked tensor into its place and
  * releases it. */
@@ -242,21 +266,16 @@ static int store_ref(const char *name, tensor_ref *t, weight_dst dst) {
 static int bind_layer(dl_model *m, int64_t l, PyObject *tensors) {
     const dl_config *c = &m->cfg;
     dl_layer *ly = &m->layers[l];
-    const int64_t f = c->hidden_dim, hd = c->head_dim;
+    const int64_t hd = c->head_dim;
     const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
-    /* q, k, v stacked into one fused matrix, gate and up into another */
-    const weight_dst dst[N_LAYER_TENSORS] = {
-        {ly->attn_norm, NULL, 0}, {NULL, &ly->wqkv, 0}, {NULL, &ly->wqkv, dq},
-        {NULL, &ly->wqkv, dq + dkv}, {NULL, &ly->wo, 0}, {ly->ffn_norm, NULL, 0},
-        {NULL, &ly->wgate_up, 0}, {NULL, &ly->wgate_up, f}, {NULL, &ly->wdown, 0}};
-    layer_spec spec[N_LAYER_TENSORS];
-    layer_specs(c, spec);
+    layer_spec spec[MAX_LAYER_TENSORS];
+    const int n_spec = layer_specs(c, ly, spec);
     char name[64];
-    for (int i = 0; i < N_LAYER_TENSORS; i++) {
+    for (int i = 0; i < n_spec; i++) {
         snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, spec[i].suffix);
         tensor_ref t;
         if (get_tensor(tensors, name, spec[i].cols, spec[i].rows, 0, &t) < 0) return -1;
-        if (store_ref(name, &t, dst[i]) < 0) return -1;
+        if (store_ref(name, &t, spec[i].dst) < 0) return -1;
     }
     /* optional q/k/v biases (Qwen2); an absent one is zero */
     static const char *bias_names[3] = {"attn_q.bias", "attn_k.bias", "attn_v.bias"};
@@ -283,8 +302,8 @@ static int bind_layer(dl_model *m, int64_t l, PyObject *tensors) {
  * before anything is allocated from it: a corrupted dimension must fail here,
  * not after gigabytes of weight buffers were requested. */
 static int check_all_shapes(PyObject *tensors, const dl_config *c) {
-    layer_spec spec[N_LAYER_TENSORS];
-    layer_specs(c, spec);
+    layer_spec spec[MAX_LAYER_TENSORS];
+    const int n_spec = layer_specs(c, NULL, spec);
     char name[64];
     tensor_ref t;
     if (get_tensor(tensors, "token_embd", c->dim, c->vocab_size, 0, &t) < 0) return -1;
@@ -292,7 +311,7 @@ static int check_all_shapes(PyObject *tensors, const dl_config *c) {
     if (get_tensor(tensors, "output_norm", c->dim, 1, 0, &t) < 0) return -1;
     PyBuffer_Release(&t.view);
     for (int64_t l = 0; l < c->n_layers; l++)
-        for (int i = 0; i < N_LAYER_TENSORS; i++) {
+        for (int i = 0; i < n_spec; i++) {
             snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, spec[i].suffix);
             if (get_tensor(tensors, name, spec[i].cols, spec[i].rows, 0, &t) < 0) return -1;
             PyBuffer_Release(&t.view);
@@ -322,7 +341,98 @@ static void Model_dealloc(ModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int parse_config(PyObject *cfg, dl_config *c, PyObject **inv_freq_out) {
+/* A float32 vector config entry of n values (a new reference), or NULL with
+ * an exception set. */
+static PyObject *get_vector(PyObject *cfg, const char *key, int64_t n) {
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "model config lacks '%s'", key);
+        return NULL;
+    }
+    PyObject *arr = PyArray_FROMANY(v, NPY_FLOAT32, 1, 1, NPY_ARRAY_CARRAY);
+    if (arr && PyArray_DIM((PyArrayObject *)arr, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "%s has %lld entries; head_dim needs %lld", key,
+                     (long long)PyArray_DIM((PyArrayObject *)arr, 0), (long long)n);
+        Py_CLEAR(arr);
+    }
+    return arr;
+}
+
+/* The arrays of a model config, besides its scalars in dl_config. */
+typedef struct {
+    PyObject *inv_freq;       /* float32 [hd / 2] */
+    PyObject *inv_freq_local; /* float32 [hd / 2], or NULL */
+    PyObject *window;         /* int64 [L], or NULL (no sliding window anywhere) */
+} config_arrays;
+
+static void config_arrays_clear(config_arrays *a) {
+    Py_CLEAR(a->inv_freq);
+    Py_CLEAR(a->inv_freq_local);
+    Py_CLEAR(a->window);
+}
+
+static int has_key(PyObject *dict, const char *key) { return PyDict_GetItemString(dict, key) != NULL; }
+
+/* The block features beyond LLaMA's (dl_config); each key is optional and
+ * defaults to LLaMA's block. */
+static int parse_features(PyObject *cfg, dl_config *c, config_arrays *arr) {
+    c->embed_scale = 1.0f;
+    c->attn_scale = 1.0f / sqrtf((float)c->head_dim);
+    c->ffn_act = DL_ACT_SILU;
+    int64_t flag;
+    if (has_key(cfg, "embed_scale") && get_f32(cfg, "embed_scale", &c->embed_scale) < 0) return -1;
+    if (has_key(cfg, "attn_scale") && get_f32(cfg, "attn_scale", &c->attn_scale) < 0) return -1;
+    if (!(c->embed_scale > 0.0f) || !(c->attn_scale > 0.0f)) {
+        PyErr_Format(PyExc_ValueError, "embed_scale %g and attn_scale %g must be positive",
+                     (double)c->embed_scale, (double)c->attn_scale);
+        return -1;
+    }
+    PyObject *act = PyDict_GetItemString(cfg, "ffn_act");
+    if (act) {
+        const char *name = PyUnicode_Check(act) ? PyUnicode_AsUTF8(act) : NULL;
+        if (name && strcmp(name, "silu") == 0) c->ffn_act = DL_ACT_SILU;
+        else if (name && strcmp(name, "gelu_tanh") == 0) c->ffn_act = DL_ACT_GELU_TANH;
+        else {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "model config 'ffn_act' must be 'silu' or 'gelu_tanh'");
+            return -1;
+        }
+    }
+    if (has_key(cfg, "qk_norm")) {
+        if (get_i64(cfg, "qk_norm", 0, 1, &flag) < 0) return -1;
+        c->qk_norm = (int)flag;
+    }
+    if (has_key(cfg, "post_norms")) {
+        if (get_i64(cfg, "post_norms", 0, 1, &flag) < 0) return -1;
+        c->post_norms = (int)flag;
+    }
+    if (has_key(cfg, "inv_freq_local")) {
+        if (!(arr->inv_freq_local = get_vector(cfg, "inv_freq_local", c->head_dim / 2))) return -1;
+        c->rope_local = 1;
+    }
+    PyObject *w = PyDict_GetItemString(cfg, "sliding_window");
+    if (w) {
+        arr->window = PyArray_FROMANY(w, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY);
+        if (!arr->window) return -1;
+        const int64_t n = PyArray_DIM((PyArrayObject *)arr->window, 0);
+        if (n != c->n_layers) {
+            PyErr_Format(PyExc_ValueError, "sliding_window has %lld entries for %lld layers",
+                         (long long)n, (long long)c->n_layers);
+            return -1;
+        }
+        const int64_t *v = (const int64_t *)PyArray_DATA((PyArrayObject *)arr->window);
+        for (int64_t l = 0; l < n; l++)
+            if (v[l] < 0 || v[l] > INT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "sliding_window[%lld] = %lld is outside [0, %d]",
+                             (long long)l, (long long)v[l], INT32_MAX);
+                return -1;
+            }
+    }
+    return 0;
+}
+
+/* Fills c and arr (release with config_arrays_clear, also on failure). */
+static int parse_config(PyObject *cfg, dl_config *c, config_arrays *arr) {
     int64_t rope_style;
     if (get_i64(cfg, "n_layers", 1, 4096, &c->n_layers) < 0 ||
         get_i64(cfg, "dim", 1, DIM_LIMIT, &c->dim) < 0 ||
@@ -348,22 +458,8 @@ static int parse_config(PyObject *cfg, dl_config *c, PyObject **inv_freq_out) {
         PyErr_Format(PyExc_ValueError, "rms_eps %g is outside (0, 1)", (double)c->rms_eps);
         return -1;
     }
-    PyObject *inv = PyDict_GetItemString(cfg, "inv_freq");
-    if (!inv) {
-        PyErr_SetString(PyExc_ValueError, "model config lacks 'inv_freq'");
-        return -1;
-    }
-    PyObject *arr = PyArray_FROMANY(inv, NPY_FLOAT32, 1, 1, NPY_ARRAY_CARRAY);
-    if (!arr) return -1;
-    if (PyArray_DIM((PyArrayObject *)arr, 0) != c->head_dim / 2) {
-        PyErr_Format(PyExc_ValueError, "inv_freq has %lld entries; head_dim %lld needs %lld",
-                     (long long)PyArray_DIM((PyArrayObject *)arr, 0), (long long)c->head_dim,
-                     (long long)(c->head_dim / 2));
-        Py_DECREF(arr);
-        return -1;
-    }
-    *inv_freq_out = arr;
-    return 0;
+    if (!(arr->inv_freq = get_vector(cfg, "inv_freq", c->head_dim / 2))) return -1;
+    return parse_features(cfg, c, arr);
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
@@ -389,20 +485,25 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     }
     dl_config c;
     memset(&c, 0, sizeof c);
-    PyObject *inv = NULL;
-    if (parse_config(cfg, &c, &inv) < 0) return -1;
-    if (check_all_shapes(tensors, &c) < 0) {
-        Py_DECREF(inv);
+    config_arrays arr = {NULL, NULL, NULL};
+    if (parse_config(cfg, &c, &arr) < 0 || check_all_shapes(tensors, &c) < 0) {
+        config_arrays_clear(&arr);
         return -1;
     }
     dl_model *m = dl_model_alloc(&c, precision, isa);
     if (!m) {
-        Py_DECREF(inv);
+        config_arrays_clear(&arr);
         PyErr_NoMemory();
         return -1;
     }
-    memcpy(m->inv_freq, PyArray_DATA((PyArrayObject *)inv), (size_t)(c.head_dim / 2) * sizeof(float));
-    Py_DECREF(inv);
+    const size_t half = (size_t)(c.head_dim / 2) * sizeof(float);
+    memcpy(m->inv_freq, PyArray_DATA((PyArrayObject *)arr.inv_freq), half);
+    if (arr.inv_freq_local)
+        memcpy(m->inv_freq_local, PyArray_DATA((PyArrayObject *)arr.inv_freq_local), half);
+    if (arr.window)
+        for (int64_t l = 0; l < c.n_layers; l++)
+            m->layers[l].window = ((const int64_t *)PyArray_DATA((PyArrayObject *)arr.window))[l];
+    config_arrays_clear(&arr);
 
     tensor_ref embd;
     if (get_tensor(tensors, "token_embd", c.dim, c.vocab_size, 0, &embd) < 0) goto fail;
@@ -924,17 +1025,30 @@ done:
 static PyObject *Model_get_config(ModelObject *self, void *closure) {
     (void)closure;
     if (check_ready(self) < 0) return NULL;
-    const dl_config *c = &self->model->cfg;
-    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:d,s:i,s:s,s:s,s:s}", "n_layers",
-                         (long long)c->n_layers, "dim", (long long)c->dim, "hidden_dim",
-                         (long long)c->hidden_dim, "n_heads", (long long)c->n_heads, "n_kv_heads",
-                         (long long)c->n_kv_heads, "head_dim", (long long)c->head_dim,
-                         "vocab_size", (long long)c->vocab_size, "rms_eps", (double)c->rms_eps,
-                         "rope_style", c->rope_style, "token_embd_type",
-                         dl_type_name(self->model->tok_embd_type), "precision",
-                         self->model->precision == DL_PRECISION_INT8 ? "int8" : "float32", "isa",
-                         self->model->precision == DL_PRECISION_INT8 ? dl_isa_name(self->model->isa)
-                                                                     : "openblas");
+    const dl_model *m = self->model;
+    const dl_config *c = &m->cfg;
+    PyObject *window = PyList_New(c->n_layers);
+    if (!window) return NULL;
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        PyObject *w = PyLong_FromLongLong((long long)m->layers[l].window);
+        if (!w) {
+            Py_DECREF(window);
+            return NULL;
+        }
+        PyList_SET_ITEM(window, l, w);
+    }
+    return Py_BuildValue(
+        "{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:d,s:i,s:s,s:s,s:s,s:d,s:d,s:s,s:i,s:i,s:i,s:N}",
+        "n_layers", (long long)c->n_layers, "dim", (long long)c->dim, "hidden_dim",
+        (long long)c->hidden_dim, "n_heads", (long long)c->n_heads, "n_kv_heads",
+        (long long)c->n_kv_heads, "head_dim", (long long)c->head_dim, "vocab_size",
+        (long long)c->vocab_size, "rms_eps", (double)c->rms_eps, "rope_style", c->rope_style,
+        "token_embd_type", dl_type_name(m->tok_embd_type), "precision",
+        m->precision == DL_PRECISION_INT8 ? "int8" : "float32", "isa",
+        m->precision == DL_PRECISION_INT8 ? dl_isa_name(m->isa) : "openblas", "embed_scale",
+        (double)c->embed_scale, "attn_scale", (double)c->attn_scale, "ffn_act",
+        c->ffn_act == DL_ACT_GELU_TANH ? "gelu_tanh" : "silu", "qk_norm", c->qk_norm,
+        "post_norms", c->post_norms, "rope_local", c->rope_local, "sliding_window", window);
 }
 
 static PyMethodDef Model_methods[] = {
@@ -975,7 +1089,7 @@ static PyTypeObject ModelType = {
     .tp_name = "deelm._core.Model",
     .tp_basicsize = sizeof(ModelObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Model(config, tensors): LLaMA-family weights bound for the forward pass.",
+    .tp_doc = "Model(config, tensors): LLaMA-family or Gemma-3 weights bound for the forward pass.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Model_init,
     .tp_dealloc = (destructor)Model_dealloc,
@@ -1061,12 +1175,28 @@ static PyObject *op_rope_backward(PyObject *mod, PyObject *args) {
     return rope_op(args, 1);
 }
 
+/* The attention spec of the test ops: scale 0 means 1/sqrt(hd). */
+static int attn_spec(dl_attn_spec *spec, long long hd, int causal, double scale, long long window) {
+    if (!(scale >= 0.0 && isfinite(scale)) || window < 0 || window > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "attention: scale must be >= 0 (0: 1/sqrt(hd)) and "
+                        "window in [0, 2^31)");
+        return -1;
+    }
+    spec->scale = scale > 0.0 ? (float)scale : 1.0f / sqrtf((float)hd);
+    spec->causal = causal;
+    spec->window = window;
+    return 0;
+}
+
 static PyObject *op_attention(PyObject *mod, PyObject *args) {
     (void)mod;
     PyObject *qo, *oo;
-    long long nh, nkv, hd;
+    long long nh, nkv, hd, window = 0;
     int causal, threads;
-    if (!PyArg_ParseTuple(args, "OOLLLpi", &qo, &oo, &nh, &nkv, &hd, &causal, &threads)) return NULL;
+    double scale = 0.0;
+    if (!PyArg_ParseTuple(args, "OOLLLpi|dL", &qo, &oo, &nh, &nkv, &hd, &causal, &threads, &scale,
+                          &window))
+        return NULL;
     PyArrayObject *qkv = as_f32(qo, 2);
     PyArrayObject *off = qkv ? (PyArrayObject *)PyArray_FROMANY(oo, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY) : NULL;
     PyObject *out = NULL;
@@ -1078,6 +1208,8 @@ static PyObject *op_attention(PyObject *mod, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "attention: inconsistent shapes");
         goto done;
     }
+    dl_attn_spec spec;
+    if (attn_spec(&spec, hd, causal, scale, window) < 0) goto done;
     for (int64_t s = 0; s < n_seq; s++)
         if (o[s + 1] < o[s]) {
             PyErr_SetString(PyExc_ValueError, "attention: offsets decrease");
@@ -1089,7 +1221,7 @@ static PyObject *op_attention(PyObject *mod, PyObject *args) {
     int err;
     Py_BEGIN_ALLOW_THREADS
     err = dl_attention_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(qkv),
-                               (nh + 2 * nkv) * hd, o, n_seq, nh, nkv, hd, causal, threads);
+                               (nh + 2 * nkv) * hd, o, n_seq, nh, nkv, hd, spec, threads);
     Py_END_ALLOW_THREADS
     if (err) {
         Py_CLEAR(out);
@@ -1101,23 +1233,33 @@ done:
     return out;
 }
 
-static PyObject *op_swiglu(PyObject *mod, PyObject *args) {
-    (void)mod;
+/* swiglu(gu) and geglu(gu): the gated unit with the activation `act`. */
+static PyObject *glu_op(PyObject *args, int act) {
     PyObject *go;
     if (!PyArg_ParseTuple(args, "O", &go)) return NULL;
     PyArrayObject *gu = as_f32(go, 2);
     if (!gu) return NULL;
     PyObject *out = NULL;
     if (PyArray_DIM(gu, 1) % 2) {
-        PyErr_SetString(PyExc_ValueError, "swiglu: the fused input needs an even width");
+        PyErr_SetString(PyExc_ValueError, "glu: the fused input needs an even width");
     } else {
         npy_intp dims[2] = {PyArray_DIM(gu, 0), PyArray_DIM(gu, 1) / 2};
         if ((out = new_f32(2, dims)))
-            dl_swiglu_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(gu), dims[0],
-                              dims[1], 1);
+            dl_glu_forward(act, PyArray_DATA((PyArrayObject *)out), PyArray_DATA(gu), dims[0],
+                           dims[1], 1);
     }
     Py_DECREF(gu);
     return out;
+}
+
+static PyObject *op_swiglu(PyObject *mod, PyObject *args) {
+    (void)mod;
+    return glu_op(args, DL_ACT_SILU);
+}
+
+static PyObject *op_geglu(PyObject *mod, PyObject *args) {
+    (void)mod;
+    return glu_op(args, DL_ACT_GELU_TANH);
 }
 
 static PyObject *op_linear(PyObject *mod, PyObject *args) {
@@ -1370,29 +1512,41 @@ static PyObject *op_rmsnorm_backward(PyObject *mod, PyObject *args) {
     return dx;
 }
 
-static PyObject *op_swiglu_backward(PyObject *mod, PyObject *args) {
-    (void)mod;
+/* swiglu_backward(gu, dout) and geglu_backward(gu, dout). */
+static PyObject *glu_backward_op(PyObject *args, int act) {
     PyObject *go, *do_;
     if (!PyArg_ParseTuple(args, "OO", &go, &do_)) return NULL;
     PyArrayObject *gu = as_f32(go, 2), *dout = gu ? as_f32(do_, 2) : NULL;
     PyObject *dgu = NULL;
     if (dout && (PyArray_DIM(gu, 1) % 2 || PyArray_DIM(dout, 0) != PyArray_DIM(gu, 0) ||
                  2 * PyArray_DIM(dout, 1) != PyArray_DIM(gu, 1)))
-        PyErr_SetString(PyExc_ValueError, "swiglu_backward: gu [n, 2f] and dout [n, f]");
+        PyErr_SetString(PyExc_ValueError, "glu_backward: gu [n, 2f] and dout [n, f]");
     else if (dout && (dgu = new_f32(2, PyArray_DIMS(gu))))
-        dl_swiglu_backward(PyArray_DATA((PyArrayObject *)dgu), PyArray_DATA(dout),
-                           PyArray_DATA(gu), PyArray_DIM(gu, 0), PyArray_DIM(dout, 1), 1);
+        dl_glu_backward(act, PyArray_DATA((PyArrayObject *)dgu), PyArray_DATA(dout),
+                        PyArray_DATA(gu), PyArray_DIM(gu, 0), PyArray_DIM(dout, 1), 1);
     Py_XDECREF(gu);
     Py_XDECREF(dout);
     return dgu;
 }
 
+static PyObject *op_swiglu_backward(PyObject *mod, PyObject *args) {
+    (void)mod;
+    return glu_backward_op(args, DL_ACT_SILU);
+}
+
+static PyObject *op_geglu_backward(PyObject *mod, PyObject *args) {
+    (void)mod;
+    return glu_backward_op(args, DL_ACT_GELU_TANH);
+}
+
 static PyObject *op_attention_backward(PyObject *mod, PyObject *args) {
     (void)mod;
     PyObject *qo, *oo, *go;
-    long long nh, nkv, hd;
+    long long nh, nkv, hd, window = 0;
     int causal, threads;
-    if (!PyArg_ParseTuple(args, "OOOLLLpi", &qo, &oo, &go, &nh, &nkv, &hd, &causal, &threads))
+    double scale = 0.0;
+    if (!PyArg_ParseTuple(args, "OOOLLLpi|dL", &qo, &oo, &go, &nh, &nkv, &hd, &causal, &threads,
+                          &scale, &window))
         return NULL;
     PyArrayObject *qkv = as_f32(qo, 2);
     PyArrayObject *off = qkv ? (PyArrayObject *)PyArray_FROMANY(oo, NPY_INT64, 1, 1, NPY_ARRAY_CARRAY) : NULL;
@@ -1407,6 +1561,8 @@ static PyObject *op_attention_backward(PyObject *mod, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "attention_backward: inconsistent shapes");
         goto done;
     }
+    dl_attn_spec spec;
+    if (attn_spec(&spec, hd, causal, scale, window) < 0) goto done;
     for (int64_t s = 0; s < n_seq; s++)
         if (o[s + 1] < o[s]) {
             PyErr_SetString(PyExc_ValueError, "attention_backward: offsets decrease");
@@ -1417,7 +1573,7 @@ static PyObject *op_attention_backward(PyObject *mod, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     err = dl_attention_backward(PyArray_DATA((PyArrayObject *)dqkv), PyArray_DATA(g),
                                 PyArray_DATA(qkv), (nh + 2 * nkv) * hd, o, n_seq, nh, nkv, hd,
-                                causal, threads);
+                                spec, threads);
     Py_END_ALLOW_THREADS
     if (err) {
         Py_CLEAR(dqkv);
@@ -1436,16 +1592,21 @@ static PyMethodDef module_methods[] = {
      "rope(x[n, heads, hd], pos int32[n], inv_freq[hd/2], style) -> rotated copy; style 0 "
      "interleaved pairs, 1 rotate-half"},
     {"attention", op_attention, METH_VARARGS,
-     "attention(qkv[N, (nh+2nkv) hd], seq_offsets int64[n+1], nh, nkv, hd, causal, threads) -> [N, nh hd]"},
+     "attention(qkv[N, (nh+2nkv) hd], seq_offsets int64[n+1], nh, nkv, hd, causal, threads, "
+     "scale=1/sqrt(hd), window=0) -> [N, nh hd]"},
     {"swiglu", op_swiglu, METH_VARARGS, "swiglu(gu[n, 2f]) -> silu(g) * u, [n, f]"},
+    {"geglu", op_geglu, METH_VARARGS, "geglu(gu[n, 2f]) -> gelu_tanh(g) * u, [n, f]"},
     {"rmsnorm_backward", op_rmsnorm_backward, METH_VARARGS,
      "rmsnorm_backward(x[n, d], w[d], eps, dout[n, d]) -> dx"},
     {"rope_backward", op_rope_backward, METH_VARARGS,
      "rope_backward(dx[n, heads, hd], pos, inv_freq, style) -> the gradient before the rotation"},
     {"attention_backward", op_attention_backward, METH_VARARGS,
-     "attention_backward(qkv, seq_offsets, dout[N, nh hd], nh, nkv, hd, causal, threads) -> dqkv"},
+     "attention_backward(qkv, seq_offsets, dout[N, nh hd], nh, nkv, hd, causal, threads, "
+     "scale=1/sqrt(hd), window=0) -> dqkv"},
     {"swiglu_backward", op_swiglu_backward, METH_VARARGS,
      "swiglu_backward(gu[n, 2f], dout[n, f]) -> dgu[n, 2f]"},
+    {"geglu_backward", op_geglu_backward, METH_VARARGS,
+     "geglu_backward(gu[n, 2f], dout[n, f]) -> dgu[n, 2f]"},
     {"linear", op_linear, METH_VARARGS, "linear(x[n, in], w[out, in], threads=1) -> x w^T"},
     {"dequantize", op_dequantize, METH_VARARGS, "dequantize(type, bytes, n) -> float32[n]"},
     {"qlinear", op_qlinear, METH_VARARGS,
@@ -1475,7 +1636,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (!m) return NULL;
     Py_INCREF(&ModelType);
     PyObject *ops = Py_BuildValue("(sssssssss)", "qkv", "attn_output", "gate_up", "down",
-                                  "attention", "rmsnorm", "rope", "swiglu", "embed_pool");
+                                  "attention", "rmsnorm", "rope", "glu", "embed_pool");
     if (!ops || PyModule_AddObject(m, "OP_NAMES", ops) < 0) {
         Py_XDECREF(ops);
         Py_DECREF(m);

@@ -173,7 +173,24 @@ typedef struct {
     int64_t vocab_size;  /* V */
     float rms_eps;
     int rope_style;      /* DL_ROPE_* */
+    /* Block features beyond LLaMA's (Gemma-3 has all of them). A LLaMA model
+     * has embed_scale 1, attn_scale 1/sqrt(hd), DL_ACT_SILU and the flags 0,
+     * and then computes exactly what it did before these fields existed. */
+    float embed_scale;   /* token embeddings are multiplied by this (Gemma: sqrt(d)) */
+    float attn_scale;    /* attention scores are q.k times this */
+    int ffn_act;         /* DL_ACT_* of the gated feed-forward unit */
+    int qk_norm;         /* 1: RMSNorm over hd on every q and k head, before RoPE */
+    int post_norms;      /* 1: RMSNorm on the attention and the MLP outputs before
+                            each residual add */
+    int rope_local;      /* 1: layers with a sliding window rotate with their own
+                            frequencies (dl_model.inv_freq_local) */
 } dl_config;
+
+/* The activation of the gated feed-forward unit h = act(gate) * up. */
+enum {
+    DL_ACT_SILU = 0,      /* SwiGLU: LLaMA, Mistral, Qwen2 */
+    DL_ACT_GELU_TANH = 1, /* GeGLU with tanh-approximated GELU: Gemma */
+};
 
 /* How linear layers compute. */
 enum {
@@ -196,6 +213,11 @@ typedef struct {
     float *ffn_norm;     /* [d] */
     dl_linear wgate_up;  /* [2 f, d]: gate rows then up rows */
     dl_linear wdown;     /* [d, f] */
+    float *q_norm;       /* [hd] when cfg.qk_norm, else NULL */
+    float *k_norm;       /* [hd] when cfg.qk_norm, else NULL */
+    float *post_attn_norm; /* [d] when cfg.post_norms, else NULL */
+    float *post_ffn_norm;  /* [d] when cfg.post_norms, else NULL */
+    int64_t window;      /* sliding window (dl_attn_spec), 0 for none */
 } dl_layer;
 
 typedef struct {
@@ -207,6 +229,7 @@ typedef struct {
     int64_t tok_embd_row_bytes;
     float *output_norm;      /* [d] */
     float *inv_freq;         /* [hd / 2] rotary frequencies */
+    float *inv_freq_local;   /* [hd / 2] those of layers with a window, when cfg.rope_local */
     dl_layer *layers;        /* [L] */
     int precision;           /* DL_PRECISION_* */
     int isa;                 /* DL_ISA_* path of the int8 GEMM */
@@ -233,6 +256,10 @@ void dl_rmsnorm_backward(float *dx, const float *dout, const float *x, const flo
 /* One row of it, for c * dout. */
 void dl_rmsnorm_backward_row(float *dx, const float *dout, float c, const float *x,
                              const float *w, int64_t d, float eps);
+/* y[t] += rmsnorm(x[t]) * w, for rows t in [0, n): a normed branch added to
+ * the residual stream (Gemma's post-norms). x, y: [n, d]. */
+void dl_rmsnorm_add_forward(float *y, const float *x, const float *w, int64_t n, int64_t d,
+                            float eps);
 
 /* ---- rope.c -------------------------------------------------------------- */
 
@@ -255,16 +282,28 @@ void dl_rope_backward(float *dx, int64_t n, int64_t stride, int64_t n_heads,
 
 /* ---- attention.c --------------------------------------------------------- */
 
+/* Which keys each query sees, and the score scale. Query i of a sentence
+ * attends to key j of the same sentence when
+ *   causal:         j <= i, and i - j < window when window > 0;
+ *   bidirectional:  any j,  and |i - j| < window when window > 0.
+ * The bidirectional window is the causal one mirrored (window - 1 neighbours
+ * on each side), which is also what transformers' Gemma-3 does with
+ * use_bidirectional_attention, up to its choice of window size. */
+typedef struct {
+    float scale;    /* scores are q.k * scale */
+    int causal;
+    int64_t window; /* 0: the whole sentence */
+} dl_attn_spec;
+
 /* Scaled dot-product attention per sentence and head, grouped-query.
  * qkv: [N, qkv_stride] rows holding q (nh hd) then k (nkv hd) then v (nkv hd);
- * out: [N, nh hd]. Token i of a sentence attends to tokens j <= i when causal,
- * to every token of its own sentence otherwise; never across sentences.
+ * out: [N, nh hd]. Keys as `spec` says, never across sentences.
  * Parallel over (sentence, head) with n_threads; returns DL_ERR_NOMEM if the
  * per-thread score buffers cannot be allocated. */
 int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
                          const int64_t *seq_off, int64_t n_seq,
                          int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                         int causal, int n_threads);
+                         dl_attn_spec spec, int n_threads);
 /* Gradients of dl_attention_forward: given its input qkv (q and k already
  * rotated) and dout [N, nh hd], writes dqkv [N, qkv_stride] (dq, dk, dv in
  * the layout of qkv). Parallel over (sentence, key/value head), so the
@@ -272,16 +311,16 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
 int dl_attention_backward(float *dqkv, const float *dout, const float *qkv, int64_t qkv_stride,
                           const int64_t *seq_off, int64_t n_seq,
                           int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                          int causal, int n_threads);
+                          dl_attn_spec spec, int n_threads);
 
-/* ---- swiglu.c ------------------------------------------------------------ */
+/* ---- glu.c: the gated feed-forward activation ------------------------------ */
 
-/* out[t, j] = silu(gu[t, j]) * gu[t, f + j].  gu: [n, 2f]; out: [n, f]. */
-void dl_swiglu_forward(float *out, const float *gu, int64_t n, int64_t f,
-                       int n_threads);
+/* out[t, j] = act(gu[t, j]) * gu[t, f + j] for act = DL_ACT_SILU (SwiGLU) or
+ * DL_ACT_GELU_TANH (GeGLU).  gu: [n, 2f]; out: [n, f]. */
+void dl_glu_forward(int act, float *out, const float *gu, int64_t n, int64_t f, int n_threads);
 /* dgu [n, 2f] (written) from dout [n, f] and the forward input gu. */
-void dl_swiglu_backward(float *dgu, const float *dout, const float *gu, int64_t n, int64_t f,
-                        int n_threads);
+void dl_glu_backward(int act, float *dgu, const float *dout, const float *gu, int64_t n, int64_t f,
+                     int n_threads);
 
 /* ---- linear.c ------------------------------------------------------------ */
 
@@ -393,7 +432,7 @@ typedef struct {
 /* The kinds of op the forward pass times (op_seconds indices). */
 enum {
     DL_OP_QKV, DL_OP_ATTN_OUT, DL_OP_GATE_UP, DL_OP_DOWN, /* linear layers */
-    DL_OP_ATTENTION, DL_OP_RMSNORM, DL_OP_ROPE, DL_OP_SWIGLU, DL_OP_EMBED_POOL, DL_N_OPS
+    DL_OP_ATTENTION, DL_OP_RMSNORM, DL_OP_ROPE, DL_OP_GLU, DL_OP_EMBED_POOL, DL_N_OPS
 };
 
 /* Runs the model over one packed batch. Inputs must have been validated
@@ -408,6 +447,7 @@ typedef struct {
     int64_t gemm_rows;  /* R >= N rows of every float32 GEMM (zero rows appended) */
     int32_t *pos;       /* [N] position of each token in its sentence */
     float *rope_cs;     /* [max_len, hd/2, 2] */
+    float *rope_cs_local; /* [max_len, hd/2, 2] from inv_freq_local, when cfg.rope_local */
     dl_qact qx;         /* int8 copy of a GEMM input */
     float *scratch;     /* LoRA scratch [R, widest input], when the model has LoRA */
     dl_dropout drop;    /* LoRA dropout (training), p = 0 otherwise */
@@ -422,21 +462,29 @@ void dl_batch_free(dl_batch *b);
 
 /* The activations of one layer, [R, ...] each. Inference reuses one set for
  * every layer, the residual updated in place (x_in == x_mid == x_out,
- * xb1 == xb2); training keeps every trained layer's own for the backward. */
+ * xb1 == xb2, ao == fo, no qk_raw); training keeps every trained layer's own
+ * for the backward. */
 typedef struct {
     float *x_in, *x_mid, *x_out; /* [R, d] residual before, after attention, after the MLP */
     float *xb1, *xb2;            /* [R, d] normed inputs of the attention and the MLP */
-    float *qkv;                  /* [R, qkv] q, k rotated */
+    float *qkv;                  /* [R, qkv] q, k normed (qk_norm) and rotated */
+    float *qk_raw;               /* [R, (nh + nkv) hd] q, k before their norm (training,
+                                    qk_norm), else NULL */
     float *att;                  /* [R, nh hd] attention output */
+    float *ao, *fo;              /* [R, d] attention and MLP outputs before their post-norm
+                                    (post_norms), else NULL */
     float *gu;                   /* [R, 2f] */
     float *h;                    /* [R, f] */
     float *lora_t[DL_N_FUSED];   /* LoRA's drop(x) A^T per fused layer (training), or NULL */
 } dl_layer_acts;
 
-/* Floats one set of activations takes, and how it is laid out in them. */
-int64_t dl_layer_acts_floats(const dl_config *c, int64_t R);
+/* Floats one set of activations takes, and how it is laid out in them;
+ * `training` as dl_layer_acts_carve's separate_residuals. */
+int64_t dl_layer_acts_floats(const dl_config *c, int64_t R, int training);
 void dl_layer_acts_carve(dl_layer_acts *a, const dl_config *c, int64_t R, float *mem,
                          int separate_residuals);
+/* The rotary table layer l uses in batch b. */
+const float *dl_layer_rope(const dl_model *m, int64_t l, const dl_batch *b);
 /* Layer l on a->x_in, writing the rest of a. */
 int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_acts *a,
                      dl_batch *b);

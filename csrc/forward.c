@@ -1,10 +1,12 @@
 /* The encoder forward pass over one packed batch (no vocabulary head).
  *
- * Per layer l (x is the [N, d] residual stream):
- *   xb  = rmsnorm(x) ; qkv = xb Wqkv^T ; rope(q, k) ; a = attention(qkv)
- *   x  += a Wo^T
- *   xb  = rmsnorm(x) ; gu = xb Wgu^T ; h = silu(g) * u
- *   x  += h Wdown^T
+ * x (the [N, d] residual stream) = embedding(tokens) * embed_scale, then per
+ * layer l (the [bracketed] steps only where the config has them):
+ *   xb  = rmsnorm(x) ; qkv = xb Wqkv^T ; [rmsnorm each q, k head] ; rope(q, k)
+ *   a   = attention(qkv)                  (scale, sliding window of layer l)
+ *   x  += [post_attn_rmsnorm](a Wo^T)
+ *   xb  = rmsnorm(x) ; gu = xb Wgu^T ; h = act(g) * u   (silu or gelu_tanh)
+ *   x  += [post_ffn_rmsnorm](h Wdown^T)
  * Attention in layer l is bidirectional when l >= bidirectional_from >= 0. */
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +28,7 @@
 void dl_batch_free(dl_batch *b) {
     free(b->pos);
     free(b->rope_cs);
+    free(b->rope_cs_local);
     free(b->scratch);
     dl_qact_free(&b->qx);
     memset(b, 0, sizeof *b);
@@ -52,23 +55,33 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
     b->n_threads = n_threads > 0 ? n_threads : 1;
     const int64_t R = b->gemm_rows, widest = widest_input(c);
     b->pos = (int32_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
-    b->rope_cs = (float *)malloc((size_t)(max_len > 0 ? max_len : 1) * c->head_dim * sizeof(float));
+    const size_t table = (size_t)(max_len > 0 ? max_len : 1) * c->head_dim * sizeof(float);
+    b->rope_cs = (float *)malloc(table);
+    b->rope_cs_local = c->rope_local ? (float *)malloc(table) : NULL;
     b->scratch = m->lora
                      ? (float *)malloc((size_t)dl_lora_scratch_floats(m->lora, c, R, widest) * sizeof(float))
                      : NULL;
     int qerr = m->precision == DL_PRECISION_INT8 ? dl_qact_alloc(&b->qx, R, widest) : DL_OK;
-    if (qerr || !b->pos || !b->rope_cs || (m->lora && !b->scratch)) {
+    if (qerr || !b->pos || !b->rope_cs || (c->rope_local && !b->rope_cs_local) ||
+        (m->lora && !b->scratch)) {
         dl_batch_free(b);
         return DL_ERR_NOMEM;
     }
     dl_rope_table(b->rope_cs, max_len, c->head_dim / 2, m->inv_freq);
+    if (c->rope_local) dl_rope_table(b->rope_cs_local, max_len, c->head_dim / 2, m->inv_freq_local);
     for (int64_t s = 0; s < n_seq; s++)
         for (int64_t t = seq_off[s]; t < seq_off[s + 1]; t++) b->pos[t] = (int32_t)(t - seq_off[s]);
     return DL_OK;
 }
 
-int64_t dl_layer_acts_floats(const dl_config *c, int64_t R) {
-    return R * (5 * c->dim + dl_qkv_dim(c) + c->n_heads * c->head_dim + 3 * c->hidden_dim);
+/* Width of the q and k heads of a qkv row. */
+static int64_t qk_width(const dl_config *c) { return (c->n_heads + c->n_kv_heads) * c->head_dim; }
+
+int64_t dl_layer_acts_floats(const dl_config *c, int64_t R, int training) {
+    int64_t per_row = 5 * c->dim + dl_qkv_dim(c) + c->n_heads * c->head_dim + 3 * c->hidden_dim;
+    if (c->post_norms) per_row += (training ? 2 : 1) * c->dim;
+    if (c->qk_norm && training) per_row += qk_width(c);
+    return R * per_row;
 }
 
 void dl_layer_acts_carve(dl_layer_acts *a, const dl_config *c, int64_t R, float *mem,
@@ -84,15 +97,33 @@ void dl_layer_acts_carve(dl_layer_acts *a, const dl_config *c, int64_t R, float 
     a->qkv = mem; mem += R * dl_qkv_dim(c);
     a->att = mem; mem += R * c->n_heads * c->head_dim;
     a->gu = mem; mem += R * 2 * c->hidden_dim;
-    a->h = mem;
+    a->h = mem; mem += R * c->hidden_dim;
+    if (c->post_norms) {
+        a->ao = mem; mem += R * d;
+        if (separate_residuals) {
+            a->fo = mem; mem += R * d;
+        } else {
+            a->fo = a->ao;
+        }
+    }
+    if (c->qk_norm && separate_residuals) a->qk_raw = mem;
+}
+
+const float *dl_layer_rope(const dl_model *m, int64_t l, const dl_batch *b) {
+    return m->cfg.rope_local && m->layers[l].window > 0 ? b->rope_cs_local : b->rope_cs;
 }
 
 static void embed_tokens(const dl_model *m, const int32_t *tokens, int64_t n, float *x, int nt) {
     const int64_t d = m->cfg.dim;
+    const float scale = m->cfg.embed_scale;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < n; t++)
+    for (int64_t t = 0; t < n; t++) {
+        float *xt = x + t * d;
         dl_dequantize(m->tok_embd_type, m->tok_embd + (int64_t)tokens[t] * m->tok_embd_row_bytes,
-                      x + t * d, d);
+                      xt, d);
+        if (scale != 1.0f)
+            for (int64_t i = 0; i < d; i++) xt[i] *= scale;
+    }
 }
 
 /* Row-parallel forms of the per-token ops. */
@@ -100,6 +131,26 @@ static void rmsnorm_rows(float *out, const float *x, const float *w, int64_t n, 
                          float eps, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < n; t++) dl_rmsnorm_forward(out + t * d, x + t * d, w, 1, d, eps);
+}
+
+/* RMSNorm over head_dim of every q head (weights wq [hd]) and k head (wk)
+ * of the n rows of qkv [n, stride], in place. */
+static void qk_norm_rows(float *qkv, int64_t n, int64_t stride, const dl_config *c, const float *wq,
+                         const float *wk, int nt) {
+    const int64_t hd = c->head_dim;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t h = 0; h < c->n_heads + c->n_kv_heads; h++) {
+            float *v = qkv + t * stride + h * hd;
+            dl_rmsnorm_forward(v, v, h < c->n_heads ? wq : wk, 1, hd, c->rms_eps);
+        }
+}
+
+/* y[t] += rmsnorm(x[t]) * w, row-parallel. */
+static void rmsnorm_add_rows(float *y, const float *x, const float *w, int64_t n, int64_t d,
+                             float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < n; t++) dl_rmsnorm_add_forward(y + t * d, x + t * d, w, 1, d, eps);
 }
 
 static void rope_rows(float *qkv, int64_t n, int64_t stride, const dl_config *c,
@@ -141,11 +192,26 @@ static void linear(const dl_model *m, int64_t l, int fused, float *y, const floa
                         b->drop, b->scratch, b->n_threads);
 }
 
+/* x_out = x_in + [post_norm](y), y = x W^T of fused layer `fused` into y_buf
+ * when there is a post-norm (w_post), else accumulated into x_out directly. */
+static void residual_branch(const dl_model *m, int64_t l, int fused, float *x_out,
+                            const float *x_in, float *y_buf, const float *w_post, const float *x,
+                            const dl_layer_acts *a, dl_batch *b) {
+    const int64_t R = b->gemm_rows, d = m->cfg.dim;
+    if (x_out != x_in) memcpy(x_out, x_in, (size_t)(R * d) * sizeof(float));
+    if (!w_post) {
+        linear(m, l, fused, x_out, x, 1, a, b);
+        return;
+    }
+    linear(m, l, fused, y_buf, x, 0, a, b);
+    rmsnorm_add_rows(x_out, y_buf, w_post, b->n_rows, d, m->cfg.rms_eps, b->n_threads);
+}
+
 int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_acts *a,
                      dl_batch *b) {
     const dl_config *c = &m->cfg;
     const dl_layer *ly = &m->layers[l];
-    const int64_t N = b->n_rows, R = b->gemm_rows, d = c->dim, qkv = dl_qkv_dim(c);
+    const int64_t N = b->n_rows, d = c->dim, qkv = dl_qkv_dim(c);
     const int nt = b->n_threads;
 
     rmsnorm_rows(a->xb1, a->x_in, ly->attn_norm, N, d, c->rms_eps, nt);
@@ -155,24 +221,31 @@ int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_ac
         for (int64_t t = 0; t < N; t++)
             for (int64_t i = 0; i < qkv; i++) a->qkv[t * qkv + i] += ly->bqkv[i];
     lap(b, DL_OP_QKV);
-    rope_rows(a->qkv, N, qkv, c, b->pos, b->rope_cs, nt);
+    if (c->qk_norm) {
+        if (a->qk_raw)
+            for (int64_t t = 0; t < N; t++)
+                memcpy(a->qk_raw + t * qk_width(c), a->qkv + t * qkv,
+                       (size_t)qk_width(c) * sizeof(float));
+        qk_norm_rows(a->qkv, N, qkv, c, ly->q_norm, ly->k_norm, nt);
+        lap(b, DL_OP_RMSNORM);
+    }
+    rope_rows(a->qkv, N, qkv, c, b->pos, dl_layer_rope(m, l, b), nt);
     lap(b, DL_OP_ROPE);
+    const dl_attn_spec spec = {c->attn_scale, causal, ly->window};
     int err = dl_attention_forward(a->att, a->qkv, qkv, b->seq_off, b->n_seq, c->n_heads,
-                                   c->n_kv_heads, c->head_dim, causal, nt);
+                                   c->n_kv_heads, c->head_dim, spec, nt);
     if (err) return err;
     lap(b, DL_OP_ATTENTION);
-    if (a->x_mid != a->x_in) memcpy(a->x_mid, a->x_in, (size_t)(R * d) * sizeof(float));
-    linear(m, l, DL_FUSED_O, a->x_mid, a->att, 1, a, b);
+    residual_branch(m, l, DL_FUSED_O, a->x_mid, a->x_in, a->ao, ly->post_attn_norm, a->att, a, b);
     lap(b, DL_OP_ATTN_OUT);
 
     rmsnorm_rows(a->xb2, a->x_mid, ly->ffn_norm, N, d, c->rms_eps, nt);
     lap(b, DL_OP_RMSNORM);
     linear(m, l, DL_FUSED_GATE_UP, a->gu, a->xb2, 0, a, b);
     lap(b, DL_OP_GATE_UP);
-    dl_swiglu_forward(a->h, a->gu, N, c->hidden_dim, nt);
-    lap(b, DL_OP_SWIGLU);
-    if (a->x_out != a->x_mid) memcpy(a->x_out, a->x_mid, (size_t)(R * d) * sizeof(float));
-    linear(m, l, DL_FUSED_DOWN, a->x_out, a->h, 1, a, b);
+    dl_glu_forward(c->ffn_act, a->h, a->gu, N, c->hidden_dim, nt);
+    lap(b, DL_OP_GLU);
+    residual_branch(m, l, DL_FUSED_DOWN, a->x_out, a->x_mid, a->fo, ly->post_ffn_norm, a->h, a, b);
     lap(b, DL_OP_DOWN);
     return DL_OK;
 }
@@ -187,7 +260,7 @@ int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
     b.op_seconds = a->op_seconds;
     b.clock = a->op_seconds ? omp_get_wtime() : 0.0;
     /* zeroed: the padding rows of the float32 GEMMs must be 0 */
-    float *mem = (float *)calloc((size_t)dl_layer_acts_floats(c, b.gemm_rows), sizeof(float));
+    float *mem = (float *)calloc((size_t)dl_layer_acts_floats(c, b.gemm_rows, 0), sizeof(float));
     if (!mem) {
         dl_batch_free(&b);
         return DL_ERR_NOMEM;

@@ -29,10 +29,13 @@ dl_model *dl_model_alloc(const dl_config *cfg, int precision, int isa) {
     m->isa = isa;
     const int64_t d = cfg->dim, f = cfg->hidden_dim, qkv = dl_qkv_dim(cfg);
     const int64_t dq = cfg->n_heads * cfg->head_dim;
+    const int64_t hd = cfg->head_dim;
     m->output_norm = zalloc(d);
-    m->inv_freq = zalloc(cfg->head_dim / 2);
+    m->inv_freq = zalloc(hd / 2);
+    m->inv_freq_local = cfg->rope_local ? zalloc(hd / 2) : NULL;
     m->layers = (dl_layer *)calloc((size_t)cfg->n_layers, sizeof(dl_layer));
-    if (!m->output_norm || !m->inv_freq || !m->layers) goto fail;
+    if (!m->output_norm || !m->inv_freq || (cfg->rope_local && !m->inv_freq_local) || !m->layers)
+        goto fail;
     for (int64_t l = 0; l < cfg->n_layers; l++) {
         dl_layer *ly = &m->layers[l];
         ly->attn_norm = zalloc(d);
@@ -41,6 +44,10 @@ dl_model *dl_model_alloc(const dl_config *cfg, int precision, int isa) {
             linear_alloc(&ly->wo, d, dq, precision) ||
             linear_alloc(&ly->wgate_up, 2 * f, d, precision) ||
             linear_alloc(&ly->wdown, d, f, precision))
+            goto fail;
+        if (cfg->qk_norm && (!(ly->q_norm = zalloc(hd)) || !(ly->k_norm = zalloc(hd)))) goto fail;
+        if (cfg->post_norms &&
+            (!(ly->post_attn_norm = zalloc(d)) || !(ly->post_ffn_norm = zalloc(d))))
             goto fail;
     }
     return m;
@@ -57,6 +64,10 @@ void dl_model_free(dl_model *m) {
             free(ly->attn_norm);
             free(ly->bqkv);
             free(ly->ffn_norm);
+            free(ly->q_norm);
+            free(ly->k_norm);
+            free(ly->post_attn_norm);
+            free(ly->post_ffn_norm);
             linear_free(&ly->wqkv);
             linear_free(&ly->wo);
             linear_free(&ly->wgate_up);
@@ -66,5 +77,6 @@ void dl_model_free(dl_model *m) {
     }
     free(m->output_norm);
     free(m->inv_freq);
+    free(m->inv_freq_local);
     free(m);
 }

@@ -3,10 +3,15 @@
  *
  * Layers below layer_from are frozen (and causal), so their output for a
  * sentence never changes: the caller computes it once (forward with stop_at)
- * and hands it in as x_in. Per trained layer l (x: [N, d] residual):
- *   forward   x_mid = x_in + attn(rms1(x_in)) ; x_out = x_mid + mlp(rms2(x_mid))
- *   backward  from dx_out, down -> swiglu -> gate/up -> rms2 -> (+ residual)
- *             -> o -> attention -> rope -> q/k/v -> rms1 -> (+ residual) = dx_in
+ * and hands it in as x_in. Per trained layer l (x: [N, d] residual; the
+ * [bracketed] steps where the config has them, forward.c):
+ *   forward   x_mid = x_in + [post1](attn(rms1(x_in)))
+ *             x_out = x_mid + [post2](mlp(rms2(x_mid)))
+ *   backward  from dx_out, [post2] -> down -> glu -> gate/up -> rms2 -> (+ residual)
+ *             -> [post1] -> o -> attention -> rope -> [q/k norms] -> q/k/v -> rms1
+ *             -> (+ residual) = dx_in
+ * Every norm's backward is dl_rmsnorm_backward with its frozen weight; the
+ * embedding scale acts on the frozen input and needs none.
  * LoRA gradients are added at each linear layer on the way. Base weights are
  * frozen; the backward multiplies by them in float32 (dl_dense_weights). */
 #include <stdlib.h>
@@ -70,9 +75,32 @@ static int copy_layout(dl_train_state *st, const int64_t *seq_off, const int64_t
 }
 
 /* The backward's gradient buffers, [R, ...]: dx (d), dxb (d), datt (nh hd),
- * dqkv (qkv), dgu (2f), dh (f). Also the forward's pooling scratch. */
+ * dqkv (qkv), dgu (2f), dh (f), then dpost (d) with post_norms and dqk
+ * ((nh + nkv) hd) with qk_norm. Also the forward's pooling scratch. */
+typedef struct {
+    float *dx, *dxb, *datt, *dqkv, *dgu, *dh, *dpost, *dqk;
+} grad_bufs;
+
 static int64_t grad_floats(const dl_config *c, int64_t R) {
-    return R * (2 * c->dim + c->n_heads * c->head_dim + dl_qkv_dim(c) + 3 * c->hidden_dim);
+    int64_t per_row = 2 * c->dim + c->n_heads * c->head_dim + dl_qkv_dim(c) + 3 * c->hidden_dim;
+    if (c->post_norms) per_row += c->dim;
+    if (c->qk_norm) per_row += (c->n_heads + c->n_kv_heads) * c->head_dim;
+    return R * per_row;
+}
+
+static grad_bufs carve_grads(const dl_config *c, int64_t R, float *mem) {
+    grad_bufs g = {0};
+    g.dx = mem; mem += R * c->dim;
+    g.dxb = mem; mem += R * c->dim;
+    g.datt = mem; mem += R * c->n_heads * c->head_dim;
+    g.dqkv = mem; mem += R * dl_qkv_dim(c);
+    g.dgu = mem; mem += R * 2 * c->hidden_dim;
+    g.dh = mem; mem += R * c->hidden_dim;
+    if (c->post_norms) {
+        g.dpost = mem; mem += R * c->dim;
+    }
+    if (c->qk_norm) g.dqk = mem;
+    return g;
 }
 
 /* One arena for every trained layer's activations, one for LoRA's saved
@@ -80,7 +108,7 @@ static int64_t grad_floats(const dl_config *c, int64_t R) {
 static int alloc_activations(dl_train_state *st, const dl_model *m) {
     const dl_config *c = &m->cfg;
     const int64_t R = st->batch.gemm_rows, N = st->batch.n_rows, nl = st->n_trained;
-    const int64_t per_layer = dl_layer_acts_floats(c, R);
+    const int64_t per_layer = dl_layer_acts_floats(c, R, 1);
     int64_t lora_floats = 0;
     for (int64_t i = 0; i < nl; i++)
         for (int f = 0; f < DL_N_FUSED; f++)
@@ -140,10 +168,37 @@ int dl_train_forward(const dl_model *m, const dl_train_args *a, dl_train_state *
     return DL_OK;
 }
 
-/* Layer l's backward: on entry dx = dL/dx_out, on return dL/dx_in. */
+/* dL/dy for x_out = x_in + [post-norm](y), given dx = dL/dx_out: dx itself
+ * without a post-norm, else the norm's backward at its input y, in dpost. */
+static const float *post_norm_backward(const dl_config *c, const float *dx, const float *y,
+                                       const float *w_post, float *dpost, int64_t N, int nt) {
+    if (!w_post) return dx;
+    memset(dpost, 0, (size_t)(N * c->dim) * sizeof(float));
+    dl_rmsnorm_backward(dpost, dx, y, w_post, N, c->dim, c->rms_eps, nt);
+    return dpost;
+}
+
+/* The q/k head norms' backward: the q and k columns of dqkv [N, qkv] hold the
+ * gradient at the normed heads and get the one at their inputs qk_raw
+ * [N, (nh + nkv) hd]. dqk: [N, (nh + nkv) hd] scratch. */
+static void qk_norm_backward(const dl_config *c, const dl_layer *ly, float *dqkv, const float *qk_raw,
+                             float *dqk, int64_t N, int nt) {
+    const int64_t hd = c->head_dim, heads = c->n_heads + c->n_kv_heads, w = heads * hd;
+    const int64_t qkv = dl_qkv_dim(c);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        float *g = dqk + t * w;
+        memset(g, 0, (size_t)w * sizeof(float));
+        for (int64_t h = 0; h < heads; h++)
+            dl_rmsnorm_backward_row(g + h * hd, dqkv + t * qkv + h * hd, 1.0f, qk_raw + t * w + h * hd,
+                                    h < c->n_heads ? ly->q_norm : ly->k_norm, hd, c->rms_eps);
+        memcpy(dqkv + t * qkv, g, (size_t)w * sizeof(float));
+    }
+}
+
+/* Layer l's backward: on entry g->dx = dL/dx_out, on return dL/dx_in. */
 static int layer_backward(const dl_model *m, const dl_dense_weights *dw, dl_train_state *st,
-                          int64_t i, float *grad, float *dx, float *dxb, float *datt,
-                          float *dqkv, float *dgu, float *dh) {
+                          int64_t i, float *grad, const grad_bufs *g) {
     const dl_config *c = &m->cfg;
     dl_batch *b = &st->batch;
     const dl_layer_acts *a = &st->acts[i];
@@ -153,29 +208,34 @@ static int layer_backward(const dl_model *m, const dl_dense_weights *dw, dl_trai
     const dl_layer *ly = &m->layers[l];
     const float *const *W = dw->w + l * DL_N_FUSED;
     const dl_lora *lo = m->lora;
+    float *dx = g->dx, *dxb = g->dxb;
 
-    /* x_out = x_mid + down(h) */
-    dl_linear_backward(dh, dx, W[DL_FUSED_DOWN], N, f, d, 0, nt);
-    dl_lora_backward(lo, c, l, DL_FUSED_DOWN, grad, dh, dx, d, a->h, N, a->lora_t[DL_FUSED_DOWN],
-                     b->drop, b->scratch, nt);
-    dl_swiglu_backward(dgu, dh, a->gu, N, f, nt);
-    dl_linear_backward(dxb, dgu, W[DL_FUSED_GATE_UP], N, d, 2 * f, 0, nt);
-    dl_lora_backward(lo, c, l, DL_FUSED_GATE_UP, grad, dxb, dgu, 2 * f, a->xb2, N,
+    /* x_out = x_mid + [post2](down(h)) */
+    const float *dy = post_norm_backward(c, dx, a->fo, ly->post_ffn_norm, g->dpost, N, nt);
+    dl_linear_backward(g->dh, dy, W[DL_FUSED_DOWN], N, f, d, 0, nt);
+    dl_lora_backward(lo, c, l, DL_FUSED_DOWN, grad, g->dh, dy, d, a->h, N,
+                     a->lora_t[DL_FUSED_DOWN], b->drop, b->scratch, nt);
+    dl_glu_backward(c->ffn_act, g->dgu, g->dh, a->gu, N, f, nt);
+    dl_linear_backward(dxb, g->dgu, W[DL_FUSED_GATE_UP], N, d, 2 * f, 0, nt);
+    dl_lora_backward(lo, c, l, DL_FUSED_GATE_UP, grad, dxb, g->dgu, 2 * f, a->xb2, N,
                      a->lora_t[DL_FUSED_GATE_UP], b->drop, b->scratch, nt);
     dl_rmsnorm_backward(dx, dxb, a->x_mid, ly->ffn_norm, N, d, c->rms_eps, nt);
 
-    /* x_mid = x_in + o(attention(rope(qkv(rms1(x_in))))) */
-    dl_linear_backward(datt, dx, W[DL_FUSED_O], N, dq, d, 0, nt);
-    dl_lora_backward(lo, c, l, DL_FUSED_O, grad, datt, dx, d, a->att, N, a->lora_t[DL_FUSED_O],
+    /* x_mid = x_in + [post1](o(attention(rope([qk norms](qkv(rms1(x_in))))))) */
+    dy = post_norm_backward(c, dx, a->ao, ly->post_attn_norm, g->dpost, N, nt);
+    dl_linear_backward(g->datt, dy, W[DL_FUSED_O], N, dq, d, 0, nt);
+    dl_lora_backward(lo, c, l, DL_FUSED_O, grad, g->datt, dy, d, a->att, N, a->lora_t[DL_FUSED_O],
                      b->drop, b->scratch, nt);
     const int causal = !(st->bidirectional_from >= 0 && l >= st->bidirectional_from);
-    int err = dl_attention_backward(dqkv, datt, a->qkv, qkv, b->seq_off, b->n_seq, c->n_heads,
-                                    c->n_kv_heads, c->head_dim, causal, nt);
+    const dl_attn_spec spec = {c->attn_scale, causal, ly->window};
+    int err = dl_attention_backward(g->dqkv, g->datt, a->qkv, qkv, b->seq_off, b->n_seq, c->n_heads,
+                                    c->n_kv_heads, c->head_dim, spec, nt);
     if (err) return err;
-    dl_rope_backward(dqkv, N, qkv, c->n_heads + c->n_kv_heads, c->head_dim, b->pos, b->rope_cs,
-                     c->rope_style);
-    dl_linear_backward(dxb, dqkv, W[DL_FUSED_QKV], N, d, qkv, 0, nt);
-    dl_lora_backward(lo, c, l, DL_FUSED_QKV, grad, dxb, dqkv, qkv, a->xb1, N,
+    dl_rope_backward(g->dqkv, N, qkv, c->n_heads + c->n_kv_heads, c->head_dim, b->pos,
+                     dl_layer_rope(m, l, b), c->rope_style);
+    if (c->qk_norm) qk_norm_backward(c, ly, g->dqkv, a->qk_raw, g->dqk, N, nt);
+    dl_linear_backward(dxb, g->dqkv, W[DL_FUSED_QKV], N, d, qkv, 0, nt);
+    dl_lora_backward(lo, c, l, DL_FUSED_QKV, grad, dxb, g->dqkv, qkv, a->xb1, N,
                      a->lora_t[DL_FUSED_QKV], b->drop, b->scratch, nt);
     dl_rmsnorm_backward(dx, dxb, a->x_in, ly->attn_norm, N, d, c->rms_eps, nt);
     return DL_OK;
@@ -185,16 +245,14 @@ int dl_train_backward(const dl_model *m, const dl_dense_weights *dw, dl_train_st
                       const float *d_pooled, float *grad, float *dx_in) {
     const dl_config *c = &m->cfg;
     const int64_t R = st->batch.gemm_rows, N = st->batch.n_rows, d = c->dim;
-    float *dx = st->grad_arena, *dxb = dx + R * d, *datt = dxb + R * d;
-    float *dqkv = datt + R * c->n_heads * c->head_dim, *dgu = dqkv + R * dl_qkv_dim(c);
-    float *dh = dgu + R * 2 * c->hidden_dim;
-    memset(dx, 0, (size_t)(R * d) * sizeof(float));
-    dl_pool_backward(dx, d_pooled, st->acts[st->n_trained - 1].x_out, st->seq_off, st->pool,
+    const grad_bufs g = carve_grads(c, R, st->grad_arena);
+    memset(g.dx, 0, (size_t)(R * d) * sizeof(float));
+    dl_pool_backward(g.dx, d_pooled, st->acts[st->n_trained - 1].x_out, st->seq_off, st->pool,
                      st->n_seq, m->output_norm, d, c->rms_eps, st->batch.n_threads);
     for (int64_t i = st->n_trained - 1; i >= 0; i--) {
-        int err = layer_backward(m, dw, st, i, grad, dx, dxb, datt, dqkv, dgu, dh);
+        int err = layer_backward(m, dw, st, i, grad, &g);
         if (err) return err;
     }
-    if (dx_in) memcpy(dx_in, dx, (size_t)(N * d) * sizeof(float));
+    if (dx_in) memcpy(dx_in, g.dx, (size_t)(N * d) * sizeof(float));
     return DL_OK;
 }

@@ -21,12 +21,17 @@ from . import _core
 from .errors import ModelFileError, UnsupportedModelError
 
 # GGUF architectures whose blocks deelm runs: LLaMA's layout (RMSNorm, RoPE,
-# grouped-query attention, SwiGLU). Mistral GGUFs are written as "llama".
-SUPPORTED_ARCHITECTURES = ("llama",)
+# grouped-query attention, SwiGLU; Mistral GGUFs are written as "llama") and
+# Gemma-3's (see _gemma3_features).
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 # Names deelm gives the weights (the GGUF names without ".weight").
 _LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                   "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+# Gemma-3 adds RMSNorms on each q and k head and after the attention and the
+# MLP; its "ffn_norm" is the norm before the MLP, as in LLaMA.
+_GEMMA3_LAYER_TENSORS = _LAYER_TENSORS + ("attn_q_norm", "attn_k_norm", "post_attention_norm",
+                                          "post_ffw_norm")
 
 ROPE_INTERLEAVED = 0  # GGUF LLaMA files: q/k rows permuted to (2j, 2j+1) pairs
 ROPE_HALF = 1         # Hugging Face checkpoints: pairs (j, j + head_dim/2)
@@ -273,7 +278,7 @@ def _interpret(reader, path, file_size):
         if not isinstance(v, (float, int, np.floating)) or not np.isfinite(v) or v <= 0:
             raise ModelFileError(path, f"metadata key '{arch}.{key}' = {v!r} is not a positive number")
     scaling = _field(reader, f"{arch}.rope.scaling.type", None, path=path)
-    if scaling not in (None, "none"):
+    if scaling not in (None, "none") and not (arch == "gemma3" and scaling == "linear"):
         raise UnsupportedModelError(path, f"rope scaling type '{scaling}' is not supported")
     context_length = meta_int("context_length", 2048)
 
@@ -293,10 +298,14 @@ def _interpret(reader, path, file_size):
     config = dict(n_layers=n_layers, dim=dim, hidden_dim=hidden, n_heads=n_heads,
                   n_kv_heads=n_kv, head_dim=head_dim, vocab_size=vocab_size,
                   rms_eps=float(eps), rope_style=ROPE_INTERLEAVED, inv_freq=inv_freq)
+    layer_tensors = _LAYER_TENSORS
+    if arch == "gemma3":
+        config.update(_gemma3_features(reader, path, config))
+        layer_tensors = _GEMMA3_LAYER_TENSORS
     if n_heads % n_kv:
         raise ModelFileError(path, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
     for l in range(n_layers):
-        for name in _LAYER_TENSORS:
+        for name in layer_tensors:
             if f"blk.{l}.{name}" not in tensors:
                 raise ModelFileError(path, f"tensor 'blk.{l}.{name}.weight' is missing "
                                            f"(block_count says {n_layers} layers)")
@@ -311,6 +320,88 @@ def _interpret(reader, path, file_size):
     return GGUFModel(path=path, architecture=arch, name=str(name), config=config, tensors=tensors,
                      tensor_types=types, context_length=context_length, vocab=vocab,
                      file_size=file_size, mapping=getattr(reader.data, "_mmap", None))
+
+
+def _positive_float(reader, key, default, path):
+    v = _field(reader, key, default, path=path)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (float, int, np.floating, np.integer)) \
+            or not np.isfinite(v) or v <= 0:
+        raise ModelFileError(path, f"metadata key '{key}' = {v!r} is not a positive number")
+    return float(v)
+
+
+# Gemma-3's layers alternate local (sliding-window) and global attention:
+# every GEMMA3_PATTERN-th layer is global when the file does not say.
+GEMMA3_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+
+
+def _gemma3_features(reader, path, config):
+    """The C core's config entries for Gemma-3's block, from the keys (and
+    defaults) llama.cpp's loader uses for the architecture "gemma3":
+
+    - token embeddings times sqrt(embedding_length);
+    - attention scale: gemma3.attention.scale when present (the converter
+      writes it for checkpoints whose query_pre_attn_scalar is not the
+      default), else 1/sqrt(key_length), and 1/sqrt(embedding_length /
+      head_count) for the 62-layer (27B) model;
+    - RMSNorm on each q and k head (attn_q_norm, attn_k_norm) and on the
+      attention and MLP outputs (post_attention_norm, post_ffw_norm); the
+      converter stores Gemma's RMSNorm weights w as 1 + w, so every norm is
+      the plain x / rms(x) * w_file;
+    - GeGLU with tanh-approximated GELU;
+    - rotate-half RoPE (the converter does not permute q/k rows);
+    - a sliding window gemma3.attention.sliding_window (absent or 0: none) on
+      the local layers: gemma3.attention.sliding_window_pattern is a period p
+      (layer l is local when l % p < p - 1; 0: all local) or one bool per
+      layer; default p = 6. Local layers rotate with base
+      gemma3.rope.freq_base_swa (default 10000), global ones with
+      rope.freq_base, divided by rope.scaling.factor under linear scaling.
+    """
+    arch, L, dim = "gemma3", config["n_layers"], config["dim"]
+    n_heads, head_dim = config["n_heads"], config["head_dim"]
+    v_len = _field(reader, f"{arch}.attention.value_length", head_dim, path=path)
+    if v_len != head_dim:
+        raise UnsupportedModelError(path, f"attention.value_length {v_len} differs from "
+                                          f"key_length {head_dim}")
+    if f"{arch}.attention.scale" in reader.fields:
+        attn_scale = _positive_float(reader, f"{arch}.attention.scale", None, path)
+    else:
+        attn_scale = 1.0 / math.sqrt(dim / n_heads if L == 62 else head_dim)
+
+    window = _field(reader, f"{arch}.attention.sliding_window", 0, path=path)
+    if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)) \
+            or not 0 <= window <= 1 << 30:
+        raise ModelFileError(path, f"metadata key '{arch}.attention.sliding_window' = {window!r} "
+                                   f"is not a window size")
+    pattern_key = f"{arch}.attention.sliding_window_pattern"
+    pattern = _field(reader, pattern_key, GEMMA3_PATTERN, path=path)
+    if isinstance(pattern, list):
+        if len(pattern) != L or not all(isinstance(x, (bool, np.bool_)) for x in pattern):
+            raise ModelFileError(path, f"metadata key '{pattern_key}' should be {L} booleans "
+                                       f"(one per layer), found {len(pattern)} values")
+        local = [bool(x) for x in pattern]
+    elif isinstance(pattern, (int, np.integer)) and not isinstance(pattern, (bool, np.bool_)) \
+            and 0 <= pattern <= 1 << 16:
+        p = int(pattern)
+        local = [p == 0 or l % p < p - 1 for l in range(L)]
+    else:
+        raise ModelFileError(path, f"metadata key '{pattern_key}' = {pattern!r} is neither a "
+                                   f"period nor one boolean per layer")
+    if pattern_key in reader.fields and any(local) and window == 0:
+        raise ModelFileError(path, f"'{pattern_key}' marks sliding-window layers but "
+                                   f"'{arch}.attention.sliding_window' is absent or 0")
+    windows = np.array([window if is_local else 0 for is_local in local], dtype=np.int64)
+
+    inv_freq = config["inv_freq"]
+    if _field(reader, f"{arch}.rope.scaling.type", None, path=path) == "linear":
+        factor = _positive_float(reader, f"{arch}.rope.scaling.factor", 1.0, path)
+        inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
+    local_base = _positive_float(reader, f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE, path)
+    return dict(rope_style=ROPE_HALF, inv_freq=inv_freq,
+                inv_freq_local=rope_inv_freq(head_dim, local_base), sliding_window=windows,
+                embed_scale=math.sqrt(dim), attn_scale=attn_scale, ffn_act="gelu_tanh",
+                qk_norm=1, post_norms=1)
 
 
 def _tensors(reader, path, file_size):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_gguf import TINY, write_tiny_gguf
+from tiny_gguf import TINY, random_gemma3_weights, write_gemma3_gguf, write_tiny_gguf
 
 # There is no model hub here: transformers must only ever read local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,6 +53,16 @@ def sts_sentences(n, task="STSBenchmark", split="test"):
 def tiny_path(tmp_path_factory):
     """A tiny random LLaMA GGUF (F32 weights) and its stored weights."""
     path, stored = write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+    return path, stored
+
+
+@pytest.fixture(scope="session")
+def gemma_tiny_path(tmp_path_factory):
+    """A tiny random Gemma-3 GGUF (F32 weights, tiny_gguf.GEMMA3_TINY: local
+    layers with a sliding window of 8 and one global layer) and its
+    Gemma3ForCausalLM-named weights as stored."""
+    path, stored = write_gemma3_gguf(tmp_path_factory.mktemp("gemma") / "tiny-gemma3.gguf",
+                                     random_gemma3_weights())
     return path, stored
 
 
@@ -116,26 +126,37 @@ def padded_batch(ids):
 
 
 @contextlib.contextmanager
-def bidirectional_layers(layers, keep, bidirectional_from):
+def bidirectional_layers(layers, keep, bidirectional_from, windows=None):
     """While active, transformers decoder layers with index >= bidirectional_from
     (>= 0) get a padding-only attention mask instead of the causal one, which is
-    how DeeLM changes a layer. keep: [batch, T] 1 for real tokens (eager attention)."""
+    how DeeLM changes a layer. keep: [batch, T] 1 for real tokens (eager attention).
+    windows: per layer, its sliding window (0: none), for models with local
+    layers (Gemma-3): a bidirectional local layer then sees the keys with
+    |i - j| < window, deelm's definition (csrc/deelm.h, dl_attn_spec), instead
+    of all of them; layers below bidirectional_from keep the model's own masks."""
     import torch
 
     visible = keep.bool()[:, None, None, :]  # [b, 1, 1, T]: key is a real token
 
-    def padding_only(module, args, kwargs):
-        am = kwargs.get("attention_mask")
-        assert am is not None, "expected an explicit attention mask in eager mode"
-        if am.dtype == torch.bool:
-            new = visible.expand(am.shape)
-        else:
-            new = torch.zeros(am.shape, dtype=am.dtype).masked_fill(
-                ~visible.expand(am.shape), torch.finfo(am.dtype).min)
-        kwargs["attention_mask"] = new
-        return args, kwargs
+    def hook(window):
+        def padding_only(module, args, kwargs):
+            am = kwargs.get("attention_mask")
+            assert am is not None, "expected an explicit attention mask in eager mode"
+            allowed = visible.expand(am.shape)
+            if window:
+                pos = torch.arange(am.shape[-1])
+                allowed = allowed & ((pos[:, None] - pos[None, :]).abs() < window)
+            if am.dtype == torch.bool:
+                new = allowed
+            else:
+                new = torch.zeros(am.shape, dtype=am.dtype).masked_fill(
+                    ~allowed, torch.finfo(am.dtype).min)
+            kwargs["attention_mask"] = new
+            return args, kwargs
 
-    hooks = [layer.register_forward_pre_hook(padding_only, with_kwargs=True)
+        return padding_only
+
+    hooks = [layer.register_forward_pre_hook(hook(windows[i] if windows else 0), with_kwargs=True)
              for i, layer in enumerate(layers) if 0 <= bidirectional_from <= i]
     try:
         yield
@@ -144,18 +165,19 @@ def bidirectional_layers(layers, keep, bidirectional_from):
             h.remove()
 
 
-def hf_hidden_states(model, ids, bidirectional_from=-1):
+def hf_hidden_states(model, ids, bidirectional_from=-1, windows=None):
     """transformers reference for a batch of token id lists (right-padded in one
     call): per sentence, the list of hidden states after the embedding and every
     layer (the last one final-normed, as transformers returns it), unpadded.
     Layers >= bidirectional_from get a padding-only mask instead of the causal
-    one, which is how DeeLM changes a layer. One id list may be passed alone."""
+    one, which is how DeeLM changes a layer (windows: bidirectional_layers').
+    One id list may be passed alone."""
     import torch
 
     single = bool(ids) and isinstance(ids[0], (int, np.integer))
     batch = [list(ids)] if single else [list(x) for x in ids]
     input_ids, keep = padded_batch(batch)
-    with bidirectional_layers(model.layers, keep, bidirectional_from), torch.no_grad():
+    with bidirectional_layers(model.layers, keep, bidirectional_from, windows), torch.no_grad():
         out = model(input_ids, attention_mask=keep, output_hidden_states=True)
     states = [h.double().numpy() for h in out.hidden_states]
     per_sentence = [[st[i, :len(x)] for st in states] for i, x in enumerate(batch)]

@@ -59,15 +59,16 @@ def deelm_grads(model, sentences, k, train_from, d_pooled_seed=1, threads=2):
     return pooled, R, grad
 
 
-def torch_grads(hf_model, adapter_dir, ids, k, R):
-    """The same loss through transformers + PEFT: pooled [n, d], {key: grad}."""
+def torch_grads(hf_model, adapter_dir, ids, k, R, windows=None):
+    """The same loss through transformers + PEFT: pooled [n, d], {key: grad}
+    (windows: the layers' sliding windows, conftest.bidirectional_layers)."""
     pm = peft.PeftModel.from_pretrained(hf_model, str(adapter_dir), is_trainable=True)
     try:
         for mod in pm.modules():
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
         input_ids, keep = padded_batch(ids)
-        with bidirectional_layers(pm.base_model.model.layers, keep, k):
+        with bidirectional_layers(pm.base_model.model.layers, keep, k, windows):
             out = pm(input_ids=input_ids, attention_mask=keep).last_hidden_state
         pooled = (out * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
         (pooled * torch.tensor(R)).sum().backward()
@@ -135,18 +136,39 @@ def test_lora_gradients_match_torch_default(default_path, hf_default, tmp_path):
     assert compare(layout, grad, ref, "default model k=29 train_from=27") < 1e-3
 
 
-def test_train_forward_equals_inference(tiny_model):
+# The tiny LLaMA and the tiny Gemma-3 (its block's backward: post-norms, q/k
+# head norms, GeGLU, sliding windows), by (fixture, precision).
+BLOCKS = {"llama-f32": ("tiny_path", "float32"), "gemma3-f32": ("gemma_tiny_path", "float32"),
+          "gemma3-int8": ("gemma_tiny_path", "int8")}
+
+
+@pytest.fixture(scope="module", params=list(BLOCKS))
+def block_model(request):
+    where, precision = BLOCKS[request.param]
+    path = request.getfixturevalue(where)[0]
+    return deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, precision=precision)
+
+
+@pytest.fixture(scope="module", params=["llama-f32", "gemma3-f32"])
+def block_f32(request):
+    where, precision = BLOCKS[request.param]
+    return deelm.DeeLM.from_pretrained(request.getfixturevalue(where)[0], bidirectional_from=-1,
+                                       precision=precision)
+
+
+def test_train_forward_equals_inference(block_model):
     """With dropout off, the training pass computes what encode does, bitwise."""
-    for k, train_from in CONFIGS:
-        random_adapter(tiny_model, range(train_from, L), seed=3)
+    model, n = block_model, block_model.num_layers
+    for k, train_from in CONFIGS + [(n - 1, n - 1), (n - 2, n - 3)]:
+        random_adapter(model, range(train_from, n), seed=3)
         try:
-            _, tokens, offsets, pool = batch_arrays(tiny_model, SENTENCES)
-            x = tiny_model._core.residual(tokens, offsets, train_from, k, 2)
-            pooled = tiny_model._core.train_forward(x, offsets, pool, train_from, k, 2)
-            ref = tiny_model._core.forward(tokens, offsets, pool, k, 2)[0]
+            _, tokens, offsets, pool = batch_arrays(model, SENTENCES)
+            x = model._core.residual(tokens, offsets, train_from, k, 2)
+            pooled = model._core.train_forward(x, offsets, pool, train_from, k, 2)
+            ref = model._core.forward(tokens, offsets, pool, k, 2)[0]
             assert np.array_equal(pooled, ref), (k, train_from)
         finally:
-            tiny_model.remove_adapter()
+            model.remove_adapter()
 
 
 def test_adapter_changes_the_embeddings_and_removal_restores(tiny_model):
@@ -158,15 +180,17 @@ def test_adapter_changes_the_embeddings_and_removal_restores(tiny_model):
     assert np.array_equal(tiny_model.encode(SENTENCES), base)
 
 
-def test_dropout_gradient_matches_finite_differences(tiny_f32):
+def test_dropout_gradient_matches_finite_differences(block_f32):
     """Dropout masks are a function of (seed, position): the same seed gives
     the same mask, so the loss is a smooth function of the parameters."""
-    layout, params = random_adapter(tiny_f32, range(L))
+    model = block_f32
+    layout, params = random_adapter(model, range(model.num_layers))
     try:
-        _, tokens, offsets, pool = batch_arrays(tiny_f32, SENTENCES)
-        core = tiny_f32._core
+        _, tokens, offsets, pool = batch_arrays(model, SENTENCES)
+        core = model._core
         x = core.residual(tokens, offsets, 0, 0, 1)
-        R = np.random.default_rng(5).standard_normal((len(SENTENCES), TINY["dim"]))
+        R = np.random.default_rng(5).standard_normal((len(SENTENCES),
+                                                       model.get_sentence_embedding_dimension()))
 
         def loss(p):
             params[:] = p
@@ -184,21 +208,23 @@ def test_dropout_gradient_matches_finite_differences(tiny_f32):
         fd = (loss(p0 + eps * v) - loss(p0 - eps * v)) / (2 * eps)
         params[:] = p0
         rel = abs(fd - float(grad @ v)) / abs(fd)
-        report("dropout 0.3: directional derivative vs finite differences, rel. error", rel)
+        report(f"{model.config['architecture']} dropout 0.3: directional derivative vs finite "
+               f"differences, rel. error", rel)
         assert rel < 2e-3
     finally:
-        tiny_f32.remove_adapter()
+        model.remove_adapter()
 
 
-def test_gradients_thread_invariant(tiny_f32):
-    random_adapter(tiny_f32, range(L))
+def test_gradients_thread_invariant(block_f32):
+    model = block_f32
+    random_adapter(model, range(model.num_layers))
     try:
-        g1 = deelm_grads(tiny_f32, SENTENCES, 0, 0, threads=1)[2]
-        g2 = deelm_grads(tiny_f32, SENTENCES, 0, 0, threads=2)[2]
+        g1 = deelm_grads(model, SENTENCES, 0, 0, threads=1)[2]
+        g2 = deelm_grads(model, SENTENCES, 0, 0, threads=2)[2]
         report("gradient, 1 vs 2 threads, max abs difference", np.abs(g1 - g2).max())
         np.testing.assert_allclose(g1, g2, rtol=0, atol=1e-6 * np.abs(g1).max())
     finally:
-        tiny_f32.remove_adapter()
+        model.remove_adapter()
 
 
 def test_core_rejects_bad_training_calls(tiny_model):

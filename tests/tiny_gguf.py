@@ -1,4 +1,4 @@
-"""Builds tiny random-weight LLaMA GGUF files at test time.
+"""Builds tiny random-weight LLaMA and Gemma-3 GGUF files at test time.
 
 The files are real GGUF (written by the `gguf` package), with a small
 byte-level BPE vocabulary, so every part of deelm's loading path runs on them
@@ -137,6 +137,56 @@ def random_weights(cfg, seed=0):
     return w
 
 
+def _new_writer(path, arch, cfg, name, add_bos=False):
+    """A GGUFWriter with the metadata every tiny model shares and the tiny
+    byte-level BPE vocabulary."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg["n_layers"])
+    writer.add_context_length(cfg["context_length"])
+    writer.add_embedding_length(cfg["dim"])
+    writer.add_feed_forward_length(cfg["hidden_dim"])
+    writer.add_head_count(cfg["n_heads"])
+    writer.add_head_count_kv(cfg["n_kv_heads"])
+    writer.add_rope_freq_base(cfg["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_eps"])
+    writer.add_name(name)
+    tokens, types, merges = tiny_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(add_bos)
+    return writer
+
+
+def _weight_type(name, weight_type, type_overrides):
+    return QT[next((t for suffix, t in (type_overrides or {}).items() if name.endswith(suffix)),
+                   weight_type)]
+
+
+def _add_weight(writer, name, data, qt, rng):
+    """Writes one weight (2-D ones in type qt, the rest F32) and returns its
+    values as stored, after a quantisation round trip."""
+    if data.ndim == 2 and qt != QT.F32:
+        q = encode_matrix(data, qt.name, rng)
+        writer.add_tensor(name + ".weight", q, raw_dtype=qt)
+        return quants.dequantize(q, qt).reshape(data.shape).astype(np.float32)
+    writer.add_tensor(name + ".weight", data)
+    return data
+
+
+def _finish(writer, extra_tensors):
+    for name, (arr, raw, *shape) in (extra_tensors or {}).items():
+        writer.add_tensor(name, arr, raw_dtype=raw, raw_shape=shape[0] if shape else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_tiny_gguf(path, *, cfg=None, weight_type="F32", seed=0, arch="llama", add_bos=False,
                     weights=None, skip=(), extra_tensors=None, type_overrides=None):
     """Writes a tiny LLaMA GGUF to `path` and returns (path, HF-layout weights).
@@ -158,26 +208,8 @@ def write_tiny_gguf(path, *, cfg=None, weight_type="F32", seed=0, arch="llama", 
     if weight_type in MIXES:
         weight_type, mix = MIXES[weight_type]
         type_overrides = dict(mix, **(type_overrides or {}))
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg["n_layers"])
-    writer.add_context_length(cfg["context_length"])
-    writer.add_embedding_length(cfg["dim"])
-    writer.add_feed_forward_length(cfg["hidden_dim"])
-    writer.add_head_count(cfg["n_heads"])
-    writer.add_head_count_kv(cfg["n_kv_heads"])
-    writer.add_rope_freq_base(cfg["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg["rms_eps"])
+    writer = _new_writer(path, arch, cfg, "tiny-llama", add_bos)
     writer.add_rope_dimension_count(cfg["dim"] // cfg["n_heads"])
-    writer.add_name("tiny-llama")
-    tokens, types, merges = tiny_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(add_bos)
     stored = {}
     for name, arr in w.items():
         if name in skip:
@@ -187,26 +219,131 @@ def write_tiny_gguf(path, *, cfg=None, weight_type="F32", seed=0, arch="llama", 
             data = _permute_for_gguf(arr, cfg["n_heads"])
         elif name.endswith("attn_k"):
             data = _permute_for_gguf(arr, cfg["n_kv_heads"])
-        qt = QT[next((t for suffix, t in (type_overrides or {}).items() if name.endswith(suffix)),
-                     weight_type)]
-        if arr.ndim == 2 and qt != QT.F32:
-            q = encode_matrix(data, qt.name, rng)
-            writer.add_tensor(name + ".weight", q, raw_dtype=qt)
-            back = quants.dequantize(q, qt).reshape(data.shape).astype(np.float32)
-        else:
-            writer.add_tensor(name + ".weight", data)
-            back = data
+        back = _add_weight(writer, name, data, _weight_type(name, weight_type, type_overrides), rng)
         if name.endswith("attn_q") or name.endswith("attn_k"):  # undo the permutation
             heads = cfg["n_heads"] if name.endswith("attn_q") else cfg["n_kv_heads"]
             out, inp = back.shape
             back = back.reshape(heads, out // heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
         stored[name] = back
-    for name, (arr, raw, *shape) in (extra_tensors or {}).items():
-        writer.add_tensor(name, arr, raw_dtype=raw, raw_shape=shape[0] if shape else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer, extra_tensors)
+    return Path(path), stored
+
+
+# Gemma-3: a tiny model with local and global layers (every 6th is global),
+# a head_dim that is not dim / n_heads, grouped-query attention and a sliding
+# window shorter than the test sentences.
+GEMMA3_TINY = dict(n_layers=7, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=24,
+                   context_length=256, rope_theta=1e6, rms_eps=1e-6, sliding_window=8)
+
+# transformers' Gemma3ForCausalLM parameter names -> GGUF names (llama.cpp's
+# converter); {} is the layer index.
+GEMMA3_NAMES = {
+    "model.embed_tokens.weight": "token_embd",
+    "model.norm.weight": "output_norm",
+    "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm",
+    "model.layers.{}.self_attn.q_proj.weight": "blk.{}.attn_q",
+    "model.layers.{}.self_attn.k_proj.weight": "blk.{}.attn_k",
+    "model.layers.{}.self_attn.v_proj.weight": "blk.{}.attn_v",
+    "model.layers.{}.self_attn.o_proj.weight": "blk.{}.attn_output",
+    "model.layers.{}.self_attn.q_norm.weight": "blk.{}.attn_q_norm",
+    "model.layers.{}.self_attn.k_norm.weight": "blk.{}.attn_k_norm",
+    "model.layers.{}.post_attention_layernorm.weight": "blk.{}.post_attention_norm",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "blk.{}.ffn_norm",
+    "model.layers.{}.post_feedforward_layernorm.weight": "blk.{}.post_ffw_norm",
+    "model.layers.{}.mlp.gate_proj.weight": "blk.{}.ffn_gate",
+    "model.layers.{}.mlp.up_proj.weight": "blk.{}.ffn_up",
+    "model.layers.{}.mlp.down_proj.weight": "blk.{}.ffn_down",
+}
+
+
+def gemma3_gguf_name(hf_name):
+    """The GGUF tensor name (without .weight) of a Gemma3ForCausalLM parameter, or None."""
+    parts = hf_name.split(".")
+    layer = next((p for p in parts if p.isdigit()), None)
+    key = hf_name if layer is None else hf_name.replace(f".{layer}.", ".{}.", 1)
+    name = GEMMA3_NAMES.get(key)
+    return None if name is None else name.format(layer)
+
+
+def random_gemma3_weights(cfg=None, seed=0):
+    """Gemma3ForCausalLM-named float32 weights for a tiny config: projections
+    scaled to keep activations sane, RMSNorm weights w (used as 1 + w) around 0."""
+    cfg = dict(GEMMA3_TINY, **(cfg or {}))
+    rng = np.random.default_rng(seed)
+    d, f, hd = cfg["dim"], cfg["hidden_dim"], cfg["head_dim"]
+    dq, dkv = cfg["n_heads"] * hd, cfg["n_kv_heads"] * hd
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def norm(n):
+        return (0.3 * rng.standard_normal(n)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": rng.standard_normal((len(tiny_vocab()[0]), d)).astype(np.float32),
+         "model.norm.weight": norm(d)}
+    for l in range(cfg["n_layers"]):
+        p = f"model.layers.{l}."
+        w.update({p + "input_layernorm.weight": norm(d),
+                  p + "self_attn.q_proj.weight": mat(dq, d),
+                  p + "self_attn.k_proj.weight": mat(dkv, d),
+                  p + "self_attn.v_proj.weight": mat(dkv, d),
+                  p + "self_attn.o_proj.weight": mat(d, dq),
+                  p + "self_attn.q_norm.weight": norm(hd),
+                  p + "self_attn.k_norm.weight": norm(hd),
+                  p + "post_attention_layernorm.weight": norm(d),
+                  p + "pre_feedforward_layernorm.weight": norm(d),
+                  p + "post_feedforward_layernorm.weight": norm(d),
+                  p + "mlp.gate_proj.weight": mat(f, d),
+                  p + "mlp.up_proj.weight": mat(f, d),
+                  p + "mlp.down_proj.weight": mat(d, f)})
+    return w
+
+
+def write_gemma3_gguf(path, hf_weights, *, cfg=None, weight_type="F32", seed=0, metadata=None,
+                      skip=(), extra_tensors=None, replace=None):
+    """Writes a Gemma-3 GGUF as llama.cpp's converter does and returns (path,
+    the HF-named weights as stored, to load back into the reference model).
+
+    hf_weights: Gemma3ForCausalLM's state dict as float32 NumPy arrays. Its
+    RMSNorm weights w (the model computes x / rms(x) * (1 + w)) are written as
+    1 + w, in float32 as transformers forms 1 + w. 2-D weights are encoded in
+    weight_type, norms stay F32. metadata: optional extra keys
+    (sliding_window_pattern, freq_base_swa, attention_scale,
+    rope_scaling_linear, value_length). skip: GGUF names to leave out;
+    replace: GGUF name -> array written instead of the model's.
+    """
+    cfg = dict(GEMMA3_TINY, **(cfg or {}))
+    metadata = metadata or {}
+    rng = np.random.default_rng(seed + 1000)
+    writer = _new_writer(path, "gemma3", cfg, "tiny-gemma3")
+    writer.add_key_length(cfg["head_dim"])
+    writer.add_value_length(metadata.get("value_length", cfg["head_dim"]))
+    if cfg["sliding_window"] is not None:
+        writer.add_sliding_window(cfg["sliding_window"])
+    if "sliding_window_pattern" in metadata:
+        writer.add_sliding_window_pattern(metadata["sliding_window_pattern"])
+    if "freq_base_swa" in metadata:
+        writer.add_rope_freq_base_swa(metadata["freq_base_swa"])
+    if "attention_scale" in metadata:
+        writer.add_attention_scale(metadata["attention_scale"])
+    if "rope_scaling_linear" in metadata:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(metadata["rope_scaling_linear"])
+    for key, (value, vtype) in metadata.get("raw", {}).items():
+        writer.add_key_value(key, value, vtype)
+    stored = {}
+    for hf_name, arr in hf_weights.items():
+        name = gemma3_gguf_name(hf_name)
+        if name is None or name in skip:
+            continue
+        data = np.asarray((replace or {}).get(name, arr), dtype=np.float32)
+        is_norm = name.endswith("norm")
+        if is_norm and name not in (replace or {}):
+            data = (np.float32(1.0) + data).astype(np.float32)
+        back = _add_weight(writer, name, data, QT[weight_type], rng)
+        # a norm is written as is (F32): the reference's own 1 + w is bitwise the file's
+        stored[hf_name] = np.asarray(arr, dtype=np.float32) if is_norm else back
+    _finish(writer, extra_tensors)
     return Path(path), stored
 
 

@@ -177,6 +177,16 @@ class GGUFHeader:
     data_offset: int  # where the tensor data section starts
     mapping: object = field(repr=False)
 
+    def value(self, key, default=None, *, required=False):
+        """A metadata value, decoded; ModelFileError if it cannot be."""
+        return _field(self, key, default, required=required, path=self.path)
+
+    def vocab(self):
+        """The tokenizer.ggml.* fields, decoded, keyed without the prefix:
+        what deelm.tokenizer.Tokenizer.from_gguf_vocab takes."""
+        prefix = "tokenizer.ggml."
+        return {key[len(prefix):]: self.value(key) for key in self.fields if key.startswith(prefix)}
+
 
 def read_header(path):
     """Walks the header, the metadata and the tensor-info table of a GGUF
@@ -399,10 +409,7 @@ def _interpret(reader, path, file_size):
     if "output_norm" not in tensors:
         raise ModelFileError(path, "tensor 'output_norm.weight' is missing")
 
-    vocab = {}
-    for key in reader.fields:
-        if key.startswith("tokenizer.ggml."):
-            vocab[key[len("tokenizer.ggml."):]] = _field(reader, key, path=path)
+    vocab = reader.vocab()
     name = _field(reader, "general.name", path.stem, path=path)
     return GGUFModel(path=path, architecture=arch, name=str(name), config=config, tensors=tensors,
                      tensor_types=types, context_length=context_length, vocab=vocab,

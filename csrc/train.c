@@ -80,7 +80,7 @@ static int64_t grad_floats(const dl_config *c, int64_t R) {
 static int alloc_activations(dl_train_state *st, const dl_model *m) {
     const dl_config *c = &m->cfg;
     const int64_t R = st->batch.gemm_rows, N = st->batch.n_rows, nl = st->n_trained;
-    const int64_t per_layer = dl_layer_acts_floats(c, R);
+    const int64_t per_layer = dl_layer_acts_floats(c, R, 1);
     int64_t lora_floats = 0;
     for (int64_t i = 0; i < nl; i++)
         for (int f = 0; f < DL_N_FUSED; f++)

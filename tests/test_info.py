@@ -125,7 +125,7 @@ MEASURE = textwrap.dedent("""
     gm.release_resident_pages()  # as from_pretrained does: the weights live in the core
     weights = status("VmRSS") - before
     model = deelm.DeeLM(gm, core, tok, bidirectional_from=-1, threads=1)
-    texts = [" ".join(f"word{i}" for i in range(60)) + f" {j}" for j in range(32)]
+    texts = [" ".join(f"word{i}" for i in range(25)) + f" {j}" for j in range(32)]
     model.encode(texts[:2])  # first-call allocations (OpenMP, thread stacks)
     ids = [e.ids for e in model.tokenize(texts)]
     n, longest = sum(map(len, ids)), max(map(len, ids))
@@ -143,7 +143,7 @@ MEASURE = textwrap.dedent("""
 def test_memory_estimate_matches_the_measured_growth(default_path, precision):
     """In a fresh process: the resident growth of building the C core (then
     dropping the file's pages, as from_pretrained does) against the weights
-    estimate, and the peak growth while encoding 32 sentences of ~170 tokens
+    estimate, and the peak growth while encoding 32 sentences of ~70 tokens
     in one batch against the batch estimate. Both within 10%. (float32's GEMMs
     add OpenBLAS's own buffers, which the estimate leaves out.)"""
     proc = subprocess.run([sys.executable, "-c", MEASURE, str(default_path), precision],
@@ -157,3 +157,19 @@ def test_memory_estimate_matches_the_measured_growth(default_path, precision):
           f"{r['est_batch'] / 1e6:.1f} MB")
     assert abs(r["weights"] - r["est_weights"]) <= 0.10 * r["est_weights"]
     assert abs(r["batch"] - r["est_batch"]) <= 0.10 * r["est_batch"]
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(precision="int4", n_tokens=1, max_len=1), "precision"),
+    (dict(precision="int8", n_tokens=4, max_len=5), "max_len"),
+    (dict(precision="int8", n_tokens=-1, max_len=0), "n_tokens"),
+    (dict(precision="int8", n_tokens=1, max_len=1, threads=0), "threads"),
+])
+def test_memory_estimate_bad_arguments(tiny_path, kwargs, reason):
+    from deelm import _core
+    from deelm.gguf_file import read_gguf
+
+    with pytest.raises(ValueError, match=reason):
+        _core.memory_estimate(read_gguf(tiny_path[0]).config, **kwargs)
+    with pytest.raises(ValueError, match="n_layers"):
+        _core.memory_estimate({}, "int8", 1, 1)

@@ -247,6 +247,12 @@ def _sentencepiece_bpe(vocab, tokens, types, table, unk, path):
     protobuf; the ids are checked against llama.cpp's tokenizer on the
     Gemma-3 vocabulary and against the sentencepiece library on models
     trained in the tests (tests/test_gguf_tokenizer.py).
+
+    Where the two could part: pieces of equal score are joined lower id
+    first, not leftmost first (SentencePiece BPE writes distinct scores); a
+    character that is no piece becomes bytes at once and is never joined
+    (a trained BPE vocabulary holds every character its pieces use); only
+    normal pieces are joined into (not unused or control ones).
     """
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
 

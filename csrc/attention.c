@@ -69,6 +69,16 @@ static void head_by_gemm(float *o, int64_t o_stride, const float *q, const float
                 1.0f, scores, (blasint)len, v, (blasint)stride, 0.0f, o, (blasint)o_stride);
 }
 
+/* Floats of the score buffer each thread allocates: a whole [len, len]
+ * matrix for the GEMM path, one row otherwise. */
+static int64_t scores_cap(int64_t max_len) {
+    return max_len >= GEMM_MIN_LEN ? max_len * max_len : max_len;
+}
+
+int64_t dl_attention_bytes(int64_t max_len, int n_threads) {
+    return max_len > 0 ? (int64_t)n_threads * scores_cap(max_len) * (int64_t)sizeof(float) : 0;
+}
+
 int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
                          const int64_t *seq_off, int64_t n_seq,
                          int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
@@ -83,8 +93,7 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
 
 #pragma omp parallel num_threads(n_threads)
     {
-        const int64_t cap = max_len >= GEMM_MIN_LEN ? max_len * max_len : max_len;
-        float *scores = (float *)malloc((size_t)cap * sizeof(float));
+        float *scores = (float *)malloc((size_t)scores_cap(max_len) * sizeof(float));
         if (!scores) {
 #pragma omp atomic write
             failed = 1;

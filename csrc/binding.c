@@ -78,6 +78,14 @@ static int get_f32(PyObject *dict, const char *key, float *out) {
     return 0;
 }
 
+/* DL_PRECISION_* named by Python; -1 with an exception set if unknown. */
+static int parse_precision(const char *name) {
+    if (strcmp(name, "int8") == 0) return DL_PRECISION_INT8;
+    if (strcmp(name, "float32") == 0) return DL_PRECISION_F32;
+    PyErr_Format(PyExc_ValueError, "precision must be 'int8' or 'float32', got '%s'", name);
+    return -1;
+}
+
 /* The ISA path named by Python ("auto" = the best this CPU runs); -1 with an
  * exception set if unknown or not runnable here. */
 static int parse_isa(const char *name) {
@@ -469,14 +477,8 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|ss", kwlist, &PyDict_Type, &cfg, &PyDict_Type,
                                      &tensors, &precision_name, &isa_name))
         return -1;
-    int precision;
-    if (strcmp(precision_name, "int8") == 0) precision = DL_PRECISION_INT8;
-    else if (strcmp(precision_name, "float32") == 0) precision = DL_PRECISION_F32;
-    else {
-        PyErr_Format(PyExc_ValueError, "precision must be 'int8' or 'float32', got '%s'",
-                     precision_name);
-        return -1;
-    }
+    const int precision = parse_precision(precision_name);
+    if (precision < 0) return -1;
     const int isa = parse_isa(isa_name);
     if (isa < 0) return -1;
     if (self->model) {
@@ -1428,6 +1430,41 @@ static PyObject *op_isa_info(PyObject *mod, PyObject *args) {
     return Py_BuildValue("{s:s,s:N}", "best", dl_isa_name(dl_isa_best()), "supported", supported);
 }
 
+/* memory_estimate(config, precision, n_tokens, max_len, threads=1, lora=False,
+ * qkv_bias=False) -> {'weights': bytes the model's own arrays take,
+ * 'forward': bytes one forward call allocates for a batch of n_tokens tokens
+ * whose longest sentence has max_len}: the allocators' own arithmetic. */
+static PyObject *op_memory_estimate(PyObject *mod, PyObject *args, PyObject *kwds) {
+    (void)mod;
+    static char *kwlist[] = {"config", "precision", "n_tokens", "max_len", "threads", "lora",
+                             "qkv_bias", NULL};
+    PyObject *cfg;
+    const char *precision_name;
+    long long n_tokens, max_len;
+    int threads = 1, lora = 0, qkv_bias = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!sLL|ipp", kwlist, &PyDict_Type, &cfg,
+                                     &precision_name, &n_tokens, &max_len, &threads, &lora,
+                                     &qkv_bias))
+        return NULL;
+    const int precision = parse_precision(precision_name);
+    if (precision < 0) return NULL;
+    if (n_tokens < 0 || n_tokens > INT32_MAX || max_len < 0 || max_len > n_tokens || threads < 1 ||
+        threads > 1024) {
+        PyErr_SetString(PyExc_ValueError, "memory_estimate needs 0 <= max_len <= n_tokens <= 2^31 "
+                        "and 1 <= threads <= 1024");
+        return NULL;
+    }
+    dl_config c;
+    memset(&c, 0, sizeof c);
+    config_arrays arr = {NULL, NULL, NULL};
+    const int bad = parse_config(cfg, &c, &arr) < 0;
+    config_arrays_clear(&arr);
+    if (bad) return NULL;
+    return Py_BuildValue("{s:L,s:L}", "weights", (long long)dl_model_bytes(&c, precision, qkv_bias),
+                         "forward", (long long)dl_forward_bytes(&c, precision, lora, n_tokens,
+                                                                max_len, threads));
+}
+
 static PyObject *op_peak_gops(PyObject *mod, PyObject *args) {
     (void)mod;
     const char *kind;
@@ -1616,6 +1653,10 @@ static PyMethodDef module_methods[] = {
      "qweight(type, w_bytes, rows, cols) -> [rows, cols]: the weights as the int8 path packs them"},
     {"quantize_rows", op_quantize_rows, METH_VARARGS,
      "quantize_rows(x[n, cols], isa='auto') -> (q int8[n, 32 nb], d[n, nb], s[n, nb])"},
+    {"memory_estimate", (PyCFunction)(void (*)(void))op_memory_estimate,
+     METH_VARARGS | METH_KEYWORDS,
+     "memory_estimate(config, precision, n_tokens, max_len, threads=1, lora=False, qkv_bias=False)"
+     " -> {'weights': bytes, 'forward': bytes}"},
     {"isa_info", op_isa_info, METH_NOARGS, "isa_info() -> {'best': name, 'supported': [names]}"},
     {"peak_gops", op_peak_gops, METH_VARARGS,
      "peak_gops(kind='int8'|'fp32', threads=1, iters=1e8) -> measured peak G ops/s"},

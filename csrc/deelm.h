@@ -114,6 +114,8 @@ typedef struct {
 } dl_qmat;
 
 int dl_qmat_alloc(dl_qmat *w, int64_t rows, int64_t cols);
+/* Bytes dl_qmat_alloc takes for a [rows, cols] matrix. */
+int64_t dl_qmat_bytes(int64_t rows, int64_t cols);
 void dl_qmat_free(dl_qmat *w);
 /* Packs n_rows rows of a GGUF-encoded matrix (type, cols = w->cols) into rows
  * row0.. of w. scratch: [cols] floats. Returns the number of non-finite
@@ -144,6 +146,8 @@ typedef struct {
 } dl_qact;
 
 int dl_qact_alloc(dl_qact *a, int64_t rows, int64_t max_cols);
+/* Bytes dl_qact_alloc takes. */
+int64_t dl_qact_bytes(int64_t rows, int64_t max_cols);
 void dl_qact_free(dl_qact *a);
 /* Quantizes x [n, cols] (n <= a->rows) into a, blocks of 32, round to
  * nearest, |q| <= 127; columns past cols are zero. Bitwise the same on
@@ -239,6 +243,10 @@ typedef struct {
 /* Allocates the model's owned arrays (all zero) for cfg, the linear layers in
  * the given precision; NULL on no memory. */
 dl_model *dl_model_alloc(const dl_config *cfg, int precision, int isa);
+/* Bytes dl_model_alloc takes, plus the q/k/v biases the binding adds when the
+ * file has them (qkv_bias). The token embedding table is not counted: it
+ * stays in the caller's mapped file. */
+int64_t dl_model_bytes(const dl_config *cfg, int precision, int qkv_bias);
 void dl_model_free(dl_model *m);
 /* Width of the fused q|k|v projection output. */
 int64_t dl_qkv_dim(const dl_config *cfg);
@@ -295,6 +303,8 @@ typedef struct {
     int64_t window; /* 0: the whole sentence */
 } dl_attn_spec;
 
+/* Bytes of the score buffers dl_attention_forward allocates (one per thread). */
+int64_t dl_attention_bytes(int64_t max_len, int n_threads);
 /* Scaled dot-product attention per sentence and head, grouped-query.
  * qkv: [N, qkv_stride] rows holding q (nh hd) then k (nkv hd) then v (nkv hd);
  * out: [N, nh hd]. Keys as `spec` says, never across sentences.
@@ -458,6 +468,12 @@ typedef struct {
 
 int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_t n_seq,
                   int n_threads);
+/* Bytes dl_model_forward allocates at most for a batch of n_rows tokens whose
+ * longest sentence has max_len: the batch context, one set of layer
+ * activations and the attention's per-thread score buffers (not the caller's
+ * output arrays, not OpenBLAS's own buffers). */
+int64_t dl_forward_bytes(const dl_config *c, int precision, int lora, int64_t n_rows,
+                         int64_t max_len, int n_threads);
 void dl_batch_free(dl_batch *b);
 
 /* The activations of one layer, [R, ...] each. Inference reuses one set for
@@ -478,9 +494,8 @@ typedef struct {
     float *lora_t[DL_N_FUSED];   /* LoRA's drop(x) A^T per fused layer (training), or NULL */
 } dl_layer_acts;
 
-/* Floats one set of activations takes, and how it is laid out in them;
- * `training` as dl_layer_acts_carve's separate_residuals. */
-int64_t dl_layer_acts_floats(const dl_config *c, int64_t R, int training);
+/* Floats one set of activations takes, and how it is laid out in them. */
+int64_t dl_layer_acts_floats(const dl_config *c, int64_t R, int separate_residuals);
 void dl_layer_acts_carve(dl_layer_acts *a, const dl_config *c, int64_t R, float *mem,
                          int separate_residuals);
 /* The rotary table layer l uses in batch b. */

@@ -40,6 +40,10 @@ static int64_t widest_input(const dl_config *c) {
     return c->n_heads * c->head_dim > w ? c->n_heads * c->head_dim : w;
 }
 
+static int64_t gemm_rows(int precision, int64_t N) {
+    return precision == DL_PRECISION_F32 && N < MIN_GEMM_ROWS ? MIN_GEMM_ROWS : N;
+}
+
 int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_t n_seq,
                   int n_threads) {
     const dl_config *c = &m->cfg;
@@ -51,7 +55,7 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
     b->seq_off = seq_off;
     b->n_seq = n_seq;
     b->n_rows = N;
-    b->gemm_rows = m->precision == DL_PRECISION_F32 && N < MIN_GEMM_ROWS ? MIN_GEMM_ROWS : N;
+    b->gemm_rows = gemm_rows(m->precision, N);
     b->n_threads = n_threads > 0 ? n_threads : 1;
     const int64_t R = b->gemm_rows, widest = widest_input(c);
     b->pos = (int32_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
@@ -77,10 +81,12 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
 /* Width of the q and k heads of a qkv row. */
 static int64_t qk_width(const dl_config *c) { return (c->n_heads + c->n_kv_heads) * c->head_dim; }
 
-int64_t dl_layer_acts_floats(const dl_config *c, int64_t R, int training) {
-    int64_t per_row = 5 * c->dim + dl_qkv_dim(c) + c->n_heads * c->head_dim + 3 * c->hidden_dim;
-    if (c->post_norms) per_row += (training ? 2 : 1) * c->dim;
-    if (c->qk_norm && training) per_row += qk_width(c);
+int64_t dl_layer_acts_floats(const dl_config *c, int64_t R, int separate_residuals) {
+    /* x and xb, or x_in, x_mid, x_out, xb1 and xb2 */
+    const int64_t rows_of_d = separate_residuals ? 5 : 2;
+    int64_t per_row = rows_of_d * c->dim + dl_qkv_dim(c) + c->n_heads * c->head_dim + 3 * c->hidden_dim;
+    if (c->post_norms) per_row += (separate_residuals ? 2 : 1) * c->dim; /* ao (and fo) */
+    if (c->qk_norm && separate_residuals) per_row += qk_width(c);         /* qk_raw */
     return R * per_row;
 }
 
@@ -88,12 +94,16 @@ void dl_layer_acts_carve(dl_layer_acts *a, const dl_config *c, int64_t R, float 
                          int separate_residuals) {
     const int64_t d = c->dim;
     memset(a, 0, sizeof *a);
-    a->x_in = mem;
-    a->x_mid = separate_residuals ? mem + R * d : mem;
-    a->x_out = separate_residuals ? mem + 2 * R * d : mem;
-    mem += 3 * R * d;
-    a->xb1 = mem; mem += R * d;
-    a->xb2 = separate_residuals ? mem : a->xb1; mem += R * d;
+    a->x_in = a->x_mid = a->x_out = mem;
+    mem += R * d;
+    if (separate_residuals) {
+        a->x_mid = mem; mem += R * d;
+        a->x_out = mem; mem += R * d;
+    }
+    a->xb1 = a->xb2 = mem; mem += R * d;
+    if (separate_residuals) {
+        a->xb2 = mem; mem += R * d;
+    }
     a->qkv = mem; mem += R * dl_qkv_dim(c);
     a->att = mem; mem += R * c->n_heads * c->head_dim;
     a->gu = mem; mem += R * 2 * c->hidden_dim;
@@ -248,6 +258,16 @@ int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_ac
     residual_branch(m, l, DL_FUSED_DOWN, a->x_out, a->x_mid, a->fo, ly->post_ffn_norm, a->h, a, b);
     lap(b, DL_OP_DOWN);
     return DL_OK;
+}
+
+int64_t dl_forward_bytes(const dl_config *c, int precision, int lora, int64_t n_rows,
+                         int64_t max_len, int n_threads) {
+    const int64_t R = gemm_rows(precision, n_rows), widest = widest_input(c), fl = sizeof(float);
+    const int64_t batch = (n_rows > 0 ? n_rows : 1) * (int64_t)sizeof(int32_t)       /* pos */
+                          + (c->rope_local ? 2 : 1) * (max_len > 0 ? max_len : 1) * c->head_dim * fl /* rope tables */
+                          + (lora ? R * widest * fl : 0)                               /* scratch */
+                          + (precision == DL_PRECISION_INT8 ? dl_qact_bytes(R, widest) : 0);
+    return batch + dl_layer_acts_floats(c, R, 0) * fl + dl_attention_bytes(max_len, n_threads);
 }
 
 int dl_model_forward(const dl_model *m, const dl_forward_args *a) {

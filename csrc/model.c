@@ -15,6 +15,19 @@ static int linear_alloc(dl_linear *w, int64_t out, int64_t in, int precision) {
     return (w->f32 = zalloc(out * in)) ? DL_OK : DL_ERR_NOMEM;
 }
 
+static int64_t linear_bytes(int64_t out, int64_t in, int precision) {
+    return precision == DL_PRECISION_INT8 ? dl_qmat_bytes(out, in) : out * in * (int64_t)sizeof(float);
+}
+
+int64_t dl_model_bytes(const dl_config *cfg, int precision, int qkv_bias) {
+    const int64_t d = cfg->dim, f = cfg->hidden_dim, qkv = dl_qkv_dim(cfg);
+    const int64_t dq = cfg->n_heads * cfg->head_dim, fl = (int64_t)sizeof(float);
+    const int64_t layer = (int64_t)sizeof(dl_layer) + 2 * d * fl + (qkv_bias ? qkv * fl : 0)
+                          + linear_bytes(qkv, d, precision) + linear_bytes(d, dq, precision)
+                          + linear_bytes(2 * f, d, precision) + linear_bytes(d, f, precision);
+    return (int64_t)sizeof(dl_model) + (d + cfg->head_dim / 2) * fl + cfg->n_layers * layer;
+}
+
 static void linear_free(dl_linear *w) {
     free(w->f32);
     w->f32 = NULL;

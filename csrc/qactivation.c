@@ -22,6 +22,12 @@
 #include <immintrin.h>
 #endif
 
+int64_t dl_qact_bytes(int64_t rows, int64_t max_cols) {
+    const int64_t r = rows > 0 ? rows : 1, blocks = r * ((max_cols + DL_QBLOCK - 1) / DL_QBLOCK);
+    /* q, then d, s, out_k, out_v per block, n_out per row */
+    return blocks * (DL_QBLOCK + 4 * 4) + r * 4;
+}
+
 int dl_qact_alloc(dl_qact *a, int64_t rows, int64_t max_cols) {
     memset(a, 0, sizeof *a);
     a->rows = rows;

@@ -13,12 +13,20 @@
 
 #include "deelm.h"
 
+static int64_t panels(int64_t rows) { return (rows + DL_QPANEL - 1) / DL_QPANEL; }
+static int64_t col_blocks(int64_t cols) { return (cols + DL_QBLOCK - 1) / DL_QBLOCK; }
+
+int64_t dl_qmat_bytes(int64_t rows, int64_t cols) {
+    /* q: a byte per weight, d and m: a float each per 32 columns of a row */
+    return panels(rows) * col_blocks(cols) * DL_QPANEL * (DL_QBLOCK + 2 * (int64_t)sizeof(float));
+}
+
 int dl_qmat_alloc(dl_qmat *w, int64_t rows, int64_t cols) {
     memset(w, 0, sizeof *w);
     w->rows = rows;
     w->cols = cols;
-    w->n_panels = (rows + DL_QPANEL - 1) / DL_QPANEL;
-    w->n_blocks = (cols + DL_QBLOCK - 1) / DL_QBLOCK;
+    w->n_panels = panels(rows);
+    w->n_blocks = col_blocks(cols);
     const size_t blocks = (size_t)w->n_panels * (size_t)w->n_blocks;
     w->q = (uint8_t *)calloc(blocks * DL_QPANEL * DL_QBLOCK, 1);
     w->d = (float *)calloc(blocks * DL_QPANEL, sizeof(float));

@@ -141,23 +141,14 @@ def cmd_eval(args):
 
 
 def cmd_info(args):
-    from .default_model import resolve_model_path
-    from .gguf_file import read_gguf
+    import json
 
-    gm = read_gguf(resolve_model_path(args.model))
-    c = gm.config
-    n_params = sum(t[1] * t[2] for t in gm.tensors.values())
-    print(f"file          {gm.path} ({gm.file_size / 1e6:.1f} MB)")
-    print(f"name          {gm.name}")
-    print(f"architecture  {gm.architecture}: {c['n_layers']} layers, d={c['dim']}, "
-          f"ffn={c['hidden_dim']}, heads={c['n_heads']}/{c['n_kv_heads']} (q/kv), "
-          f"head_dim={c['head_dim']}, context={gm.context_length}")
-    print(f"parameters    {n_params / 1e6:.1f} M (without the vocabulary head)")
-    print(f"tensor types  {', '.join(f'{k}: {v}' for k, v in sorted(gm.tensor_types.items()))}")
-    print(f"tokenizer     {gm.vocab.get('model')} ({gm.vocab.get('pre', '-')}), "
-          f"{len(gm.vocab.get('tokens', []))} tokens, add_bos={gm.vocab.get('add_bos_token', False)}")
-    dense = (n_params - c["vocab_size"] * c["dim"]) * 4
-    print(f"memory        ~{dense / 1e6:.0f} MB of float32 weights + the mapped embedding table")
+    from .default_model import resolve_model_path
+    from .summary import format_summary, summarize
+
+    summary = summarize(resolve_model_path(args.model), threads=args.threads,
+                        batch=(args.batch_size, args.tokens))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
 
@@ -369,8 +360,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="folder for backward_dependency.{json,md,png}")
     p.set_defaults(func=cmd_probe)
-    p = sub.add_parser("info", help="describe a model file")
-    p.add_argument("model", nargs="?", default=None)
+    p = sub.add_parser("info", help="describe a model file: sizes, tensor types, tokeniser, memory "
+                       "(from the header; nothing is loaded)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file or folder (default: $DEELM_MODEL, else the default model)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the memory estimate (attention buffers; default: all cores)")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences of the example batch")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per sentence of the example batch")
     p.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
     from .errors import DeeLMError

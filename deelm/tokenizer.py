@@ -1,11 +1,21 @@
 """Tokenisation: the vocabulary stored in a model file, run by `tokenizers`.
 
-For a GGUF "gpt2" (byte-level BPE) vocabulary the tokens and merges go into a
-`tokenizers` BPE model with the GPT-2 byte-level pre-tokeniser, the same
-construction transformers uses when it loads a tokenizer from a GGUF file, so
-the ids are the same. Control tokens become special tokens (matched whole in
-the text, as transformers does). BOS/EOS are added as the file's metadata
-says (`tokenizer.ggml.add_bos_token` / `add_eos_token`).
+GGUF stores one of two kinds of vocabulary (tokenizer.ggml.model):
+
+- "gpt2", byte-level BPE: the tokens and merges go into a `tokenizers` BPE
+  model with the GPT-2 byte-level pre-tokeniser, the construction
+  transformers uses for a GGUF file.
+- "llama", SentencePiece BPE (LLaMA-2, Mistral, TinyLlama, Gemma): pieces,
+  scores and piece types, as the converter copied them out of the model's
+  tokenizer.model. See _sentencepiece_bpe for how they become a `tokenizers`
+  BPE model with the same ids as llama.cpp (the format's owner).
+
+Control and unknown tokens become special tokens and user-defined ones added
+tokens, all matched whole in the text (as transformers does, and llama.cpp
+when asked to parse special tokens): both vocabulary kinds treat text the
+same way. BOS/EOS are added as the file's metadata says
+(tokenizer.ggml.add_bos_token / add_eos_token; llama.cpp's defaults when
+absent: BOS for SentencePiece, nothing for byte-level BPE).
 """
 from dataclasses import dataclass
 
@@ -13,8 +23,9 @@ import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError
 
-# tokenizer.ggml.token_type values
-_CONTROL, _USER_DEFINED = 3, 4
+# tokenizer.ggml.token_type values (SentencePiece's piece types)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+TOKENIZER_TYPES = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
 
 
 @dataclass
@@ -37,72 +48,75 @@ def _word_start(string, offsets):
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer built from a GGUF vocabulary."""
+    """A tokenizer built from a GGUF vocabulary."""
 
-    def __init__(self, backend, *, bos_id=None, eos_id=None, add_bos=False, add_eos=False):
+    def __init__(self, backend, *, bos_id=None, eos_id=None, add_bos=False, add_eos=False,
+                 kind=None):
         self.backend = backend
         self.bos_id, self.eos_id = bos_id, eos_id
         self.add_bos, self.add_eos = add_bos, add_eos
+        self.kind = kind  # tokenizer.ggml.model: "gpt2" or "llama"
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_gguf_vocab(cls, vocab, path, vocab_size):
+        """vocab: the file's tokenizer.ggml.* fields (without the prefix);
+        vocab_size: the embedding table's rows, which the vocabulary must
+        match. Needs nothing else from the file, so any GGUF vocabulary can be
+        built, whatever the architecture."""
         model = vocab.get("model")
         if model is None:
             raise ModelFileError(path, "the file holds no tokenizer (tokenizer.ggml.model is missing)")
-        if model != "gpt2":
+        if model not in TOKENIZER_TYPES:
             raise UnsupportedModelError(
-                path, f"tokenizer type '{model}' is not supported yet (supported: gpt2 byte-level BPE)")
-        tokens, merges = vocab.get("tokens"), vocab.get("merges")
-        if not isinstance(tokens, list) or not isinstance(merges, list):
-            raise ModelFileError(path, "tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
-        if len(tokens) != vocab_size:
-            raise ModelFileError(path, f"the vocabulary has {len(tokens)} tokens but the embedding "
-                                       f"table has {vocab_size} rows")
-        types = vocab.get("token_type") or [1] * len(tokens)
-        if len(types) != len(tokens):
-            raise ModelFileError(path, "tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
-
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
-        table = {}
+                path, f"tokenizer type '{model}' is not supported (supported: "
+                      + ", ".join(f"{k} ({v})" for k, v in TOKENIZER_TYPES.items()) + ")")
+        tokens = vocab.get("tokens")
+        if not isinstance(tokens, list):
+            raise ModelFileError(path, "tokenizer.ggml.tokens is missing")
         for i, tok in enumerate(tokens):
             if not isinstance(tok, str):
                 raise ModelFileError(path, f"vocabulary entry {i} is not a string")
+        if len(tokens) != vocab_size:
+            raise ModelFileError(path, f"the vocabulary has {len(tokens)} tokens but the embedding "
+                                       f"table has {vocab_size} rows")
+        types = vocab.get("token_type")
+        types = [_NORMAL] * len(tokens) if types is None else types
+        if not isinstance(types, list) or len(types) != len(tokens):
+            raise ModelFileError(path, "tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
+
+        def token_id(key):
+            v = vocab.get(key)
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens):
+                raise ModelFileError(path, f"tokenizer.ggml.{key} = {v!r} is not a token id (the "
+                                           f"vocabulary has {len(tokens)} tokens)")
+            return int(v)
+
+        table = {}
+        for i, tok in enumerate(tokens):
             table.setdefault(tok, i)
-        pairs = []
-        for i, m in enumerate(merges):
-            parts = m.split(" ") if isinstance(m, str) else []
-            if len(parts) != 2:
-                raise ModelFileError(path, f"merge rule {i} ({m!r}) is not two tokens separated by a space")
-            pairs.append((parts[0], parts[1]))
-        try:
-            bpe = models.BPE(vocab=table, merges=pairs, fuse_unk=False, byte_fallback=False)
-        except Exception as e:
-            raise ModelFileError(path, f"the BPE vocabulary is inconsistent ({e})") from None
-        backend = HFTokenizer(bpe)
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        backend.decoder = decoders.ByteLevel()
+        if model == "gpt2":
+            backend = _byte_level_bpe(vocab, table, path)
+        else:
+            unk = token_id("unknown_token_id")
+            backend = _sentencepiece_bpe(vocab, tokens, types, table, None if unk is None else tokens[unk],
+                                         path)
+
+        from tokenizers import AddedToken
+
         special = [AddedToken(tokens[i], special=True, normalized=False)
-                   for i, t in enumerate(types) if t == _CONTROL]
+                   for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN)]
         user = [AddedToken(tokens[i], special=False, normalized=False)
                 for i, t in enumerate(types) if t == _USER_DEFINED]
         if special:
             backend.add_special_tokens(special)
         if user:
             backend.add_tokens(user)
-
-        def token_id(key):
-            v = vocab.get(key)
-            if v is None:
-                return None
-            if not isinstance(v, int) or not 0 <= v < len(tokens):
-                raise ModelFileError(path, f"tokenizer.ggml.{key} = {v!r} is not a token id")
-            return int(v)
-
         return cls(backend, bos_id=token_id("bos_token_id"), eos_id=token_id("eos_token_id"),
-                   add_bos=bool(vocab.get("add_bos_token", False)),
-                   add_eos=bool(vocab.get("add_eos_token", False)))
+                   add_bos=bool(vocab.get("add_bos_token", model == "llama")),
+                   add_eos=bool(vocab.get("add_eos_token", False)), kind=model)
 
     # --------------------------------------------------------------------
     def encode_ids(self, texts):
@@ -161,3 +175,180 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.backend.decode(list(ids), skip_special_tokens=False)
+
+
+# How byte-level vocabularies split text into words before BPE
+# (tokenizer.ggml.pre, as llama.cpp names them): a regular expression, or
+# None for GPT-2's own (the ByteLevel pre-tokeniser's); "smollm" first puts
+# every digit apart, as SmolLM2's tokenizer.json does.
+_LLAMA3_WORDS = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_BYTE_LEVEL_PRE = {"gpt2": None, "gpt-2": None, "smollm": None, "llama-bpe": _LLAMA3_WORDS,
+                   "llama3": _LLAMA3_WORDS, "qwen2": _LLAMA3_WORDS.replace(r"\p{N}{1,3}", r"\p{N}")}
+
+
+def _byte_level_bpe(vocab, table, path):
+    """GPT-2 style: merges from the file, the byte-level pre-tokeniser of
+    tokenizer.ggml.pre (GPT-2's when the file names none)."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    pre = vocab.get("pre", "gpt2")
+    if pre not in _BYTE_LEVEL_PRE:
+        raise UnsupportedModelError(
+            path, f"byte-level pre-tokeniser '{pre}' (tokenizer.ggml.pre) is not supported "
+                  f"(supported: {', '.join(_BYTE_LEVEL_PRE)})")
+    merges = vocab.get("merges")
+    if not isinstance(merges, list):
+        raise ModelFileError(path, "tokenizer.ggml.merges is missing")
+    pairs = []
+    for i, m in enumerate(merges):
+        parts = m.split(" ") if isinstance(m, str) else []
+        if len(parts) != 2:
+            raise ModelFileError(path, f"merge rule {i} ({m!r}) is not two tokens separated by a space")
+        pairs.append((parts[0], parts[1]))
+    try:
+        bpe = models.BPE(vocab=table, merges=pairs, fuse_unk=False, byte_fallback=False)
+    except Exception as e:
+        raise ModelFileError(path, f"the BPE vocabulary is inconsistent ({e})") from None
+    backend = HFTokenizer(bpe)
+    words = _BYTE_LEVEL_PRE[pre]
+    if words is None:
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    else:
+        steps = [pre_tokenizers.Split(Regex(words), behavior="isolated"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    if pre == "smollm":
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(vocab, tokens, types, table, unk, path):
+    """A SentencePiece vocabulary as a `tokenizers` BPE model.
+
+    SentencePiece BPE (and llama.cpp's port of it, which is what runs a GGUF
+    "llama" vocabulary) splits the text into characters, then joins, again
+    and again, the adjacent pair whose join is the piece with the best score
+    (the leftmost pair on a tie); a character that is no piece becomes its
+    UTF-8 bytes (<0xXX> pieces). `tokenizers` BPE joins the adjacent pair that
+    comes first in its merge list, so listing every split of every piece into
+    two pieces, ordered by the joined piece's score, gives the same joins;
+    byte_fallback gives the same bytes. Spaces are written as U+2581 and,
+    when tokenizer.ggml.add_space_prefix says so (llama.cpp's default), one
+    is put before the text (and before the text after each special token, as
+    llama.cpp does); no pre-tokeniser: SentencePiece sees the whole text.
+
+    Why `tokenizers` rather than the sentencepiece library (a ModelProto built
+    from the pieces, which would run SentencePiece's own code): the same
+    backend as the byte-level vocabularies keeps one code path for special
+    tokens matched in the text, for the character offsets that tie prompt
+    tokens to the sentence (encode_prompted) and for decoding, and needs no
+    protobuf; the ids are checked against llama.cpp's tokenizer on the
+    Gemma-3 vocabulary and against the sentencepiece library on models
+    trained in the tests (tests/test_gguf_tokenizer.py).
+
+    Where the two could part: pieces of equal score are joined lower id
+    first, not leftmost first (SentencePiece BPE writes distinct scores); a
+    character that is no piece becomes bytes at once and is never joined
+    (a trained BPE vocabulary holds every character its pieces use); only
+    normal pieces are joined into (not unused or control ones).
+    """
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    scores = vocab.get("scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens):
+        raise ModelFileError(path, f"tokenizer.ggml.scores has "
+                                   f"{len(scores) if isinstance(scores, list) else 'no'} entries, "
+                                   f"tokenizer.ggml.tokens {len(tokens)}")
+    try:
+        scores = np.asarray(scores, np.float64)
+        types = np.asarray(types, np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise ModelFileError(path, "tokenizer.ggml.scores or token_type holds non-numbers") from None
+    if not np.isfinite(scores).all():
+        raise ModelFileError(path, f"tokenizer.ggml.scores[{int(np.argmin(np.isfinite(scores)))}] "
+                                   f"is not finite")
+    ids = np.flatnonzero(types == _NORMAL)
+    ids = ids[[table[tokens[i]] == i for i in ids]]  # a repeated piece: its first id, as table
+    order = ids[np.lexsort((ids, -scores[ids]))]     # best score first; ties: lower id first
+    pieces = [tokens[i] for i in order]
+    byte_fallback = bool((types == _BYTE).any())
+    try:
+        bpe = models.BPE(vocab=table, merges=_merges_by_score(pieces), unk_token=unk,
+                         fuse_unk=True, byte_fallback=byte_fallback)
+    except Exception as e:
+        raise ModelFileError(path, f"the SentencePiece vocabulary is inconsistent ({e})") from None
+    backend = HFTokenizer(bpe)
+    space = normalizers.Replace(" ", "\u2581")
+    prefix = bool(vocab.get("add_space_prefix", True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), space]) if prefix else space
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return backend
+
+
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplication modulo 2^64 is invertible
+
+
+def _merges_by_score(pieces):
+    """Every split (left, right) of every piece into two pieces, for pieces
+    ordered best first: the merge list that makes `tokenizers` BPE join as
+    SentencePiece does. A piece can be built from several splits; where two
+    could apply at once they sit at different places of the text, and the
+    order between them does not change the result.
+
+    Trying all 1.1M split points of Gemma-3's 262k pieces on Python strings
+    takes ~4 s. Instead, polynomial hashes modulo 2^64 of every piece, every
+    prefix and every suffix find the candidates in NumPy, and each candidate
+    is then compared character by character with its two halves: a hash
+    collision can only add a candidate that the comparison drops, and equal
+    strings always have equal hashes, so no split is lost."""
+    n = len(pieces)
+    if n == 0:
+        return []
+    lengths = np.fromiter(map(len, pieces), np.int64, n)
+    codes = np.frombuffer("".join(pieces).encode("utf-32-le"), "<u4").astype(np.uint64)
+    starts = np.cumsum(lengths) - lengths
+    longest = int(lengths.max())
+    powers = np.concatenate([np.ones(1, np.uint64),  # powers[j] = B^j
+                             np.cumprod(np.full(longest, _HASH_MULTIPLIER, np.uint64))])
+    # Horner's rule, one character of every piece at a time; after k
+    # characters, the pieces longer than k can be split there
+    hashes, splits = np.zeros(n, np.uint64), []
+    for k in range(1, longest + 1):
+        live = np.flatnonzero(lengths >= k)
+        hashes[live] = hashes[live] * _HASH_MULTIPLIER + codes[starts[live] + k - 1]
+        longer = live[lengths[live] > k]
+        splits.append((np.full(longer.size, k), longer, hashes[longer]))
+    by_hash = np.argsort(hashes)
+    known = hashes[by_hash]
+
+    def find(h):
+        """The piece whose hash is h, or -1."""
+        at = np.minimum(np.searchsorted(known, h), n - 1)
+        return np.where(known[at] == h, by_hash[at], -1)
+
+    split = np.concatenate([s[0] for s in splits])
+    piece = np.concatenate([s[1] for s in splits])
+    left = find(np.concatenate([s[2] for s in splits]))
+    keep = left >= 0
+    split, piece, left = split[keep], piece[keep], left[keep]
+    # H(t[k:]) = H(t) - H(t[:k]) B^(len - k)
+    right = find(hashes[piece] - hashes[left] * powers[lengths[piece] - split])
+    keep = right >= 0
+    split, piece, left, right = split[keep], piece[keep], left[keep], right[keep]
+    # the check on the characters: left + right spells the piece
+    size = lengths[piece]
+    first = np.cumsum(size) - size
+    owner = np.repeat(np.arange(piece.size), size)
+    pos = np.arange(int(size.sum())) - first[owner]
+    k = split[owner]
+    spelled = np.where(pos < k, starts[left][owner] + pos, starts[right][owner] + pos - k)
+    same = codes[spelled] == codes[starts[piece][owner] + pos]
+    ok = (np.logical_and.reduceat(same, first) & (lengths[left] == split)
+          & (lengths[right] == size - split))
+    split, piece, left, right = split[ok], piece[ok], left[ok], right[ok]
+    rank = np.lexsort((split, piece))
+    spelling = np.array(pieces, dtype=object)
+    return list(zip(spelling[left[rank]].tolist(), spelling[right[rank]].tolist()))

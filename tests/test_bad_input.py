@@ -458,7 +458,8 @@ def _structural_flips(layout):
                                 "tokenizer.ggml.token_type.*needs"),
         "token-string-length": (_part_offset(tokens, 5 + 2 * 100), 3, "corrupted"),
         "tensor-name-length": (_part_offset(q0, 0), 0, "corrupted"),
-        "tensor-dim-count": (_part_offset(q0, 2), 1, "dimensions"),
+        # 2 dims -> 0: the first dim (64) is read as the type
+        "tensor-dim-count": (_part_offset(q0, 2), 1, "unknown tensor type 64"),
         "tensor-type-to-F16": (_part_offset(q0, 4), 0, "offset"),
         "tensor-type-to-Q4_0": (_part_offset(q0, 4), 1, "offset"),
         "tensor-type-to-Q8_0": (_part_offset(q0, 4), 3, "offset"),

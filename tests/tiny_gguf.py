@@ -1,8 +1,9 @@
 """Builds tiny random-weight LLaMA and Gemma-3 GGUF files at test time.
 
 The files are real GGUF (written by the `gguf` package), with a small
-byte-level BPE vocabulary, so every part of deelm's loading path runs on them
-and transformers can load them as the reference.
+byte-level BPE vocabulary (or any vocabulary given, such as a SentencePiece
+model's, see sentencepiece_vocab), so every part of deelm's loading path runs
+on them and transformers can load them as the reference.
 """
 from pathlib import Path
 
@@ -111,12 +112,55 @@ def _permute_for_gguf(w, n_head):
     return w.reshape(n_head, 2, out // n_head // 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def random_weights(cfg, seed=0):
-    """HF-layout float32 weights (rows = outputs), scaled to keep activations sane."""
+def sentencepiece_vocab(sp, *, user_defined=(), add_space_prefix=True, add_bos=True):
+    """The GGUF vocabulary fields of a sentencepiece.SentencePieceProcessor,
+    as llama.cpp's converter writes them: every piece with its score and type
+    (user_defined: the pieces the model was trained with as
+    user_defined_symbols, which the processor's API cannot tell apart)."""
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    user = set(user_defined)
+
+    def piece_type(i):
+        if sp.is_unknown(i):
+            return 2
+        if sp.is_control(i):
+            return 3
+        if tokens[i] in user:
+            return 4
+        if sp.is_unused(i):
+            return 5
+        return 6 if sp.is_byte(i) else 1
+
+    return dict(model="llama", tokens=tokens, scores=[sp.get_score(i) for i in range(n)],
+                token_type=[piece_type(i) for i in range(n)], bos_token_id=sp.bos_id(),
+                eos_token_id=sp.eos_id(), unknown_token_id=sp.unk_id(), add_bos_token=add_bos,
+                add_eos_token=False, add_space_prefix=add_space_prefix)
+
+
+def write_vocab(writer, vocab):
+    """Writes the tokenizer.ggml.* fields of a vocabulary dict (model,
+    tokens, token_type, scores, merges, pre, bos/eos/unknown_token_id,
+    add_bos_token, add_eos_token, add_space_prefix); keys left out are not
+    written, keys set to a wrong value are written as they are."""
+    writers = dict(model=writer.add_tokenizer_model, pre=writer.add_tokenizer_pre,
+                   tokens=writer.add_token_list, token_type=writer.add_token_types,
+                   scores=writer.add_token_scores, merges=writer.add_token_merges,
+                   bos_token_id=writer.add_bos_token_id, eos_token_id=writer.add_eos_token_id,
+                   unknown_token_id=writer.add_unk_token_id, add_bos_token=writer.add_add_bos_token,
+                   add_eos_token=writer.add_add_eos_token,
+                   add_space_prefix=writer.add_add_space_prefix)
+    for key, value in vocab.items():
+        writers[key](value)
+
+
+def random_weights(cfg, seed=0, n_vocab=None):
+    """HF-layout float32 weights (rows = outputs), scaled to keep activations
+    sane; n_vocab embedding rows (default: the tiny byte-level vocabulary's)."""
     rng = np.random.default_rng(seed)
     d, f, nh, nkv = cfg["dim"], cfg["hidden_dim"], cfg["n_heads"], cfg["n_kv_heads"]
     hd = d // nh
-    vocab = len(tiny_vocab()[0])
+    vocab = len(tiny_vocab()[0]) if n_vocab is None else n_vocab
 
     def mat(rows, cols):
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
@@ -137,9 +181,9 @@ def random_weights(cfg, seed=0):
     return w
 
 
-def _new_writer(path, arch, cfg, name, add_bos=False):
-    """A GGUFWriter with the metadata every tiny model shares and the tiny
-    byte-level BPE vocabulary."""
+def _new_writer(path, arch, cfg, name, add_bos=False, vocab=None):
+    """A GGUFWriter with the metadata every tiny model shares and a
+    vocabulary: `vocab` (see write_vocab), or the tiny byte-level BPE one."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg["n_layers"])
     writer.add_context_length(cfg["context_length"])
@@ -150,15 +194,11 @@ def _new_writer(path, arch, cfg, name, add_bos=False):
     writer.add_rope_freq_base(cfg["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg["rms_eps"])
     writer.add_name(name)
-    tokens, types, merges = tiny_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(add_bos)
+    if vocab is None:
+        tokens, types, merges = tiny_vocab()
+        vocab = dict(model="gpt2", pre="gpt2", tokens=tokens, token_type=types, merges=merges,
+                     bos_token_id=1, eos_token_id=2, add_bos_token=add_bos)
+    write_vocab(writer, vocab)
     return writer
 
 
@@ -188,7 +228,8 @@ def _finish(writer, extra_tensors):
 
 
 def write_tiny_gguf(path, *, cfg=None, weight_type="F32", seed=0, arch="llama", add_bos=False,
-                    weights=None, skip=(), extra_tensors=None, type_overrides=None):
+                    weights=None, skip=(), extra_tensors=None, type_overrides=None, vocab=None,
+                    n_vocab=None):
     """Writes a tiny LLaMA GGUF to `path` and returns (path, HF-layout weights).
 
     weight_type: encoding of the 2-D projection weights (F32, F16, BF16, Q8_0,
@@ -201,14 +242,19 @@ def write_tiny_gguf(path, *, cfg=None, weight_type="F32", seed=0, arch="llama", 
     skip: tensor names to leave out; extra_tensors: name -> (array, raw type)
     or (array, raw type, shape): the shape as written when the array is not
     uint8 (a uint8 array's shape is read as bytes per row).
+    vocab: tokenizer fields to write instead of the tiny byte-level
+    vocabulary (see write_vocab); the embedding table gets one row per token,
+    or n_vocab rows if given.
     """
     cfg = dict(TINY, **(cfg or {}))
-    w = weights or random_weights(cfg, seed)
+    if n_vocab is None and vocab is not None:
+        n_vocab = len(vocab["tokens"])
+    w = weights or random_weights(cfg, seed, n_vocab)
     rng = np.random.default_rng(seed + 1000)
     if weight_type in MIXES:
         weight_type, mix = MIXES[weight_type]
         type_overrides = dict(mix, **(type_overrides or {}))
-    writer = _new_writer(path, arch, cfg, "tiny-llama", add_bos)
+    writer = _new_writer(path, arch, cfg, "tiny-llama", add_bos, vocab)
     writer.add_rope_dimension_count(cfg["dim"] // cfg["n_heads"])
     stored = {}
     for name, arr in w.items():

@@ -19,17 +19,11 @@ import numpy as np
 
 from . import _core
 from .errors import ModelFileError, UnsupportedModelError
+from .model_file import LAYER_TENSORS, ROPE_INTERLEAVED, ModelFile, rope_inv_freq
 
 # GGUF architectures whose blocks deelm runs: LLaMA's layout (RMSNorm, RoPE,
 # grouped-query attention, SwiGLU). Mistral GGUFs are written as "llama".
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-# Names deelm gives the weights (the GGUF names without ".weight").
-_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-
-ROPE_INTERLEAVED = 0  # GGUF LLaMA files: q/k rows permuted to (2j, 2j+1) pairs
-ROPE_HALF = 1         # Hugging Face checkpoints: pairs (j, j + head_dim/2)
 
 # GGUF metadata value types: bytes taken by each scalar type; 8 is a string,
 # 9 an array.
@@ -39,32 +33,16 @@ _GGUF_MAX_DIMS = 4
 
 
 @dataclass
-class GGUFModel:
+class GGUFModel(ModelFile):
     """What deelm reads from a GGUF file."""
 
-    path: Path
-    architecture: str
-    name: str
-    config: dict                 # dimensions for the C core
-    tensors: dict                # deelm name -> (type id, ne0, ne1, uint8 array)
-    tensor_types: dict           # type name -> count of tensors of that type
-    context_length: int
-    vocab: dict = field(repr=False)  # tokenizer.ggml.* fields
-    file_size: int = 0
-    mapping: object = field(default=None, repr=False)  # the file's mmap, if the reader has one
+    vocab: dict = field(default_factory=dict, repr=False)  # tokenizer.ggml.* fields
 
-    def release_resident_pages(self):
-        """Drops this process's resident copies of the file's pages, once the
-        C core has decoded or packed the weights. The mapping stays valid: a
-        page read again (only token embedding rows are) comes back from the
-        OS page cache. Saves about the file's size of resident memory."""
-        mm = self.mapping
-        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass  # only a memory saving; nothing depends on it
+    def tokenizer(self):
+        """The deelm Tokenizer of the file's vocabulary."""
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_gguf_vocab(self.vocab, self.path, self.config["vocab_size"])
 
 
 def _supported_type_names():
@@ -94,13 +72,6 @@ def _positive_int(value, key, path, *, limit=1 << 24):
     if not 0 < int(value) <= limit:
         raise ModelFileError(path, f"metadata key '{key}' = {value} is out of range (1..{limit})")
     return int(value)
-
-
-def rope_inv_freq(head_dim, theta):
-    """Rotary frequencies theta^(-2j/head_dim), computed in float32 as the
-    Hugging Face reference computes them."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
 
 
 def read_gguf(path):
@@ -296,7 +267,7 @@ def _interpret(reader, path, file_size):
     if n_heads % n_kv:
         raise ModelFileError(path, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
     for l in range(n_layers):
-        for name in _LAYER_TENSORS:
+        for name in LAYER_TENSORS:
             if f"blk.{l}.{name}" not in tensors:
                 raise ModelFileError(path, f"tensor 'blk.{l}.{name}.weight' is missing "
                                            f"(block_count says {n_layers} layers)")
@@ -310,7 +281,7 @@ def _interpret(reader, path, file_size):
     name = _field(reader, "general.name", path.stem, path=path)
     return GGUFModel(path=path, architecture=arch, name=str(name), config=config, tensors=tensors,
                      tensor_types=types, context_length=context_length, vocab=vocab,
-                     file_size=file_size, mapping=getattr(reader.data, "_mmap", None))
+                     file_size=file_size, mappings=[getattr(reader.data, "_mmap", None)])
 
 
 def _tensors(reader, path, file_size):

@@ -174,26 +174,24 @@ class Tokenizer:
     def from_hf_directory(cls, directory, vocab_size):
         """The tokenizer of a Hugging Face model directory: tokenizer.json when
         present (run by `tokenizers`), else tokenizer.model (run by
-        `sentencepiece`), with tokenizer_config.json's settings."""
+        `sentencepiece`)."""
         directory = Path(directory)
-        settings = _hf_tokenizer_settings(directory)
         if (directory / HF_TOKENIZER_JSON).is_file():
-            return cls.from_tokenizer_json(directory / HF_TOKENIZER_JSON, vocab_size, settings)
+            return cls.from_tokenizer_json(directory / HF_TOKENIZER_JSON, vocab_size)
         if (directory / HF_SENTENCEPIECE_MODEL).is_file():
-            return cls.from_sentencepiece(directory / HF_SENTENCEPIECE_MODEL, vocab_size, settings)
+            return cls.from_sentencepiece(directory / HF_SENTENCEPIECE_MODEL, vocab_size)
         raise ModelFileError(directory, f"holds no {HF_TOKENIZER_JSON} or {HF_SENTENCEPIECE_MODEL}")
 
     @classmethod
-    def from_tokenizer_json(cls, path, vocab_size, settings=None):
+    def from_tokenizer_json(cls, path, vocab_size):
         """A `tokenizers` tokenizer.json, run as written (truncation and padding
-        switched off). BOS/EOS: when tokenizer_config.json sets add_bos_token
-        or add_eos_token, those flags with its bos_token / eos_token, as
-        transformers 5 rebuilds the post-processor from them; otherwise the
-        special tokens the file's post-processor adds (at most one before the
-        text and one after)."""
+        switched off). BOS/EOS: the special tokens the file's post-processor
+        adds (at most one before the text and one after). tokenizer_config.json's
+        add_bos_token / add_eos_token do not count here: transformers 5
+        drops them when a tokenizer.json is present."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        path, settings = Path(path), settings or {}
+        path = Path(path)
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library's errors carry no common type
@@ -202,15 +200,11 @@ class Tokenizer:
         backend.no_padding()
         _check_vocab_size(path, max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1,
                           vocab_size)
-        if "add_bos_token" in settings or "add_eos_token" in settings:
-            bos = _configured_special(settings, "bos", backend.token_to_id, path)
-            eos = _configured_special(settings, "eos", backend.token_to_id, path)
-        else:
-            bos, eos = _post_processor_specials(backend, path)
+        bos, eos = _post_processor_specials(backend, path)
         return cls(backend, bos_id=bos, eos_id=eos, add_bos=bos is not None, add_eos=eos is not None)
 
     @classmethod
-    def from_sentencepiece(cls, path, vocab_size, settings=None):
+    def from_sentencepiece(cls, path, vocab_size):
         """A SentencePiece tokenizer.model, run by `sentencepiece`.
 
         The ids are sentencepiece's own (dummy prefix included, the model's
@@ -226,7 +220,8 @@ class Tokenizer:
         out before text that starts with a space.)"""
         import sentencepiece as spm
 
-        path, settings = Path(path), settings or {}
+        path = Path(path)
+        settings = _hf_tokenizer_settings(path.parent)
         sp = spm.SentencePieceProcessor()
         try:
             sp.load_from_serialized_proto(path.read_bytes())

@@ -85,10 +85,22 @@ def test_architectures_match_transformers(tiny_dirs, arch):
     assert model.config["rope_style"] == 1  # rotate-half: HF rows are used as stored
     expected_context = 64 if arch == "mistral" else TINY["context_length"]
     assert model.config["context_length"] == model.max_seq_length == expected_context
+    with pytest.raises(ValueError, match=f"exceeds the model's context length {expected_context}"):
+        model.max_seq_length = expected_context + 1
     if arch == "qwen2":
         biases = [n for n in model._file.tensors if n.endswith(".bias")]
         assert len(biases) == 3 * L
         assert float(ref.model.layers[0].self_attn.q_proj.bias.detach().abs().min()) > 0
+
+
+def test_bare_model_checkpoint(tiny_dirs, tmp_path):
+    """A LlamaModel saved alone (no vocabulary head, no "model." prefix)."""
+    directory, ref = tiny_dirs("llama")
+    ref.model.save_pretrained(str(tmp_path))
+    shutil.copy(directory / "tokenizer.json", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaModel"]
+    compare(tmp_path, ref, "LlamaModel", ks=[-1, 1])
 
 
 def test_tied_and_untied_embeddings(tiny_dirs):

@@ -131,6 +131,20 @@ def test_sentencepiece_special_tokens_in_text(spm_dir):
     assert tok.encode_ids(["x </s>"])[0][-1] == 2
 
 
+def test_sentencepiece_added_tokens(tmp_path, spm_proto):
+    """tokenizer_config.json's added_tokens_decoder: tokens past the model's
+    pieces, matched whole in the text."""
+    directory = write_spm_dir(tmp_path, spm_proto, added_tokens_decoder={
+        "600": {"content": "<|sep|>", "special": True}})
+    tok = Tokenizer.from_hf_directory(directory, vocab_size=601)
+    assert tok.vocab_size == 601
+    ids = tok.encode_ids(["the cat<|sep|>the dog"])[0]
+    assert ids.count(600) == 1
+    # transformers' legacy handling: the text after it gets the dummy prefix again
+    assert tok.backend.sp.id_to_piece(ids[ids.index(600) + 1]).startswith("\u2581")
+    assert tok.decode(ids[1:]) == "the cat<|sep|>the dog"
+
+
 def test_sentencepiece_bos_eos_from_tokenizer_config(tmp_path, spm_proto):
     ids = Tokenizer.from_hf_directory(write_spm_dir(tmp_path / "a", spm_proto), 600).encode_ids
     assert ids(["the cat"])[0][0] == 1  # LLaMA's default: BOS, no EOS

@@ -238,7 +238,7 @@ def _architecture(cfg, path):
                                           f"deelm runs {supported}")
     for a in archs:
         if a in SUPPORTED_ARCHITECTURES:
-            return a, SUPPORTED_ARCHITECTURES[a]
+            return SUPPORTED_ARCHITECTURES[a]
     raise UnsupportedModelError(path, f"architecture {', '.join(archs)} is not supported by deelm "
                                       f"(supported: {supported})")
 
@@ -323,18 +323,17 @@ def _context_length(cfg, path, arch):
 
 
 def _model_config(cfg, path, arch):
-    if cfg.get("quantization_config") is not None:
-        method = (cfg["quantization_config"] or {}).get("quant_method", "?") \
-            if isinstance(cfg["quantization_config"], dict) else "?"
+    quant = cfg.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
         raise UnsupportedModelError(path, f"quantized checkpoints (quantization_config, method "
                                           f"'{method}') are not supported; use a GGUF file")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(path, f"hidden_act '{act}' is not supported (deelm runs SwiGLU "
                                           f"with silu)")
-    for key in ("mlp_bias",):
-        if cfg.get(key):
-            raise UnsupportedModelError(path, f"'{key}': biases on the MLP are not supported")
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError(path, "'mlp_bias': biases on the MLP are not supported")
     n_layers = _int(cfg, "num_hidden_layers", path, limit=4096)
     dim = _int(cfg, "hidden_size", path)
     hidden = _int(cfg, "intermediate_size", path)
@@ -439,7 +438,7 @@ def read_hf_checkpoint(directory):
         raise ModelFileError(directory, "no such directory")
     cfg_path = directory / HF_CONFIG_FILE
     cfg = _read_json(cfg_path, "config.json")
-    _, arch = _architecture(cfg, cfg_path)
+    arch = _architecture(cfg, cfg_path)
     config, context = _model_config(cfg, cfg_path, arch)
     files, listing = _weight_files(directory)
 

@@ -8,8 +8,9 @@ the text, as transformers does). BOS/EOS are added as the file's metadata
 says (`tokenizer.ggml.add_bos_token` / `add_eos_token`).
 
 A Hugging Face model directory brings its own files (Tokenizer.from_hf_directory):
-`tokenizer.json` is run by `tokenizers` as written, `tokenizer.model` by
-`sentencepiece`; tokenizer_config.json says whether BOS/EOS are added.
+`tokenizer.json` is run by `tokenizers` as written (its post-processor says
+which BOS/EOS to add), `tokenizer.model` by `sentencepiece` (BOS/EOS as
+tokenizer_config.json says).
 """
 from dataclasses import dataclass
 import json
@@ -213,8 +214,8 @@ class Tokenizer:
         sets add_bos_token false (LLaMA's default), EOS only if it sets
         add_eos_token. The model's control and unknown pieces (<s>, </s>,
         <unk>) and tokenizer_config.json's added tokens are matched whole in
-        the text, as transformers does; the text between them is encoded
-        piece by piece, each with the dummy prefix: transformers' `legacy`
+        the text, as transformers does; each stretch of text between them is
+        encoded on its own, with the dummy prefix: transformers' `legacy`
         behaviour. (legacy=False only drops the dummy prefix of text right
         after such a token; transformers 5's LlamaTokenizer also leaves it
         out before text that starts with a space.)"""

@@ -76,13 +76,16 @@ def compare(directory, reference, label, ks=KS, sentences=SENTENCES, **load):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_architectures_match_transformers(tiny_dirs, arch):
-    # Mistral: a sliding window shorter than max_position_embeddings, which
-    # caps deelm's context; Qwen2: q/k/v biases (random, non-zero)
-    options = {"mistral": dict(sliding_window=64), "qwen2": dict(tie_word_embeddings=True)}
+    # LLaMA: head_dim given, wider than hidden_size / heads; Mistral: a
+    # sliding window shorter than max_position_embeddings, which caps deelm's
+    # context; Qwen2: q/k/v biases (random, non-zero)
+    options = {"llama": dict(head_dim=32), "mistral": dict(sliding_window=64),
+               "qwen2": dict(tie_word_embeddings=True)}
     directory, ref = tiny_dirs(arch, **options.get(arch, {}))
     model = compare(directory, ref, arch)
     assert model.precision == "float32" and model.config["architecture"] == arch
     assert model.config["rope_style"] == 1  # rotate-half: HF rows are used as stored
+    assert model.config["head_dim"] == (32 if arch == "llama" else 16)
     expected_context = 64 if arch == "mistral" else TINY["context_length"]
     assert model.config["context_length"] == model.max_seq_length == expected_context
     with pytest.raises(ValueError, match=f"exceeds the model's context length {expected_context}"):

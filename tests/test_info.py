@@ -173,3 +173,15 @@ def test_memory_estimate_bad_arguments(tiny_path, kwargs, reason):
         _core.memory_estimate(read_gguf(tiny_path[0]).config, **kwargs)
     with pytest.raises(ValueError, match="n_layers"):
         _core.memory_estimate({}, "int8", 1, 1)
+
+
+def test_hf_directory_is_described(tmp_path, capsys):
+    tiny_hf = pytest.importorskip("tiny_hf", reason="transformers is not installed")
+    tiny_hf.build(tmp_path, "qwen2", dtype="bfloat16")
+    s = _json(capsys, tmp_path, "--threads", 1)
+    assert s["architecture"] == "qwen2" and s["runs"] and s["rope"]["style"].startswith("pairs (j,")
+    assert set(s["tensor_types"]) == {"BF16"} and s["memory"]["default_precision"] == "float32"
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert (s["dimensions"]["layers"], s["dimensions"]["dim"]) == (hf["num_hidden_layers"], hf["hidden_size"])
+    assert s["tokenizer"]["tokens"] > 0
+    assert "qwen2" in _info(capsys, tmp_path)

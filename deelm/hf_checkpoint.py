@@ -1,0 +1,506 @@
+"""Reading a Hugging Face model directory: config.json, safetensors weights, tokenizer files.
+
+The weights are `model.safetensors`, or shards named by
+`model.safetensors.index.json`. A safetensors file is an 8-byte
+little-endian header length, a JSON header (tensor name -> dtype, shape,
+[begin, end) byte offsets into the data section) and the data section.
+deelm parses the header itself and checks all of it -- the header length
+against the file, the JSON, every dtype, shape and offset pair, sizes
+against shapes, no two tensors sharing bytes -- before it views a byte, so
+a file that lies about its contents fails with a ModelFileError naming the
+file and the tensor, never with a crash. Each shard is memory-mapped once;
+tensors are uint8 views of the mapping (no copies), handed to the C core
+with the GGML type id of their dtype (F32 0, F16 1, BF16 30).
+
+Hugging Face q/k projections are in the "rotate half" row order the C core
+runs as ROPE_HALF, so no rows are permuted (GGUF LLaMA files need the
+interleaved order instead).
+"""
+from dataclasses import dataclass
+import json
+import math
+import mmap
+import os
+from pathlib import Path
+import re
+
+import numpy as np
+
+from .errors import ModelFileError, UnsupportedModelError
+from .model_file import HF_CONFIG_FILE, LAYER_TENSORS, ROPE_HALF, ModelFile, rope_inv_freq
+
+# config.json "architectures" -> deelm's architecture name. All three are
+# LLaMA's block (RMSNorm, RoPE, grouped-query attention, SwiGLU); Qwen2 adds
+# q/k/v biases. The bare *Model classes (no vocabulary head) have the same
+# weights without the "model." prefix.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "LlamaModel": "llama",
+    "MistralForCausalLM": "mistral", "MistralModel": "mistral",
+    "Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
+}
+# transformers' defaults for keys a config.json may leave out
+_DEFAULT_CONTEXT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype -> (bytes per element, GGML type id the C core decodes)
+_DTYPES = {"F32": (4, 0), "F16": (2, 1), "BF16": (2, 30)}
+# dtypes deelm cannot run, with their sizes, so that the tensors deelm does
+# not use (a vocabulary head, say) can still be checked
+_OTHER_DTYPES = {"F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+# what the safetensors library itself accepts as a header
+MAX_HEADER_BYTES = 100_000_000
+
+# Hugging Face tensor name (after the optional "model." prefix) -> deelm name
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_HF_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}
+_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
+_BIASED = ("attn_q", "attn_k", "attn_v")  # the biases the C core adds (Qwen2)
+# tensors a checkpoint may hold that embeddings never need: the vocabulary
+# head and RoPE tables that old transformers versions saved
+_IGNORED_RE = re.compile(r"^lm_head\.weight$|(^|\.)rotary_emb\.inv_freq$")
+
+
+@dataclass
+class HFCheckpoint(ModelFile):
+    """What deelm reads from a Hugging Face model directory (mappings: one per shard)."""
+
+    def tokenizer(self):
+        """The deelm Tokenizer of the directory's tokenizer.json or tokenizer.model."""
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_hf_directory(self.path, self.config["vocab_size"])
+
+
+# ------------------------------------------------------------------ safetensors
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One checked entry of a safetensors header."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    start: int  # byte offset in the file
+    end: int
+
+
+def _reject_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"key {twice[0]!r} appears twice")
+    return dict(pairs)
+
+
+def read_safetensors_header(path):
+    """The tensors of a safetensors file as {name: TensorInfo}, with the
+    file's size, after checking every entry against the file. Raises
+    ModelFileError naming the file (and the tensor) at the first lie."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, "no such file")
+    file_size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ModelFileError(path, f"not a safetensors file: {file_size} bytes, too short "
+                                           f"for the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES:
+                raise ModelFileError(path, f"header length {n} is larger than the "
+                                           f"{MAX_HEADER_BYTES} bytes safetensors allows "
+                                           f"(corrupted or not a safetensors file)")
+            if 8 + n > file_size:
+                raise ModelFileError(path, f"header length {n} runs past the end of the "
+                                           f"{file_size}-byte file (truncated?)")
+            raw = fh.read(n)
+    except OSError as e:
+        raise ModelFileError(path, f"cannot be read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelFileError(path, f"the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(path, "the safetensors header is not a JSON object")
+    data_start, data_size = 8 + n, file_size - 8 - n
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise ModelFileError(path, "the header's __metadata__ is not a JSON object")
+    infos = {}
+    for name, entry in header.items():
+        dtype, shape, begin, end = _check_entry(path, name, entry, data_size)
+        infos[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+    # two tensors must never share bytes: a corrupted offset would otherwise
+    # make one silently read another's data
+    spans = sorted((t.start, t.end, t.name) for t in infos.values() if t.end > t.start)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise ModelFileError(path, f"tensors '{a}' and '{b}' overlap (bytes {start_b - data_start}"
+                                       f"..{end_a - data_start} of the data section)")
+    return infos, file_size
+
+
+def _check_entry(path, name, entry, data_size):
+    """(dtype, shape, begin, end) of one header entry, checked."""
+    def bad(what):
+        return ModelFileError(path, f"tensor '{name}': {what}")
+
+    if not isinstance(entry, dict):
+        raise bad("its header entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"dtype {dtype!r} is not a string")
+    if dtype in _DTYPES:
+        itemsize = _DTYPES[dtype][0]
+    elif dtype in _OTHER_DTYPES:
+        itemsize = _OTHER_DTYPES[dtype]
+    else:
+        raise bad(f"unknown dtype '{dtype}'")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)):
+        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise bad(f"data_offsets [{begin}, {end}] are not an increasing pair of byte offsets")
+    if end > data_size:
+        raise bad(f"data_offsets [{begin}, {end}] run past the end of the {data_size}-byte data "
+                  f"section (truncated?)")
+    n_bytes = math.prod(shape) * itemsize
+    if end - begin != n_bytes:
+        raise bad(f"data_offsets [{begin}, {end}] hold {end - begin} bytes, but {dtype} "
+                  f"{list(shape)} needs {n_bytes}")
+    return dtype, tuple(shape), begin, end
+
+
+def _map(path):
+    """The whole file, memory-mapped read-only: (mmap, uint8 array view)."""
+    try:
+        with open(path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:
+        raise ModelFileError(path, f"cannot be memory-mapped ({e})") from None
+    return mm, np.frombuffer(mm, dtype=np.uint8)
+
+
+# ------------------------------------------------------------------ config.json
+
+def _read_json(path, what):
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFileError(path, "no such file") from None
+    except OSError as e:
+        raise ModelFileError(path, f"cannot be read ({e.strerror})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelFileError(path, f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(path, f"{what} should be a JSON object")
+    return value
+
+
+def _int(cfg, key, path, default=None, limit=1 << 24):
+    v = cfg.get(key)
+    if v is None:
+        if default is None:
+            raise ModelFileError(path, f"'{key}' is missing")
+        return default
+    if type(v) is not int or not 0 < v <= limit:
+        raise ModelFileError(path, f"'{key}' = {v!r} should be an integer in 1..{limit}")
+    return v
+
+
+def _number(d, key, path, default=None, where=""):
+    v = d.get(key, default)
+    if v is None:
+        raise ModelFileError(path, f"'{where}{key}' is missing")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ModelFileError(path, f"'{where}{key}' = {v!r} should be a positive number")
+    return float(v)
+
+
+def _architecture(cfg, path):
+    archs = cfg.get("architectures")
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
+        raise UnsupportedModelError(path, f"'architectures' is missing or not a list of names; "
+                                          f"deelm runs {supported}")
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[a]
+    raise UnsupportedModelError(path, f"architecture {', '.join(archs)} is not supported by deelm "
+                                      f"(supported: {supported})")
+
+
+def _rope(cfg, path, head_dim, context):
+    """inv_freq [head_dim/2] float32 for the config's rope_theta and scaling.
+
+    Reads transformers 5's `rope_parameters` (rope_theta inside) and the
+    older top-level `rope_theta` + `rope_scaling`, whose type is under
+    `rope_type` (newer) or `type` (older)."""
+    params = cfg.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ModelFileError(path, f"'rope_parameters' = {params!r} is not a JSON object")
+        if any(isinstance(v, dict) for v in params.values()):
+            raise UnsupportedModelError(path, "per-layer-type rope_parameters are not supported")
+        scaling, where = params, "rope_parameters."
+        theta = _number(params, "rope_theta", path, cfg.get("rope_theta", 10000.0), where)
+    else:
+        scaling, where = cfg.get("rope_scaling") or {}, "rope_scaling."
+        if not isinstance(scaling, dict):
+            raise ModelFileError(path, f"'rope_scaling' = {scaling!r} is not a JSON object")
+        theta = _number(cfg, "rope_theta", path, 10000.0)
+    for d, w in ((cfg, ""), (scaling, where)):
+        prf = d.get("partial_rotary_factor", 1.0)
+        if prf != 1.0:
+            raise UnsupportedModelError(path, f"partial rotary embedding ('{w}partial_rotary_factor' "
+                                              f"= {prf!r}) is not supported")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    inv_freq = rope_inv_freq(head_dim, theta)
+    if kind in (None, "default", "none"):
+        return inv_freq
+    if kind == "linear":
+        # positions divided by factor, which is the same as frequencies divided by it
+        return (inv_freq / np.float32(_number(scaling, "factor", path, where=where))).astype(np.float32)
+    if kind == "dynamic":
+        # Dynamic NTK changes the frequencies only for sequences longer than
+        # max_position_embeddings; deelm's context length is capped at that,
+        # where transformers uses the plain frequencies too: exact as is.
+        return inv_freq
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling, path, where, context)
+    raise UnsupportedModelError(path, f"rope scaling type '{kind}' is not supported (supported: "
+                                      f"default, linear, dynamic, llama3)")
+
+
+def _llama3_inv_freq(inv_freq, scaling, path, where, context):
+    """LLaMA 3.1's frequency scaling, in float32 as transformers computes it:
+    wavelengths shorter than original_max_position_embeddings /
+    high_freq_factor keep their frequency, those longer than
+    original_max_position_embeddings / low_freq_factor are divided by
+    factor, and the ones between are blended linearly in 1 / wavelength."""
+    factor = _number(scaling, "factor", path, where=where)
+    low = _number(scaling, "low_freq_factor", path, where=where)
+    high = _number(scaling, "high_freq_factor", path, where=where)
+    old_context = _number(scaling, "original_max_position_embeddings", path, context, where)
+    if high <= low:
+        raise ModelFileError(path, f"'{where}high_freq_factor' ({high}) must exceed "
+                                   f"'{where}low_freq_factor' ({low})")
+    f32 = np.float32
+    low_wavelen, high_wavelen = f32(old_context / low), f32(old_context / high)
+    wavelen = f32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / f32(factor), inv_freq)
+    smooth = (f32(old_context) / wavelen - f32(low)) / f32(high - low)
+    blended = (f32(1) - smooth) * scaled / f32(factor) + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def _context_length(cfg, path, arch):
+    """max_position_embeddings, capped at the attention window where the
+    model uses sliding-window attention (Mistral's sliding_window, Qwen2's
+    use_sliding_window): deelm attends to the whole sentence, which is what
+    the model does for sequences up to the window, so keeping
+    max_seq_length within it keeps the results exact."""
+    context = _int(cfg, "max_position_embeddings", path, _DEFAULT_CONTEXT[arch], limit=1 << 30)
+    window = cfg.get("sliding_window")
+    uses_window = (arch == "mistral" or (arch == "qwen2" and cfg.get("use_sliding_window")))
+    if uses_window and window is not None:
+        context = min(context, _int(cfg, "sliding_window", path, limit=1 << 30))
+    return context
+
+
+def _model_config(cfg, path, arch):
+    quant = cfg.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise UnsupportedModelError(path, f"quantized checkpoints (quantization_config, method "
+                                          f"'{method}') are not supported; use a GGUF file")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(path, f"hidden_act '{act}' is not supported (deelm runs SwiGLU "
+                                          f"with silu)")
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError(path, "'mlp_bias': biases on the MLP are not supported")
+    n_layers = _int(cfg, "num_hidden_layers", path, limit=4096)
+    dim = _int(cfg, "hidden_size", path)
+    hidden = _int(cfg, "intermediate_size", path)
+    n_heads = _int(cfg, "num_attention_heads", path, limit=4096)
+    n_kv = _int(cfg, "num_key_value_heads", path, n_heads, limit=4096)
+    if n_heads % n_kv:
+        raise ModelFileError(path, f"num_attention_heads {n_heads} is not a multiple of "
+                                   f"num_key_value_heads {n_kv}")
+    if cfg.get("head_dim") is None and dim % n_heads:
+        raise ModelFileError(path, f"hidden_size {dim} is not a multiple of num_attention_heads "
+                                   f"{n_heads} (and head_dim is not given)")
+    head_dim = _int(cfg, "head_dim", path, dim // n_heads if dim % n_heads == 0 else None)
+    if head_dim % 2:
+        raise ModelFileError(path, f"head_dim {head_dim} is odd; rotary embeddings need pairs")
+    eps = _number(cfg, "rms_norm_eps", path, 1e-6)
+    context = _context_length(cfg, path, arch)
+    inv_freq = _rope(cfg, path, head_dim, cfg.get("max_position_embeddings") or context)
+    return dict(n_layers=n_layers, dim=dim, hidden_dim=hidden, n_heads=n_heads, n_kv_heads=n_kv,
+                head_dim=head_dim, vocab_size=_int(cfg, "vocab_size", path, limit=1 << 26),
+                rms_eps=eps, rope_style=ROPE_HALF, inv_freq=inv_freq), context
+
+
+# ------------------------------------------------------------------ the weight files
+
+def _weight_files(directory):
+    """[(shard path, names the index puts in it, or None)] and the file that
+    lists them (for messages about missing tensors)."""
+    index = directory / INDEX_FILE
+    single = directory / WEIGHTS_FILE
+    if index.is_file():
+        data = _read_json(index, "the index")
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFileError(index, "'weight_map' is missing or empty")
+        shards = {}
+        for tensor, shard in weight_map.items():
+            if (not isinstance(shard, str) or not shard or Path(shard).name != shard
+                    or shard in (".", "..")):
+                raise ModelFileError(index, f"tensor '{tensor}' is mapped to {shard!r}, not a file "
+                                            f"name in the model directory")
+            shards.setdefault(shard, set()).add(tensor)
+        for shard in sorted(shards):
+            if not (directory / shard).is_file():
+                raise ModelFileError(index, f"shard '{shard}' named by the index is missing from "
+                                            f"{directory}")
+        return [(directory / s, names) for s, names in sorted(shards.items())], index
+    if single.is_file():
+        return [(single, None)], single
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    if others:
+        raise ModelFileError(directory, f"holds {', '.join(others[:3])} but neither {WEIGHTS_FILE} "
+                                        f"nor {INDEX_FILE}")
+    found = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt*"))
+    hint = (f" (found {found[0]}: only safetensors weights are read; save them with "
+            f"save_pretrained(..., safe_serialization=True))") if found else ""
+    raise ModelFileError(directory, f"no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
+
+
+def _deelm_name(name, path):
+    """The deelm name of a Hugging Face tensor (None for tensors embeddings
+    do not use), or UnsupportedModelError for one deelm cannot run."""
+    bare = name[len("model."):] if name.startswith("model.") else name
+    if bare == "embed_tokens.weight":
+        return "token_embd"
+    if bare == "norm.weight":
+        return "output_norm"
+    if _IGNORED_RE.search(name):
+        return None
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        short = _LAYER_NAMES[m.group(2)]
+        if m.group(3) == "weight":
+            return f"blk.{m.group(1)}.{short}"
+        if short in _BIASED:
+            return f"blk.{m.group(1)}.{short}.bias"
+        raise UnsupportedModelError(path, f"tensor '{name}': a bias on {m.group(2)} is not "
+                                          f"supported (deelm's blocks have q/k/v biases only)")
+    raise UnsupportedModelError(path, f"unexpected tensor '{name}': not part of a LLaMA-style "
+                                      f"block, the embedding or the final norm")
+
+
+def _expected_shapes(c):
+    """deelm name -> [out, in] (or [n]) in Hugging Face's order."""
+    d, f, hd = c["dim"], c["hidden_dim"], c["head_dim"]
+    dq, dkv = c["n_heads"] * hd, c["n_kv_heads"] * hd
+    per_layer = {"attn_norm": [d], "attn_q": [dq, d], "attn_k": [dkv, d], "attn_v": [dkv, d],
+                 "attn_output": [d, dq], "ffn_norm": [d], "ffn_gate": [f, d], "ffn_up": [f, d],
+                 "ffn_down": [d, f], "attn_q.bias": [dq], "attn_k.bias": [dkv], "attn_v.bias": [dkv]}
+    shapes = {"token_embd": [c["vocab_size"], d], "output_norm": [d]}
+    for l in range(c["n_layers"]):
+        for k, v in per_layer.items():
+            shapes[f"blk.{l}.{k}"] = v
+    return shapes
+
+
+def read_hf_checkpoint(directory):
+    """Reads and checks a Hugging Face model directory (config.json and
+    safetensors weights). Raises ModelFileError (or UnsupportedModelError)
+    naming the file and the problem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelFileError(directory, "no such directory")
+    cfg_path = directory / HF_CONFIG_FILE
+    cfg = _read_json(cfg_path, "config.json")
+    arch = _architecture(cfg, cfg_path)
+    config, context = _model_config(cfg, cfg_path, arch)
+    files, listing = _weight_files(directory)
+
+    found, mappings, file_size = {}, [], 0  # deelm name -> (file, TensorInfo, array)
+    for path, expected_names in files:
+        infos, size = read_safetensors_header(path)
+        file_size += size
+        if expected_names is not None and set(infos) != expected_names:
+            missing = sorted(expected_names - set(infos))
+            extra = sorted(set(infos) - expected_names)
+            what = (f"lacks tensor '{missing[0]}' that {INDEX_FILE} puts there" if missing else
+                    f"holds tensor '{extra[0]}' that {INDEX_FILE} does not list")
+            raise ModelFileError(path, what)
+        wanted = {}
+        for name, info in infos.items():
+            short = _deelm_name(name, path)
+            if short is None:
+                continue
+            if short in found or short in wanted:
+                raise ModelFileError(path, f"tensor '{name}' appears twice (as '{short}')")
+            wanted[short] = info
+        if not wanted:
+            continue
+        mm, buf = _map(path)
+        mappings.append(mm)
+        for short, info in wanted.items():
+            found[short] = (path, info, buf[info.start:info.end])
+
+    shapes = _expected_shapes(config)
+    tensors, types = {}, {}
+    for short, (path, info, raw) in found.items():
+        want = shapes.get(short)
+        if want is None:  # a layer past num_hidden_layers
+            raise ModelFileError(path, f"tensor '{info.name}' belongs to no layer: config.json says "
+                                       f"num_hidden_layers = {config['n_layers']}")
+        if list(info.shape) != want:
+            raise ModelFileError(path, f"tensor '{info.name}' has shape {list(info.shape)}, "
+                                       f"config.json needs {want}")
+        if info.dtype not in _DTYPES:
+            raise UnsupportedModelError(path, f"tensor '{info.name}' has dtype {info.dtype}, which "
+                                              f"deelm does not run (supported: {', '.join(_DTYPES)})")
+        type_id = _DTYPES[info.dtype][1]
+        ne0, ne1 = info.shape[-1], (info.shape[0] if len(info.shape) == 2 else 1)
+        tensors[short] = (type_id, ne0, ne1, raw)
+        types[info.dtype] = types.get(info.dtype, 0) + 1
+
+    required = ["token_embd", "output_norm"] + [f"blk.{l}.{n}" for l in range(config["n_layers"])
+                                                for n in LAYER_TENSORS]
+    for short in required:
+        if short not in tensors:
+            raise ModelFileError(listing, f"tensor '{_hf_name(short)}' is missing (config.json says "
+                                          f"{config['n_layers']} layers)")
+    return HFCheckpoint(path=directory, architecture=arch, name=directory.resolve().name,
+                        config=config, tensors=tensors, tensor_types=types,
+                        context_length=context, file_size=file_size, mappings=mappings)
+
+
+def _hf_name(short):
+    """The Hugging Face name of a deelm tensor name (for messages)."""
+    if short == "token_embd":
+        return "model.embed_tokens.weight"
+    if short == "output_norm":
+        return "model.norm.weight"
+    _, layer, rest = short.split(".", 2)
+    return f"model.layers.{layer}.{_HF_LAYER_NAMES[rest]}.weight"

@@ -1,0 +1,81 @@
+"""What every model format hands to the C core, and the choice between formats.
+
+A reader (deelm.gguf_file for GGUF files, deelm.hf_checkpoint for Hugging
+Face directories) returns a ModelFile. Its tensor names are GGUF's without
+".weight": token_embd, output_norm, blk.N.attn_q, ... and the optional
+blk.N.attn_q.bias / attn_k.bias / attn_v.bias.
+"""
+from dataclasses import dataclass, field
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+# Names deelm gives the weights of a block (the GGUF names without ".weight").
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                 "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+ROPE_INTERLEAVED = 0  # GGUF LLaMA files: q/k rows permuted to (2j, 2j+1) pairs
+ROPE_HALF = 1         # Hugging Face checkpoints: pairs (j, j + head_dim/2)
+
+HF_CONFIG_FILE = "config.json"
+
+
+def rope_inv_freq(head_dim, theta):
+    """Rotary frequencies theta^(-2j/head_dim), computed in float32 as the
+    Hugging Face reference computes them."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+@dataclass
+class ModelFile:
+    """A model as a reader hands it to the C core."""
+
+    path: Path                   # the file, or the Hugging Face directory
+    architecture: str
+    name: str
+    config: dict                 # dimensions for `_core.Model`
+    tensors: dict                # deelm name -> (GGML type id, ne0 = row length, ne1 = rows, uint8 array)
+    tensor_types: dict           # type name -> count of tensors of that type
+    context_length: int
+    file_size: int = 0           # bytes, all files together
+    mappings: list = field(default_factory=list, repr=False)  # the mmaps the tensors view
+
+    def release_resident_pages(self):
+        """Drops this process's resident copies of the mapped pages, once the
+        C core has decoded or packed the weights. The mappings stay valid: a
+        page read again (only token embedding rows are) comes back from the
+        OS page cache. Saves about the files' size of resident memory."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for mm in self.mappings:
+            if mm is None or not hasattr(mm, "madvise"):
+                continue
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass  # only a memory saving; nothing depends on it
+
+    def tokenizer(self):
+        """The deelm Tokenizer that goes with the weights."""
+        raise NotImplementedError
+
+
+def is_hf_directory(path):
+    """A folder holding config.json and safetensors weights."""
+    path = Path(path)
+    return (path.is_dir() and (path / HF_CONFIG_FILE).is_file()
+            and any(path.glob("*.safetensors")))
+
+
+def read_model(path):
+    """Reads a model for the C core: a Hugging Face directory (config.json +
+    safetensors) or a GGUF file. Raises ModelFileError naming the file."""
+    if Path(path).is_dir():
+        from .hf_checkpoint import read_hf_checkpoint
+
+        return read_hf_checkpoint(path)
+    from .gguf_file import read_gguf
+
+    return read_gguf(path)

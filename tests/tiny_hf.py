@@ -1,0 +1,73 @@
+"""Builds tiny random-weight Hugging Face model directories at test time.
+
+transformers saves them (config.json + safetensors, as published checkpoints
+are), with tests/tiny_gguf.py's byte-level BPE vocabulary as tokenizer.json,
+so the same weights can also be written as GGUF and tokenize alike.
+"""
+import copy
+
+import torch
+import transformers
+
+from deelm.tokenizer import Tokenizer
+from tiny_gguf import TINY, tiny_vocab
+
+VOCAB = len(tiny_vocab()[0])
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def hf_config(arch, **overrides):
+    kw = dict(vocab_size=VOCAB, hidden_size=TINY["dim"], intermediate_size=TINY["hidden_dim"],
+              num_hidden_layers=TINY["n_layers"], num_attention_heads=TINY["n_heads"],
+              num_key_value_heads=TINY["n_kv_heads"], max_position_embeddings=TINY["context_length"],
+              rms_norm_eps=TINY["rms_eps"], rope_theta=TINY["rope_theta"], tie_word_embeddings=False)
+    kw.update(overrides)
+    cfg = getattr(transformers, ARCHS[arch][0])(**kw)
+    cfg._attn_implementation = "eager"  # the bidirectional hooks replace eager masks
+    return cfg
+
+
+def randomize(model, seed):
+    """Weights with a fixed seed, scaled so that activations stay of order
+    1-10 through the layers; norms near 1 and biases clearly non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * r)
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * r)
+            elif "embed_tokens" in name:
+                p.copy_(r)
+            else:
+                p.copy_(r / p.shape[1] ** 0.5)
+
+
+def write_tokenizer(directory):
+    """tests/tiny_gguf.py's byte-level BPE vocabulary as tokenizer.json, so
+    the directory and the tiny GGUF files tokenize alike."""
+    tokens, types, merges = tiny_vocab()
+    vocab = {"model": "gpt2", "tokens": tokens, "merges": merges, "token_type": types}
+    Tokenizer.from_gguf_vocab(vocab, directory, len(tokens)).backend.save(str(directory / "tokenizer.json"))
+
+
+def build(directory, arch="llama", *, dtype="float32", seed=0, max_shard_size=None, **overrides):
+    """Saves a tiny random `arch` model to `directory` (safetensors in
+    `dtype`, with a tokenizer) and returns the float32 reference model whose
+    weights are the saved ones (rounded to `dtype`)."""
+    model = getattr(transformers, ARCHS[arch][1])(hf_config(arch, **overrides)).eval()
+    randomize(model, seed)
+    torch_dtype = getattr(torch, dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch_dtype).float())
+    saved = copy.deepcopy(model).to(torch_dtype)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    saved.save_pretrained(str(directory), **kw)
+    write_tokenizer(directory)
+    return model

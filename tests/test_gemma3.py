@@ -374,9 +374,15 @@ def real_path():
 
 
 def _real_ids(path, sentences):
-    """Token ids from llama.cpp's own tokenizer of the file (BOS first)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python tokenizes the "
-                                                        "reference input")
+    """Token ids from llama.cpp's own tokenizer of the file (BOS first) when
+    llama-cpp-python is installed, else from deelm's, which gives llama.cpp's
+    ids for this vocabulary (tests/test_gguf_tokenizer.py checks that)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        from deelm.gguf_file import read_gguf
+
+        return read_gguf(path).tokenizer().encode_ids(sentences)
     tok = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     return [tok.tokenize(s.encode("utf-8"), add_bos=True, special=False) for s in sentences]
 

@@ -10,9 +10,9 @@ import math
 
 from . import _core
 from .errors import UnsupportedModelError
-from .gguf_file import ROPE_HALF, ROPE_INTERLEAVED, read_gguf, read_header
+from .gguf_file import read_gguf, read_header
 from .model import PRECISIONS, available_cores, default_precision
-from .model_file import HF_CONFIG_FILE, is_hf_directory
+from .model_file import HF_CONFIG_FILE, ROPE_HALF, ROPE_INTERLEAVED, is_hf_directory
 from .tokenizer import TOKENIZER_TYPES
 
 EXAMPLE_BATCH = (32, 128)  # sentences x tokens

@@ -23,17 +23,14 @@ import numpy as np
 
 from . import _core
 from .errors import ModelFileError, UnsupportedModelError
-from .model_file import LAYER_TENSORS, ROPE_HALF, ROPE_INTERLEAVED, ModelFile, rope_inv_freq
+from .model_file import (GEMMA3_LAYER_TENSORS, GEMMA3_LOCAL_ROPE_BASE, GEMMA3_PATTERN,
+                         LAYER_TENSORS, ROPE_INTERLEAVED, ModelFile, gemma3_features,
+                         gemma3_local_layers, linear_scaled, rope_inv_freq)
 
 # GGUF architectures whose blocks deelm runs: LLaMA's layout (RMSNorm, RoPE,
 # grouped-query attention, SwiGLU; Mistral GGUFs are written as "llama") and
 # Gemma-3's (see _gemma3_features).
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
-
-# Gemma-3 adds RMSNorms on each q and k head and after the attention and the
-# MLP; its "ffn_norm" is the norm before the MLP, as in LLaMA.
-_GEMMA3_LAYER_TENSORS = LAYER_TENSORS + ("attn_q_norm", "attn_k_norm", "post_attention_norm",
-                                         "post_ffw_norm")
 
 # GGUF metadata value types: the struct format of each scalar type; 8 is a
 # string, 9 an array.
@@ -385,7 +382,7 @@ def _interpret(reader, path, file_size):
     layer_tensors = LAYER_TENSORS
     if arch == "gemma3":
         config.update(_gemma3_features(reader, path, config))
-        layer_tensors = _GEMMA3_LAYER_TENSORS
+        layer_tensors = GEMMA3_LAYER_TENSORS
     if n_heads % n_kv:
         raise ModelFileError(path, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
     for l in range(n_layers):
@@ -411,27 +408,17 @@ def _positive_float(reader, key, default, path):
     return float(v)
 
 
-# Gemma-3's layers alternate local (sliding-window) and global attention:
-# every GEMMA3_PATTERN-th layer is global when the file does not say.
-GEMMA3_PATTERN = 6
-GEMMA3_LOCAL_ROPE_BASE = 10000.0
-
-
 def _gemma3_features(reader, path, config):
-    """The C core's config entries for Gemma-3's block, from the keys (and
-    defaults) llama.cpp's loader uses for the architecture "gemma3":
+    """The C core's config entries for Gemma-3's block (model_file.gemma3_features),
+    from the keys (and defaults) llama.cpp's loader uses for the architecture
+    "gemma3":
 
-    - token embeddings times sqrt(embedding_length);
     - attention scale: gemma3.attention.scale when present (the converter
       writes it for checkpoints whose query_pre_attn_scalar is not the
       default), else 1/sqrt(key_length), and 1/sqrt(embedding_length /
       head_count) for the 62-layer (27B) model;
-    - RMSNorm on each q and k head (attn_q_norm, attn_k_norm) and on the
-      attention and MLP outputs (post_attention_norm, post_ffw_norm); the
-      converter stores Gemma's RMSNorm weights w as 1 + w, so every norm is
-      the plain x / rms(x) * w_file;
-    - GeGLU with tanh-approximated GELU;
-    - rotate-half RoPE (the converter does not permute q/k rows);
+    - the converter stores Gemma's RMSNorm weights w as 1 + w and does not
+      permute q/k rows (rotate-half RoPE);
     - a sliding window gemma3.attention.sliding_window (absent or 0: none) on
       the local layers: gemma3.attention.sliding_window_pattern is a period p
       (layer l is local when l % p < p - 1; 0: all local) or one bool per
@@ -464,25 +451,20 @@ def _gemma3_features(reader, path, config):
         local = [bool(x) for x in pattern]
     elif isinstance(pattern, (int, np.integer)) and not isinstance(pattern, (bool, np.bool_)) \
             and 0 <= pattern <= 1 << 16:
-        p = int(pattern)
-        local = [p == 0 or l % p < p - 1 for l in range(L)]
+        local = gemma3_local_layers(L, int(pattern))
     else:
         raise ModelFileError(path, f"metadata key '{pattern_key}' = {pattern!r} is neither a "
                                    f"period nor one boolean per layer")
     if pattern_key in reader.fields and any(local) and window == 0:
         raise ModelFileError(path, f"'{pattern_key}' marks sliding-window layers but "
                                    f"'{arch}.attention.sliding_window' is absent or 0")
-    windows = np.array([window if is_local else 0 for is_local in local], dtype=np.int64)
-
     inv_freq = config["inv_freq"]
     if _field(reader, f"{arch}.rope.scaling.type", None, path=path) == "linear":
-        factor = _positive_float(reader, f"{arch}.rope.scaling.factor", 1.0, path)
-        inv_freq = (inv_freq / np.float32(factor)).astype(np.float32)
+        inv_freq = linear_scaled(inv_freq, _positive_float(reader, f"{arch}.rope.scaling.factor",
+                                                           1.0, path))
     local_base = _positive_float(reader, f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE, path)
-    return dict(rope_style=ROPE_HALF, inv_freq=inv_freq,
-                inv_freq_local=rope_inv_freq(head_dim, local_base), sliding_window=windows,
-                embed_scale=math.sqrt(dim), attn_scale=attn_scale, ffn_act="gelu_tanh",
-                qk_norm=1, post_norms=1)
+    return gemma3_features(dim=dim, local=local, window=int(window), attn_scale=attn_scale,
+                           inv_freq=inv_freq, inv_freq_local=rope_inv_freq(head_dim, local_base))
 
 
 def _tensors(reader, path, file_size):

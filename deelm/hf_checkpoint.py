@@ -15,8 +15,14 @@ with the GGML type id of their dtype (F32 0, F16 1, BF16 30).
 Hugging Face q/k projections are in the "rotate half" row order the C core
 runs as ROPE_HALF, so no rows are permuted (GGUF LLaMA files need the
 interleaved order instead).
+
+Gemma-3 (Gemma3ForCausalLM, Gemma3TextModel) runs the block GGUF Gemma-3
+files run, configured by model_file.gemma3_features from config.json's
+numbers. Gemma's RMSNorm multiplies by 1 + w: each norm weight is decoded
+and handed to the C core as the float32 array 1 + w (llama.cpp's converter
+stores the same in GGUF files), owned by the HFCheckpoint.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import json
 import math
 import mmap
@@ -26,20 +32,29 @@ import re
 
 import numpy as np
 
+from . import _core
 from .errors import ModelFileError, UnsupportedModelError
-from .model_file import HF_CONFIG_FILE, LAYER_TENSORS, ROPE_HALF, ModelFile, rope_inv_freq
+from .model_file import (GEMMA3_LAYER_TENSORS, GEMMA3_LOCAL_ROPE_BASE, GEMMA3_PATTERN,
+                         HF_CONFIG_FILE, LAYER_TENSORS, ROPE_HALF, ModelFile, gemma3_features,
+                         gemma3_local_layers, linear_scaled, rope_inv_freq)
 
-# config.json "architectures" -> deelm's architecture name. All three are
-# LLaMA's block (RMSNorm, RoPE, grouped-query attention, SwiGLU); Qwen2 adds
-# q/k/v biases. The bare *Model classes (no vocabulary head) have the same
-# weights without the "model." prefix.
+# config.json "architectures" -> deelm's architecture name. LLaMA, Mistral
+# and Qwen2 are LLaMA's block (RMSNorm, RoPE, grouped-query attention,
+# SwiGLU); Qwen2 adds q/k/v biases. Gemma-3 adds q/k and post norms, GeGLU
+# and sliding-window layers. The bare *Model classes (no vocabulary head)
+# have the same weights without the "model." prefix.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "LlamaModel": "llama",
     "MistralForCausalLM": "mistral", "MistralModel": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
+    "Gemma3ForCausalLM": "gemma3", "Gemma3TextModel": "gemma3",
 }
 # transformers' defaults for keys a config.json may leave out
-_DEFAULT_CONTEXT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+_DEFAULT_CONTEXT = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "gemma3": 131072}
+# Gemma3TextConfig's defaults (its global rope base is not LLaMA's 10000)
+_GEMMA3_DEFAULTS = dict(num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=4096, rope_theta=1e6)
+_GEMMA3_ACTIVATION = "gelu_pytorch_tanh"  # GELU, tanh approximation: the C core's gelu_tanh
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,7 +75,14 @@ _LAYER_NAMES = {
     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-_HF_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}
+_GEMMA3_LAYER_NAMES = dict(
+    _LAYER_NAMES, post_attention_layernorm="post_attention_norm",
+    pre_feedforward_layernorm="ffn_norm", post_feedforward_layernorm="post_ffw_norm",
+    **{"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+# architecture -> (Hugging Face layer tensor name -> deelm name, the names a block needs)
+_BLOCKS = {"llama": (_LAYER_NAMES, LAYER_TENSORS), "mistral": (_LAYER_NAMES, LAYER_TENSORS),
+           "qwen2": (_LAYER_NAMES, LAYER_TENSORS),
+           "gemma3": (_GEMMA3_LAYER_NAMES, GEMMA3_LAYER_TENSORS)}
 _LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
 _BIASED = ("attn_q", "attn_k", "attn_v")  # the biases the C core adds (Qwen2)
 # tensors a checkpoint may hold that embeddings never need: the vocabulary
@@ -71,6 +93,12 @@ _IGNORED_RE = re.compile(r"^lm_head\.weight$|(^|\.)rotary_emb\.inv_freq$")
 @dataclass
 class HFCheckpoint(ModelFile):
     """What deelm reads from a Hugging Face model directory (mappings: one per shard)."""
+
+    # deelm name -> the checked safetensors entry (TensorInfo) it was read from
+    stored: dict = field(default_factory=dict, repr=False)
+    # what the rotary frequencies were computed from: theta, scaling (type)
+    # and, for models with local layers, local_theta and local_scaling
+    rope: dict = field(default_factory=dict)
 
     def tokenizer(self):
         """The deelm Tokenizer of the directory's tokenizer.json or tokenizer.model."""
@@ -243,46 +271,59 @@ def _architecture(cfg, path):
                                       f"(supported: {supported})")
 
 
+def _json_object(value, key, path):
+    """value ({} for null), or ModelFileError if it is not a JSON object."""
+    value = {} if value is None else value
+    if not isinstance(value, dict):
+        raise ModelFileError(path, f"'{key}' = {value!r} is not a JSON object")
+    return value
+
+
+_ROPE_KINDS = ("default", "linear", "dynamic", "llama3")
+
+
 def _rope(cfg, path, head_dim, context):
-    """inv_freq [head_dim/2] float32 for the config's rope_theta and scaling.
+    """(inv_freq [head_dim/2] float32, theta, scaling type) for the config's
+    rope_theta and scaling.
 
     Reads transformers 5's `rope_parameters` (rope_theta inside) and the
     older top-level `rope_theta` + `rope_scaling`, whose type is under
     `rope_type` (newer) or `type` (older)."""
     params = cfg.get("rope_parameters")
     if params is not None:
-        if not isinstance(params, dict):
-            raise ModelFileError(path, f"'rope_parameters' = {params!r} is not a JSON object")
+        params = _json_object(params, "rope_parameters", path)
         if any(isinstance(v, dict) for v in params.values()):
             raise UnsupportedModelError(path, "per-layer-type rope_parameters are not supported")
         scaling, where = params, "rope_parameters."
         theta = _number(params, "rope_theta", path, cfg.get("rope_theta", 10000.0), where)
     else:
-        scaling, where = cfg.get("rope_scaling") or {}, "rope_scaling."
-        if not isinstance(scaling, dict):
-            raise ModelFileError(path, f"'rope_scaling' = {scaling!r} is not a JSON object")
+        scaling, where = _json_object(cfg.get("rope_scaling"), "rope_scaling", path), "rope_scaling."
         theta = _number(cfg, "rope_theta", path, 10000.0)
+    return _scaled_inv_freq(cfg, scaling, where, path, head_dim, theta, context, _ROPE_KINDS)
+
+
+def _scaled_inv_freq(cfg, scaling, where, path, head_dim, theta, context, kinds):
+    """(inv_freq, theta, type) of one set of rope parameters `scaling`
+    (named `where` in messages), for a type among `kinds`."""
     for d, w in ((cfg, ""), (scaling, where)):
         prf = d.get("partial_rotary_factor", 1.0)
         if prf != 1.0:
             raise UnsupportedModelError(path, f"partial rotary embedding ('{w}partial_rotary_factor' "
                                               f"= {prf!r}) is not supported")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = "default" if kind in (None, "none") else kind
+    if kind not in kinds:
+        raise UnsupportedModelError(path, f"rope scaling type '{kind}' is not supported (supported: "
+                                          f"{', '.join(kinds)})")
     inv_freq = rope_inv_freq(head_dim, theta)
-    if kind in (None, "default", "none"):
-        return inv_freq
     if kind == "linear":
-        # positions divided by factor, which is the same as frequencies divided by it
-        return (inv_freq / np.float32(_number(scaling, "factor", path, where=where))).astype(np.float32)
-    if kind == "dynamic":
-        # Dynamic NTK changes the frequencies only for sequences longer than
-        # max_position_embeddings; deelm's context length is capped at that,
-        # where transformers uses the plain frequencies too: exact as is.
-        return inv_freq
-    if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling, path, where, context)
-    raise UnsupportedModelError(path, f"rope scaling type '{kind}' is not supported (supported: "
-                                      f"default, linear, dynamic, llama3)")
+        inv_freq = linear_scaled(inv_freq, _number(scaling, "factor", path, where=where))
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling, path, where, context)
+    # Dynamic NTK changes the frequencies only for sequences longer than
+    # max_position_embeddings; deelm's context length is capped at that,
+    # where transformers uses the plain frequencies too: exact as is.
+    return inv_freq, theta, kind
 
 
 def _llama3_inv_freq(inv_freq, scaling, path, where, context):
@@ -323,37 +364,142 @@ def _context_length(cfg, path, arch):
 
 
 def _model_config(cfg, path, arch):
+    """(the C core's config, context length, what the rope was computed from)."""
     quant = cfg.get("quantization_config")
     if quant is not None:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
         raise UnsupportedModelError(path, f"quantized checkpoints (quantization_config, method "
                                           f"'{method}') are not supported; use a GGUF file")
+    defaults = _GEMMA3_DEFAULTS if arch == "gemma3" else {}
+    n_layers = _int(cfg, "num_hidden_layers", path, limit=4096)
+    dim = _int(cfg, "hidden_size", path)
+    hidden = _int(cfg, "intermediate_size", path)
+    n_heads = _int(cfg, "num_attention_heads", path, limit=4096)
+    n_kv = _int(cfg, "num_key_value_heads", path, defaults.get("num_key_value_heads", n_heads),
+                limit=4096)
+    if n_heads % n_kv:
+        raise ModelFileError(path, f"num_attention_heads {n_heads} is not a multiple of "
+                                   f"num_key_value_heads {n_kv}")
+    default_head_dim = defaults.get("head_dim", dim // n_heads if dim % n_heads == 0 else None)
+    if cfg.get("head_dim") is None and default_head_dim is None:
+        raise ModelFileError(path, f"hidden_size {dim} is not a multiple of num_attention_heads "
+                                   f"{n_heads} (and head_dim is not given)")
+    head_dim = _int(cfg, "head_dim", path, default_head_dim)
+    if head_dim % 2:
+        raise ModelFileError(path, f"head_dim {head_dim} is odd; rotary embeddings need pairs")
+    config = dict(n_layers=n_layers, dim=dim, hidden_dim=hidden, n_heads=n_heads, n_kv_heads=n_kv,
+                  head_dim=head_dim, vocab_size=_int(cfg, "vocab_size", path, limit=1 << 26),
+                  rms_eps=_number(cfg, "rms_norm_eps", path, 1e-6), rope_style=ROPE_HALF)
+    context = _context_length(cfg, path, arch)
+    rope_context = cfg.get("max_position_embeddings") or context
+    if arch == "gemma3":
+        features, rope = _gemma3_config(cfg, path, config, rope_context)
+        config.update(features)
+        return config, context, rope
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(path, f"hidden_act '{act}' is not supported (deelm runs SwiGLU "
                                           f"with silu)")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(path, "'mlp_bias': biases on the MLP are not supported")
-    n_layers = _int(cfg, "num_hidden_layers", path, limit=4096)
-    dim = _int(cfg, "hidden_size", path)
-    hidden = _int(cfg, "intermediate_size", path)
-    n_heads = _int(cfg, "num_attention_heads", path, limit=4096)
-    n_kv = _int(cfg, "num_key_value_heads", path, n_heads, limit=4096)
-    if n_heads % n_kv:
-        raise ModelFileError(path, f"num_attention_heads {n_heads} is not a multiple of "
-                                   f"num_key_value_heads {n_kv}")
-    if cfg.get("head_dim") is None and dim % n_heads:
-        raise ModelFileError(path, f"hidden_size {dim} is not a multiple of num_attention_heads "
-                                   f"{n_heads} (and head_dim is not given)")
-    head_dim = _int(cfg, "head_dim", path, dim // n_heads if dim % n_heads == 0 else None)
-    if head_dim % 2:
-        raise ModelFileError(path, f"head_dim {head_dim} is odd; rotary embeddings need pairs")
-    eps = _number(cfg, "rms_norm_eps", path, 1e-6)
-    context = _context_length(cfg, path, arch)
-    inv_freq = _rope(cfg, path, head_dim, cfg.get("max_position_embeddings") or context)
-    return dict(n_layers=n_layers, dim=dim, hidden_dim=hidden, n_heads=n_heads, n_kv_heads=n_kv,
-                head_dim=head_dim, vocab_size=_int(cfg, "vocab_size", path, limit=1 << 26),
-                rms_eps=eps, rope_style=ROPE_HALF, inv_freq=inv_freq), context
+    config["inv_freq"], theta, kind = _rope(cfg, path, head_dim, rope_context)
+    return config, context, dict(theta=theta, scaling=kind)
+
+
+def _gemma3_config(cfg, path, config, context):
+    """Gemma3TextConfig's keys as the C core's config entries
+    (model_file.gemma3_features), and what the rope was computed from.
+
+    - hidden_activation must be gelu_pytorch_tanh; attention logit
+      softcapping (Gemma-2's) must be off: deelm has none (the final logit
+      softcapping acts on the vocabulary head, which deelm never runs);
+    - attention scale query_pre_attn_scalar ** -0.5;
+    - local layers: `layer_types` ("sliding_attention" / "full_attention"),
+      or, in configs older than it, every `sliding_window_pattern`-th layer
+      global (default 6), as transformers derives layer_types;
+    - rope: transformers 5's per-layer-type `rope_parameters`
+      ({"full_attention": {...}, "sliding_attention": {...}}), or the older
+      `rope_theta` + `rope_scaling` for the global layers and
+      `rope_local_base_freq` for the local ones (which transformers never
+      scales); types default and linear, under `rope_type` (the older
+      `type` key is refused: transformers 4 and 5 read it differently).
+    """
+    act = cfg.get("hidden_activation", _GEMMA3_ACTIVATION)
+    if act != _GEMMA3_ACTIVATION:
+        raise UnsupportedModelError(path, f"hidden_activation {act!r} is not supported (deelm runs "
+                                          f"Gemma's GeGLU with {_GEMMA3_ACTIVATION})")
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError(path, f"attn_logit_softcapping = "
+                                          f"{cfg['attn_logit_softcapping']!r}: softcapped attention "
+                                          f"scores are not supported")
+    if cfg.get("attention_bias"):
+        raise UnsupportedModelError(path, "'attention_bias': biases on the attention projections "
+                                          "are not supported")
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(
+            path, "use_bidirectional_attention (every layer bidirectional, with the sliding "
+                  "window halved, as in EmbeddingGemma) is not supported: deelm sets the layers' "
+                  "direction itself (bidirectional_from)")
+    L = config["n_layers"]
+    attn_scale = _number(cfg, "query_pre_attn_scalar", path,
+                         _GEMMA3_DEFAULTS["query_pre_attn_scalar"]) ** -0.5
+
+    types = cfg.get("layer_types")
+    if types is not None:
+        kinds = ("sliding_attention", "full_attention")
+        if not isinstance(types, list) or len(types) != L:
+            found = f"{len(types)} entries" if isinstance(types, list) else repr(types)[:80]
+            raise ModelFileError(path, f"'layer_types' should list {L} layer types (one per "
+                                       f"layer), found {found}")
+        other = next((t for t in types if t not in kinds), None)
+        if other is not None:
+            raise UnsupportedModelError(path, f"layer type {other!r} in 'layer_types' is not "
+                                              f"supported (supported: {', '.join(kinds)})")
+        local = [t == "sliding_attention" for t in types]
+        marks = "'layer_types' marks"
+    else:
+        local = gemma3_local_layers(L, _int(cfg, "sliding_window_pattern", path, GEMMA3_PATTERN,
+                                            limit=1 << 16))
+        marks = "the sliding_window_pattern makes"
+    window = 0
+    if any(local):
+        if "sliding_window" in cfg and cfg["sliding_window"] is None:
+            raise ModelFileError(path, f"{marks} sliding-window layers but 'sliding_window' is null")
+        window = _int(cfg, "sliding_window", path, _GEMMA3_DEFAULTS["sliding_window"], limit=1 << 30)
+
+    params, head_dim = cfg.get("rope_parameters"), config["head_dim"]
+    if params is not None:
+        params = _json_object(params, "rope_parameters", path)
+        if not params or not all(isinstance(v, dict) for v in params.values()):
+            raise ModelFileError(path, "'rope_parameters' should hold one JSON object per layer "
+                                       "type ('full_attention', 'sliding_attention')")
+        full = params.get("full_attention", {})
+        local_params = params.get("sliding_attention", {})
+        where, local_where = "rope_parameters.full_attention.", "rope_parameters.sliding_attention."
+        theta = _number(full, "rope_theta", path, cfg.get("rope_theta", _GEMMA3_DEFAULTS["rope_theta"]),
+                        where)
+        local_theta = _number(local_params, "rope_theta", path,
+                              cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_BASE), local_where)
+    else:
+        full, where = _json_object(cfg.get("rope_scaling"), "rope_scaling", path), "rope_scaling."
+        local_params, local_where = {}, ""
+        theta = _number(cfg, "rope_theta", path, _GEMMA3_DEFAULTS["rope_theta"])
+        local_theta = _number(cfg, "rope_local_base_freq", path, GEMMA3_LOCAL_ROPE_BASE)
+    for d, w in ((full, where), (local_params, local_where)):
+        if "type" in d and "rope_type" not in d:
+            raise UnsupportedModelError(
+                path, f"'{w}type' = {d['type']!r}: transformers 5 ignores this older key for "
+                      f"Gemma-3 (and runs the default frequencies) where transformers 4 applied "
+                      f"it; write it as '{w}rope_type'")
+    kinds = ("default", "linear")
+    inv_freq, theta, kind = _scaled_inv_freq(cfg, full, where, path, head_dim, theta, context, kinds)
+    inv_freq_local, local_theta, local_kind = _scaled_inv_freq(
+        cfg, local_params, local_where, path, head_dim, local_theta, context, kinds)
+    features = gemma3_features(dim=config["dim"], local=local, window=window,
+                               attn_scale=attn_scale, inv_freq=inv_freq,
+                               inv_freq_local=inv_freq_local)
+    return features, dict(theta=theta, scaling=kind, local_theta=local_theta,
+                          local_scaling=local_kind)
 
 
 # ------------------------------------------------------------------ the weight files
@@ -392,9 +538,10 @@ def _weight_files(directory):
     raise ModelFileError(directory, f"no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
 
 
-def _deelm_name(name, path):
+def _deelm_name(name, path, arch):
     """The deelm name of a Hugging Face tensor (None for tensors embeddings
     do not use), or UnsupportedModelError for one deelm cannot run."""
+    names = _BLOCKS[arch][0]
     bare = name[len("model."):] if name.startswith("model.") else name
     if bare == "embed_tokens.weight":
         return "token_embd"
@@ -403,15 +550,17 @@ def _deelm_name(name, path):
     if _IGNORED_RE.search(name):
         return None
     m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        short = _LAYER_NAMES[m.group(2)]
+    if m and m.group(2) in names:
+        short = names[m.group(2)]
         if m.group(3) == "weight":
             return f"blk.{m.group(1)}.{short}"
-        if short in _BIASED:
+        if short in _BIASED and arch != "gemma3":
             return f"blk.{m.group(1)}.{short}.bias"
+        allowed = "none" if arch == "gemma3" else "q/k/v biases only"
         raise UnsupportedModelError(path, f"tensor '{name}': a bias on {m.group(2)} is not "
-                                          f"supported (deelm's blocks have q/k/v biases only)")
-    raise UnsupportedModelError(path, f"unexpected tensor '{name}': not part of a LLaMA-style "
+                                          f"supported (deelm's {arch} blocks have {allowed})")
+    style = "a Gemma-3" if arch == "gemma3" else "a LLaMA-style"
+    raise UnsupportedModelError(path, f"unexpected tensor '{name}': not part of {style} "
                                       f"block, the embedding or the final norm")
 
 
@@ -421,7 +570,9 @@ def _expected_shapes(c):
     dq, dkv = c["n_heads"] * hd, c["n_kv_heads"] * hd
     per_layer = {"attn_norm": [d], "attn_q": [dq, d], "attn_k": [dkv, d], "attn_v": [dkv, d],
                  "attn_output": [d, dq], "ffn_norm": [d], "ffn_gate": [f, d], "ffn_up": [f, d],
-                 "ffn_down": [d, f], "attn_q.bias": [dq], "attn_k.bias": [dkv], "attn_v.bias": [dkv]}
+                 "ffn_down": [d, f], "attn_q.bias": [dq], "attn_k.bias": [dkv], "attn_v.bias": [dkv],
+                 "attn_q_norm": [hd], "attn_k_norm": [hd], "post_attention_norm": [d],
+                 "post_ffw_norm": [d]}
     shapes = {"token_embd": [c["vocab_size"], d], "output_norm": [d]}
     for l in range(c["n_layers"]):
         for k, v in per_layer.items():
@@ -439,7 +590,7 @@ def read_hf_checkpoint(directory):
     cfg_path = directory / HF_CONFIG_FILE
     cfg = _read_json(cfg_path, "config.json")
     arch = _architecture(cfg, cfg_path)
-    config, context = _model_config(cfg, cfg_path, arch)
+    config, context, rope = _model_config(cfg, cfg_path, arch)
     files, listing = _weight_files(directory)
 
     found, mappings, file_size = {}, [], 0  # deelm name -> (file, TensorInfo, array)
@@ -454,7 +605,7 @@ def read_hf_checkpoint(directory):
             raise ModelFileError(path, what)
         wanted = {}
         for name, info in infos.items():
-            short = _deelm_name(name, path)
+            short = _deelm_name(name, path, arch)
             if short is None:
                 continue
             if short in found or short in wanted:
@@ -468,7 +619,7 @@ def read_hf_checkpoint(directory):
             found[short] = (path, info, buf[info.start:info.end])
 
     shapes = _expected_shapes(config)
-    tensors, types = {}, {}
+    tensors, types, stored = {}, {}, {}
     for short, (path, info, raw) in found.items():
         want = shapes.get(short)
         if want is None:  # a layer past num_hidden_layers
@@ -482,25 +633,41 @@ def read_hf_checkpoint(directory):
                                               f"deelm does not run (supported: {', '.join(_DTYPES)})")
         type_id = _DTYPES[info.dtype][1]
         ne0, ne1 = info.shape[-1], (info.shape[0] if len(info.shape) == 2 else 1)
+        if arch == "gemma3" and short.endswith("norm"):
+            raw = _one_plus(type_id, ne0 * ne1, raw)
+            type_id = _DTYPES["F32"][1]
         tensors[short] = (type_id, ne0, ne1, raw)
+        stored[short] = info
         types[info.dtype] = types.get(info.dtype, 0) + 1
 
+    names, block = _BLOCKS[arch]
     required = ["token_embd", "output_norm"] + [f"blk.{l}.{n}" for l in range(config["n_layers"])
-                                                for n in LAYER_TENSORS]
+                                                for n in block]
     for short in required:
         if short not in tensors:
-            raise ModelFileError(listing, f"tensor '{_hf_name(short)}' is missing (config.json says "
-                                          f"{config['n_layers']} layers)")
+            raise ModelFileError(listing, f"tensor '{_hf_name(short, names)}' is missing "
+                                          f"(config.json says {config['n_layers']} layers)")
     return HFCheckpoint(path=directory, architecture=arch, name=directory.resolve().name,
                         config=config, tensors=tensors, tensor_types=types,
-                        context_length=context, file_size=file_size, mappings=mappings)
+                        context_length=context, file_size=file_size, mappings=mappings,
+                        stored=stored, rope=rope)
 
 
-def _hf_name(short):
+def _one_plus(type_id, n, raw):
+    """A Gemma RMSNorm weight w (F32, F16 or BF16 bytes) as the float32 1 + w
+    the model multiplies by, as bytes: transformers forms it in float32
+    (1.0 + w.float()), so this is bitwise its factor. (The C core checks it
+    for non-finite values as it checks every weight.)"""
+    w = _core.dequantize(type_id, raw, n)
+    return (np.float32(1.0) + w).astype(np.float32).view(np.uint8)
+
+
+def _hf_name(short, names):
     """The Hugging Face name of a deelm tensor name (for messages)."""
     if short == "token_embd":
         return "model.embed_tokens.weight"
     if short == "output_norm":
         return "model.norm.weight"
     _, layer, rest = short.split(".", 2)
-    return f"model.layers.{layer}.{_HF_LAYER_NAMES[rest]}.weight"
+    hf = next(k for k, v in names.items() if v == rest)
+    return f"model.layers.{layer}.{hf}.weight"

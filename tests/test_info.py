@@ -29,7 +29,8 @@ def test_tiny_model_fields(tiny_path, capsys):
     hd = TINY["dim"] // TINY["n_heads"]
     assert s["architecture"] == "llama" and s["runs"] and s["name"] == "tiny-llama"
     assert d == dict(layers=3, dim=64, heads=4, kv_heads=2, head_dim=hd, ffn=96, vocab=n_vocab,
-                     context_length=256, rms_eps=pytest.approx(1e-5))
+                     context_length=256, rms_eps=pytest.approx(1e-5), sliding_window=0,
+                     local_layers=0)
     assert s["rope"]["theta"] == 10000.0 and s["rope"]["scaling"] == "none"
     assert s["tensor_types"]["F32"]["count"] == 2 + 9 * 3 and s["file_bytes"] == path.stat().st_size
     p = s["parameters"]
@@ -185,3 +186,29 @@ def test_hf_directory_is_described(tmp_path, capsys):
     assert (s["dimensions"]["layers"], s["dimensions"]["dim"]) == (hf["num_hidden_layers"], hf["hidden_size"])
     assert s["tokenizer"]["tokens"] > 0
     assert "qwen2" in _info(capsys, tmp_path)
+
+
+def test_hf_gemma3_directory_is_described(tmp_path, capsys):
+    """A Gemma-3 directory: its tensors as stored (BF16, norms included,
+    which deelm holds as float32 1 + w), the global and local rope, the
+    sliding-window layers."""
+    tiny_hf = pytest.importorskip("tiny_hf", reason="transformers is not installed")
+    tiny_hf.build(tmp_path, "gemma3", dtype="bfloat16",
+                  rope_scaling={"rope_type": "linear", "factor": 2.0})
+    s = _json(capsys, tmp_path, "--threads", 1)
+    d, r = s["dimensions"], s["rope"]
+    assert s["architecture"] == "gemma3" and s["runs"]
+    assert (d["layers"], d["dim"], d["head_dim"], d["sliding_window"], d["local_layers"]) == \
+        (7, 48, 24, 8, 5)
+    assert (r["theta"], r["scaling"], r["local_theta"]) == (1e6, "linear", 100.0)
+    assert s["tensor_types"] == {"BF16": dict(count=2 + 13 * 7,
+                                              bytes=2 * (s["parameters"]["embedding"]
+                                                         + s["parameters"]["other"]))}
+    text = _info(capsys, tmp_path)
+    assert "sliding window 8 on 5 of 7 layers" in text and "local layers theta 100" in text
+
+
+def test_gemma3_gguf_windows_and_local_rope(gemma_tiny_path, capsys):
+    s = _json(capsys, gemma_tiny_path[0], "--threads", 1)
+    assert (s["dimensions"]["sliding_window"], s["dimensions"]["local_layers"]) == (8, 6)
+    assert (s["rope"]["theta"], s["rope"]["local_theta"]) == (1e6, 10000.0)

@@ -10,21 +10,34 @@ import torch
 import transformers
 
 from deelm.tokenizer import Tokenizer
-from tiny_gguf import TINY, tiny_vocab
+from tiny_gguf import GEMMA3_TINY, TINY, random_gemma3_weights, tiny_vocab
 
 VOCAB = len(tiny_vocab()[0])
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
+# The tiny Gemma-3 of tests/tiny_gguf.py with hidden_size 48: sqrt(48) is not
+# a bfloat16 number, so the embedding scale's rounding would show. Every
+# third layer is global (layers 2 and 5), the local layers rotate with base
+# 100 and query_pre_attn_scalar is not head_dim.
+GEMMA3_HF = dict(GEMMA3_TINY, dim=48, sliding_window_pattern=3, local_theta=100.0,
+                 query_pre_attn_scalar=32)
 
 
 def hf_config(arch, **overrides):
-    kw = dict(vocab_size=VOCAB, hidden_size=TINY["dim"], intermediate_size=TINY["hidden_dim"],
-              num_hidden_layers=TINY["n_layers"], num_attention_heads=TINY["n_heads"],
-              num_key_value_heads=TINY["n_kv_heads"], max_position_embeddings=TINY["context_length"],
-              rms_norm_eps=TINY["rms_eps"], rope_theta=TINY["rope_theta"], tie_word_embeddings=False)
+    c = GEMMA3_HF if arch == "gemma3" else TINY
+    kw = dict(vocab_size=VOCAB, hidden_size=c["dim"], intermediate_size=c["hidden_dim"],
+              num_hidden_layers=c["n_layers"], num_attention_heads=c["n_heads"],
+              num_key_value_heads=c["n_kv_heads"], max_position_embeddings=c["context_length"],
+              rms_norm_eps=c["rms_eps"], rope_theta=c["rope_theta"], tie_word_embeddings=False)
+    if arch == "gemma3":
+        kw.update(head_dim=c["head_dim"], sliding_window=c["sliding_window"],
+                  sliding_window_pattern=c["sliding_window_pattern"],
+                  rope_local_base_freq=c["local_theta"],
+                  query_pre_attn_scalar=c["query_pre_attn_scalar"], tie_word_embeddings=True)
     kw.update(overrides)
     cfg = getattr(transformers, ARCHS[arch][0])(**kw)
     cfg._attn_implementation = "eager"  # the bidirectional hooks replace eager masks
@@ -61,7 +74,14 @@ def build(directory, arch="llama", *, dtype="float32", seed=0, max_shard_size=No
     `dtype`, with a tokenizer) and returns the float32 reference model whose
     weights are the saved ones (rounded to `dtype`)."""
     model = getattr(transformers, ARCHS[arch][1])(hf_config(arch, **overrides)).eval()
-    randomize(model, seed)
+    if arch == "gemma3":  # norm weights w around 0: the model multiplies by 1 + w
+        weights = random_gemma3_weights(dict(GEMMA3_HF, n_layers=model.config.num_hidden_layers),
+                                        seed)
+        missing = model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()},
+                                         strict=False).missing_keys
+        assert missing in ([], ["lm_head.weight"]), missing
+    else:
+        randomize(model, seed)
     torch_dtype = getattr(torch, dtype)
     with torch.no_grad():
         for p in model.parameters():

@@ -29,7 +29,7 @@ static int64_t longest(const int64_t *seq_off, int64_t n_seq) {
 }
 
 /* The keys [*j0, *j1) query i of a len-token sentence sees. */
-static void key_range(const dl_attn_spec *sp, int64_t i, int64_t len, int64_t *j0, int64_t *j1) {
+static inline __attribute__((always_inline)) void key_range(const dl_attn_spec *sp, int64_t i, int64_t len, int64_t *j0, int64_t *j1) {
     const int64_t w = sp->window;
     *j0 = w > 0 && i - w + 1 > 0 ? i - w + 1 : 0;
     *j1 = sp->causal ? i + 1 : (w > 0 && i + w < len ? i + w : len);
@@ -75,6 +75,30 @@ static int64_t scores_cap(int64_t max_len) {
     return max_len >= GEMM_MIN_LEN ? max_len * max_len : max_len;
 }
 
+/* One (sentence, head) by plain loops, for short sentences: per query, the
+ * scores of its keys, their softmax and the weighted sum of the values, built
+ * per vector width (the same bits on each: nothing is contracted into an fma).
+ * q0, k0, v0: the sentence's first q, k, v head rows, row stride `stride`. */
+DL_CLONES static void head_by_loops(float *o0, int64_t out_stride, const float *q0, const float *k0,
+                                    const float *v0, int64_t stride, int64_t len, int64_t hd,
+                                    const dl_attn_spec *sp, float *scores) {
+    for (int64_t i = 0; i < len; i++) {
+        int64_t j0, j1;
+        key_range(sp, i, len, &j0, &j1);
+        const int64_t n_keys = j1 - j0;
+        for (int64_t j = 0; j < n_keys; j++)
+            scores[j] = dl_dot(q0 + i * stride, k0 + (j0 + j) * stride, hd) * sp->scale;
+        softmax_row(scores, n_keys, n_keys);
+        float *o = o0 + i * out_stride;
+        for (int64_t c = 0; c < hd; c++) o[c] = 0.0f;
+        for (int64_t j = 0; j < n_keys; j++) {
+            const float *v = v0 + (j0 + j) * stride;
+            const float p = scores[j];
+            for (int64_t c = 0; c < hd; c++) o[c] += p * v[c];
+        }
+    }
+}
+
 int64_t dl_attention_bytes(int64_t max_len, int n_threads) {
     return max_len > 0 ? (int64_t)n_threads * scores_cap(max_len) * (int64_t)sizeof(float) : 0;
 }
@@ -88,7 +112,6 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
     const int64_t group = n_heads / n_kv_heads;
     const int64_t k_col = n_heads * head_dim, v_col = k_col + n_kv_heads * head_dim;
     const int64_t out_stride = n_heads * head_dim;
-    const float scale = spec.scale;
     int failed = 0;
 
 #pragma omp parallel num_threads(n_threads)
@@ -104,32 +127,14 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
                 if (!scores) continue;
                 const int64_t base = seq_off[s], len = seq_off[s + 1] - seq_off[s];
                 const int64_t kvh = h / group;
-                if (len >= GEMM_MIN_LEN) {
-                    const float *q0 = qkv + base * qkv_stride + h * head_dim;
-                    const float *k0 = qkv + base * qkv_stride + k_col + kvh * head_dim;
-                    const float *v0 = qkv + base * qkv_stride + v_col + kvh * head_dim;
-                    head_by_gemm(out + base * out_stride + h * head_dim, out_stride, q0, k0, v0,
-                                 qkv_stride, len, head_dim, &spec, scores);
-                    continue;
-                }
-                for (int64_t i = 0; i < len; i++) {
-                    const float *q = qkv + (base + i) * qkv_stride + h * head_dim;
-                    int64_t j0, j1;
-                    key_range(&spec, i, len, &j0, &j1);
-                    const int64_t n_keys = j1 - j0;
-                    for (int64_t j = 0; j < n_keys; j++) {
-                        const float *k = qkv + (base + j0 + j) * qkv_stride + k_col + kvh * head_dim;
-                        scores[j] = dl_dot(q, k, head_dim) * scale;
-                    }
-                    softmax_row(scores, n_keys, n_keys);
-                    float *o = out + (base + i) * out_stride + h * head_dim;
-                    for (int64_t c = 0; c < head_dim; c++) o[c] = 0.0f;
-                    for (int64_t j = 0; j < n_keys; j++) {
-                        const float *v = qkv + (base + j0 + j) * qkv_stride + v_col + kvh * head_dim;
-                        const float p = scores[j];
-                        for (int64_t c = 0; c < head_dim; c++) o[c] += p * v[c];
-                    }
-                }
+                const float *q0 = qkv + base * qkv_stride + h * head_dim;
+                const float *k0 = qkv + base * qkv_stride + k_col + kvh * head_dim;
+                const float *v0 = qkv + base * qkv_stride + v_col + kvh * head_dim;
+                float *o0 = out + base * out_stride + h * head_dim;
+                if (len >= GEMM_MIN_LEN)
+                    head_by_gemm(o0, out_stride, q0, k0, v0, qkv_stride, len, head_dim, &spec, scores);
+                else
+                    head_by_loops(o0, out_stride, q0, k0, v0, qkv_stride, len, head_dim, &spec, scores);
             }
         }
         free(scores);

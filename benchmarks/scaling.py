@@ -103,8 +103,9 @@ def sample_sentences(n, seed=0):
 
 
 def load_model(path, args):
+    # the bare model: with no path given, from_pretrained would add deelm's bundled adapter
     kw = dict(bidirectional_from=args["bidirectional_from"], pooling=args["pooling"],
-              threads=args["threads"])
+              threads=args["threads"], adapter=None)
     if args.get("precision") is not None:
         kw["precision"] = args["precision"]
     return deelm.DeeLM.from_pretrained(path, **kw)

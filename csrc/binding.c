@@ -1430,28 +1430,29 @@ static PyObject *op_isa_info(PyObject *mod, PyObject *args) {
     return Py_BuildValue("{s:s,s:N}", "best", dl_isa_name(dl_isa_best()), "supported", supported);
 }
 
-/* memory_estimate(config, precision, n_tokens, max_len, threads=1, lora=False,
+/* memory_estimate(config, precision, n_tokens, max_len, threads=1, lora_rank=0,
  * qkv_bias=False) -> {'weights': bytes the model's own arrays take,
  * 'forward': bytes one forward call allocates for a batch of n_tokens tokens
  * whose longest sentence has max_len}: the allocators' own arithmetic. */
 static PyObject *op_memory_estimate(PyObject *mod, PyObject *args, PyObject *kwds) {
     (void)mod;
-    static char *kwlist[] = {"config", "precision", "n_tokens", "max_len", "threads", "lora",
+    static char *kwlist[] = {"config", "precision", "n_tokens", "max_len", "threads", "lora_rank",
                              "qkv_bias", NULL};
     PyObject *cfg;
     const char *precision_name;
     long long n_tokens, max_len;
-    int threads = 1, lora = 0, qkv_bias = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!sLL|ipp", kwlist, &PyDict_Type, &cfg,
-                                     &precision_name, &n_tokens, &max_len, &threads, &lora,
+    long long lora_rank = 0;
+    int threads = 1, qkv_bias = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!sLL|iLp", kwlist, &PyDict_Type, &cfg,
+                                     &precision_name, &n_tokens, &max_len, &threads, &lora_rank,
                                      &qkv_bias))
         return NULL;
     const int precision = parse_precision(precision_name);
     if (precision < 0) return NULL;
     if (n_tokens < 0 || n_tokens > INT32_MAX || max_len < 0 || max_len > n_tokens || threads < 1 ||
-        threads > 1024) {
-        PyErr_SetString(PyExc_ValueError, "memory_estimate needs 0 <= max_len <= n_tokens <= 2^31 "
-                        "and 1 <= threads <= 1024");
+        threads > 1024 || lora_rank < 0 || lora_rank > DL_LORA_MAX_RANK) {
+        PyErr_SetString(PyExc_ValueError, "memory_estimate needs 0 <= max_len <= n_tokens <= 2^31, "
+                        "1 <= threads <= 1024 and 0 <= lora_rank <= 256");
         return NULL;
     }
     dl_config c;
@@ -1461,7 +1462,7 @@ static PyObject *op_memory_estimate(PyObject *mod, PyObject *args, PyObject *kwd
     config_arrays_clear(&arr);
     if (bad) return NULL;
     return Py_BuildValue("{s:L,s:L}", "weights", (long long)dl_model_bytes(&c, precision, qkv_bias),
-                         "forward", (long long)dl_forward_bytes(&c, precision, lora, n_tokens,
+                         "forward", (long long)dl_forward_bytes(&c, precision, lora_rank, n_tokens,
                                                                 max_len, threads));
 }
 
@@ -1655,7 +1656,7 @@ static PyMethodDef module_methods[] = {
      "quantize_rows(x[n, cols], isa='auto') -> (q int8[n, 32 nb], d[n, nb], s[n, nb])"},
     {"memory_estimate", (PyCFunction)(void (*)(void))op_memory_estimate,
      METH_VARARGS | METH_KEYWORDS,
-     "memory_estimate(config, precision, n_tokens, max_len, threads=1, lora=False, qkv_bias=False)"
+     "memory_estimate(config, precision, n_tokens, max_len, threads=1, lora_rank=0, qkv_bias=False)"
      " -> {'weights': bytes, 'forward': bytes}"},
     {"isa_info", op_isa_info, METH_NOARGS, "isa_info() -> {'best': name, 'supported': [names]}"},
     {"peak_gops", op_peak_gops, METH_VARARGS,

@@ -414,8 +414,9 @@ void dl_lora_backward(const dl_lora *lo, const dl_config *c, int64_t layer, int 
                       int64_t n, const float *t_save, dl_dropout drop, float *scratch,
                       int n_threads);
 /* Floats of the scratch dl_lora_forward and dl_lora_backward take for n rows
- * whose widest input is `widest`: [n, max(widest, rank)] rows, then B^T. */
-int64_t dl_lora_scratch_floats(const dl_lora *lo, const dl_config *c, int64_t n, int64_t widest);
+ * whose widest input is `widest`, with adapters of rank <= max_rank:
+ * [n, max(widest, max_rank)] rows, then B^T. */
+int64_t dl_lora_scratch_floats(const dl_config *c, int64_t n, int64_t widest, int64_t max_rank);
 /* Floats of t_save one layer's fused layer needs for n rows. */
 int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n);
 
@@ -471,8 +472,9 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
 /* Bytes dl_model_forward allocates at most for a batch of n_rows tokens whose
  * longest sentence has max_len: the batch context, one set of layer
  * activations and the attention's per-thread score buffers (not the caller's
- * output arrays, not OpenBLAS's own buffers). */
-int64_t dl_forward_bytes(const dl_config *c, int precision, int lora, int64_t n_rows,
+ * output arrays, not OpenBLAS's own buffers). lora_rank: the largest rank of
+ * the applied LoRA adapters, 0 for none. */
+int64_t dl_forward_bytes(const dl_config *c, int precision, int64_t lora_rank, int64_t n_rows,
                          int64_t max_len, int n_threads);
 void dl_batch_free(dl_batch *b);
 

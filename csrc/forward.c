@@ -63,7 +63,7 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
     b->rope_cs = (float *)malloc(table);
     b->rope_cs_local = c->rope_local ? (float *)malloc(table) : NULL;
     b->scratch = m->lora
-                     ? (float *)malloc((size_t)dl_lora_scratch_floats(m->lora, c, R, widest) * sizeof(float))
+                     ? (float *)malloc((size_t)dl_lora_scratch_floats(c, R, widest, m->lora->max_rank) * sizeof(float))
                      : NULL;
     int qerr = m->precision == DL_PRECISION_INT8 ? dl_qact_alloc(&b->qx, R, widest) : DL_OK;
     if (qerr || !b->pos || !b->rope_cs || (c->rope_local && !b->rope_cs_local) ||
@@ -260,12 +260,12 @@ int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_ac
     return DL_OK;
 }
 
-int64_t dl_forward_bytes(const dl_config *c, int precision, int lora, int64_t n_rows,
+int64_t dl_forward_bytes(const dl_config *c, int precision, int64_t lora_rank, int64_t n_rows,
                          int64_t max_len, int n_threads) {
     const int64_t R = gemm_rows(precision, n_rows), widest = widest_input(c), fl = sizeof(float);
     const int64_t batch = (n_rows > 0 ? n_rows : 1) * (int64_t)sizeof(int32_t)       /* pos */
                           + (c->rope_local ? 2 : 1) * (max_len > 0 ? max_len : 1) * c->head_dim * fl /* rope tables */
-                          + (lora ? R * widest * fl : 0)                               /* scratch */
+                          + (lora_rank ? dl_lora_scratch_floats(c, R, widest, lora_rank) * fl : 0)
                           + (precision == DL_PRECISION_INT8 ? dl_qact_bytes(R, widest) : 0);
     return batch + dl_layer_acts_floats(c, R, 0) * fl + dl_attention_bytes(max_len, n_threads);
 }

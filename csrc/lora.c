@@ -87,12 +87,12 @@ static void entry_range(const dl_lora *lo, int64_t layer, int fused, int64_t *fi
     }
 }
 
-int64_t dl_lora_scratch_floats(const dl_lora *lo, const dl_config *c, int64_t n, int64_t widest) {
+int64_t dl_lora_scratch_floats(const dl_config *c, int64_t n, int64_t widest, int64_t max_rank) {
     int64_t max_out = dl_qkv_dim(c);
     if (2 * c->hidden_dim > max_out) max_out = 2 * c->hidden_dim;
     if (c->dim > max_out) max_out = c->dim;
-    const int64_t row = widest > lo->max_rank ? widest : lo->max_rank;
-    return n * row + lo->max_rank * max_out;
+    const int64_t row = widest > max_rank ? widest : max_rank;
+    return n * row + max_rank * max_out;
 }
 
 int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n) {

@@ -165,6 +165,7 @@ def test_memory_estimate_matches_the_measured_growth(default_path, precision):
     (dict(precision="int8", n_tokens=4, max_len=5), "max_len"),
     (dict(precision="int8", n_tokens=-1, max_len=0), "n_tokens"),
     (dict(precision="int8", n_tokens=1, max_len=1, threads=0), "threads"),
+    (dict(precision="int8", n_tokens=1, max_len=1, lora_rank=257), "lora_rank"),
 ])
 def test_memory_estimate_bad_arguments(tiny_path, kwargs, reason):
     from deelm import _core
@@ -174,6 +175,21 @@ def test_memory_estimate_bad_arguments(tiny_path, kwargs, reason):
         _core.memory_estimate(read_gguf(tiny_path[0]).config, **kwargs)
     with pytest.raises(ValueError, match="n_layers"):
         _core.memory_estimate({}, "int8", 1, 1)
+
+
+def test_memory_estimate_counts_the_lora_scratch(tiny_path):
+    """With adapters the forward also holds LoRA's scratch: [rows, widest input]
+    and B^T [rank, widest output], as dl_batch_init allocates it."""
+    from deelm import _core
+    from deelm.gguf_file import read_gguf
+
+    c = read_gguf(tiny_path[0]).config
+    bare = _core.memory_estimate(c, "int8", 40, 10)["forward"]
+    widest_out = max(2 * c["hidden_dim"], (c["n_heads"] + 2 * c["n_kv_heads"]) * c["head_dim"])
+    for rank in (4, 200):
+        rows = 40 * max(c["hidden_dim"], rank)
+        assert (_core.memory_estimate(c, "int8", 40, 10, lora_rank=rank)["forward"] - bare
+                == 4 * (rows + rank * widest_out))
 
 
 def test_hf_directory_is_described(tmp_path, capsys):

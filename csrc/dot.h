@@ -23,9 +23,29 @@ static inline __attribute__((always_inline)) void dl_store8(float *p, dl_v8 v) {
     memcpy(p, &v, sizeof v);
 }
 
+/* 16 floats: one AVX-512 register, two AVX ones, four SSE ones. */
+typedef float dl_v16 __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) dl_v16 dl_load16(const float *p) {
+    dl_v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) void dl_store16(float *p, dl_v16 v) {
+    memcpy(p, &v, sizeof v);
+}
+
 /* Lanes summed as ((0 + 4) + (1 + 5)) + ((2 + 6) + (3 + 7)). */
 static inline __attribute__((always_inline)) float dl_hsum8(dl_v8 s) {
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+/* Lanes i and i + 8 added, then summed as dl_hsum8. */
+static inline __attribute__((always_inline)) float dl_hsum16(dl_v16 s) {
+    dl_v8 h;
+    for (int i = 0; i < 8; i++) h[i] = s[i] + s[i + 8];
+    return dl_hsum8(h);
 }
 
 /* sum_i a[i] b[i]: four running vectors (32 partial sums) so the adds do

@@ -104,9 +104,51 @@ int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n
 
 #define LORA_TILE 8 /* token rows that share each pass over B^T */
 
-/* t[j] = A[j] . x for j < r (A: [r, in]) */
-DL_CLONES static void lora_down_row(float *t, const float *A, const float *x, int64_t r, int64_t in) {
-    for (int64_t j = 0; j < r; j++) t[j] = dl_dot(A + j * in, x, in);
+/* t[i * r + j] = A[j] . x_i for rows i < NT_ and ranks j0 <= j < j0 + NJ_
+ * (A: [r, in]): each x chunk is loaded once for NJ_ ranks and each A chunk
+ * once for NT_ rows. Every sum runs over one 16-wide vector then the tail in
+ * order, so it does not depend on the rows or ranks beside it. NT_ and NJ_
+ * are constants at every call, so the accumulators stay in registers. */
+#define DOWN_ROWS 2
+#define DOWN_RANKS 4
+static inline __attribute__((always_inline)) void
+lora_down_block(float *t, int64_t r, const float *A, int64_t in, const float *const *xr, int64_t j0,
+                const int NT_, const int NJ_) {
+    dl_v16 acc[DOWN_ROWS][DOWN_RANKS];
+    for (int i = 0; i < NT_; i++)
+        for (int j = 0; j < NJ_; j++) acc[i][j] = (dl_v16){0};
+    int64_t k = 0;
+    for (; k + 16 <= in; k += 16) {
+        dl_v16 xv[DOWN_ROWS];
+        for (int i = 0; i < NT_; i++) xv[i] = dl_load16(xr[i] + k);
+        for (int j = 0; j < NJ_; j++) {
+            const dl_v16 a = dl_load16(A + (j0 + j) * in + k);
+            for (int i = 0; i < NT_; i++) acc[i][j] += a * xv[i];
+        }
+    }
+    for (int i = 0; i < NT_; i++)
+        for (int j = 0; j < NJ_; j++) {
+            float s = dl_hsum16(acc[i][j]);
+            for (int64_t kk = k; kk < in; kk++) s += A[(j0 + j) * in + kk] * xr[i][kk];
+            t[i * r + j0 + j] = s;
+        }
+}
+
+/* t[i * r + j] = A[j] . x_i for the nt <= LORA_TILE rows of a tile. */
+DL_CLONES static void lora_down_tile(float *t, const float *A, int64_t r, int64_t in,
+                                     const float *const *xr, int64_t nt) {
+    for (int64_t i = 0; i < nt; i += DOWN_ROWS)
+        for (int64_t j0 = 0; j0 < r; j0 += DOWN_RANKS) {
+            const int rows = nt - i >= DOWN_ROWS ? DOWN_ROWS : 1;
+            const int64_t nj = r - j0 < DOWN_RANKS ? r - j0 : DOWN_RANKS;
+#define DOWN(NJ) \
+    case NJ: \
+        if (rows == DOWN_ROWS) lora_down_block(t + i * r, r, A, in, xr + i, j0, DOWN_ROWS, NJ); \
+        else lora_down_block(t + i * r, r, A, in, xr + i, j0, 1, NJ); \
+        break;
+            switch (nj) { DOWN(1) DOWN(2) DOWN(3) default: DOWN(DOWN_RANKS) }
+#undef DOWN
+        }
 }
 
 /* y[i, o] += sum_j s[i, j] B^T[j, o] for rows i < nt and 16 outputs from o:
@@ -115,18 +157,12 @@ DL_CLONES static void lora_down_row(float *t, const float *A, const float *x, in
 static inline __attribute__((always_inline)) void
 lora_up16(float *y, int64_t ldy, const float s[][DL_LORA_MAX_RANK], const int64_t nt, int64_t r,
           const float *bt, int64_t out, int64_t o) {
-    dl_v8 acc[LORA_TILE][2] = {{{0}}};
+    dl_v16 acc[LORA_TILE] = {{0}};
     for (int64_t j = 0; j < r; j++) {
-        const dl_v8 b0 = dl_load8(bt + j * out + o), b1 = dl_load8(bt + j * out + o + 8);
-        for (int64_t i = 0; i < nt; i++) {
-            acc[i][0] += s[i][j] * b0;
-            acc[i][1] += s[i][j] * b1;
-        }
+        const dl_v16 b = dl_load16(bt + j * out + o);
+        for (int64_t i = 0; i < nt; i++) acc[i] += s[i][j] * b;
     }
-    for (int64_t i = 0; i < nt; i++) {
-        dl_store8(y + i * ldy + o, dl_load8(y + i * ldy + o) + acc[i][0]);
-        dl_store8(y + i * ldy + o + 8, dl_load8(y + i * ldy + o + 8) + acc[i][1]);
-    }
+    for (int64_t i = 0; i < nt; i++) dl_store16(y + i * ldy + o, dl_load16(y + i * ldy + o) + acc[i]);
 }
 
 /* The same sums for the outputs past the last multiple of 16, one at a time. */
@@ -178,8 +214,9 @@ void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int f
         for (int64_t t0 = 0; t0 < n; t0 += LORA_TILE) {
             const int64_t nt = n - t0 < LORA_TILE ? n - t0 : LORA_TILE;
             float tt[LORA_TILE * DL_LORA_MAX_RANK], *tp = t_save ? t_save + t0 * r : tt;
-            for (int64_t i = 0; i < nt; i++)
-                lora_down_row(tp + i * r, A, input_row(x, in, drop, e, t0 + i, scratch + (t0 + i) * in), r, in);
+            const float *xr[LORA_TILE];
+            for (int64_t i = 0; i < nt; i++) xr[i] = input_row(x, in, drop, e, t0 + i, scratch + (t0 + i) * in);
+            lora_down_tile(tp, A, r, in, xr, nt);
             lora_up_tile(yc + t0 * ldy, ldy, tp, nt, r, bt, out, en->scale);
         }
         if (t_save) t_save += n * r;

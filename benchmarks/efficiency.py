@@ -38,8 +38,24 @@ def linear_ops_per_token(cfg):
     return {k: 2 * v * cfg["n_layers"] for k, v in per_layer.items()}
 
 
+# The peaks the project's planning guide gives for its 2-core Cascade Lake VM
+# (G ops/s). The 60 % target is stated against these; this VM's own
+# measurement (deelm._core.peak_gops) usually comes out higher, so both are shown.
+GUIDE_PEAKS = {"int8": {1: 469, 2: 895}, "fp32": {1: 115, 2: 230}}
+
+
 def measure_peak(kind, threads):
     return max(_core.peak_gops(kind, threads, 50_000_000) for _ in range(3))
+
+
+def guide(kind, threads):
+    peak = GUIDE_PEAKS[kind].get(threads)
+    return f"{peak}" if peak else "none given"
+
+
+def share(gops, kind, threads):
+    peak = GUIDE_PEAKS[kind].get(threads)
+    return f"{100 * gops / peak:.1f} %" if peak else ""
 
 
 def main(argv=None):
@@ -87,18 +103,20 @@ def main(argv=None):
         med = {op: statistics.median(r[op] for r in runs[t]) for op in list(_core.OP_NAMES) + ["total"]}
         lines += [f"## {t} thread{'s' if t > 1 else ''}: {n_tokens / med['total']:.0f} tokens/s; "
                   f"measured {kind} peak {peaks[t]:.0f} G ops/s", "",
-                  "| op | share of time | G ops/s | % of peak |", "|---|---:|---:|---:|"]
+                  f"| op | share of time | G ops/s | % of measured peak | % of the guide's peak ({guide(kind, t)}) |",
+                  "|---|---:|---:|---:|---:|"]
         busy = sum(med[op] for op in _core.OP_NAMES)
         for op in _core.OP_NAMES:
             if op in LINEAR:
                 g = ops_per_token[op] * n_tokens / med[op] / 1e9
-                lines.append(f"| {op} | {100 * med[op] / busy:.1f} % | {g:.0f} | {100 * g / peaks[t]:.1f} % |")
+                lines.append(f"| {op} | {100 * med[op] / busy:.1f} % | {g:.0f} | {100 * g / peaks[t]:.1f} % "
+                             f"| {share(g, kind, t)} |")
             else:
-                lines.append(f"| {op} | {100 * med[op] / busy:.1f} % | | |")
+                lines.append(f"| {op} | {100 * med[op] / busy:.1f} % | | | |")
         lin_s = sum(med[op] for op in LINEAR)
         g = sum(ops_per_token.values()) * n_tokens / lin_s / 1e9
         lines += [f"| **all linear layers** | {100 * lin_s / busy:.1f} % | {g:.0f} | "
-                  f"{100 * g / peaks[t]:.1f} % |", ""]
+                  f"{100 * g / peaks[t]:.1f} % | {share(g, kind, t)} |", ""]
     text = "\n".join(lines)
     print(text)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,55 @@
+"""What the bundled DeeLM adapter (LoRA on every projection of every layer)
+costs over the bare default model, encoding the same STS-B test sentences.
+
+    python benchmarks/adapter_cost.py [--sentences 256] [--threads 1] [--repeats 15]
+
+Both models are loaded once and timed alternately, so drift in machine load
+hits both alike. The minimum of the runs is the least disturbed time of each;
+the medians are printed too.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encode_throughput import STSB_TEST, cpu_model, unique_sentences  # noqa: E402
+
+import deelm  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sentences", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=15)
+    args = p.parse_args(argv)
+    if args.repeats < 3:
+        p.error("--repeats must be at least 3")
+
+    sents = unique_sentences(STSB_TEST)[:args.sentences]
+    models = {"bare": deelm.DeeLM.from_pretrained(None, adapter=None),
+              "adapter": deelm.DeeLM.from_pretrained(None, adapter="auto")}
+    times = {name: [] for name in models}
+    for m in models.values():
+        m.threads = args.threads
+        m.encode(sents[:64], batch_size=args.batch_size)  # warm-up
+    for _ in range(args.repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m.encode(sents, batch_size=args.batch_size, show_progress_bar=False)
+            times[name].append(time.perf_counter() - t0)
+
+    print(f"{cpu_model()}; {len(sents)} STS-B sentences, batch {args.batch_size}, "
+          f"{args.threads} thread(s), {args.repeats} alternating runs")
+    for name, ts in times.items():
+        print(f"{name:8s} min {min(ts):.3f} s  median {statistics.median(ts):.3f} s")
+    print(f"adapter cost over the bare model: {100 * (min(times['adapter']) / min(times['bare']) - 1):.1f} % "
+          f"(minimum times), {100 * (statistics.median(times['adapter']) / statistics.median(times['bare']) - 1):.1f} %"
+          " (medians)")
+
+
+if __name__ == "__main__":
+    main()

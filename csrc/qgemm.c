@@ -7,9 +7,10 @@
  * their results are bitwise equal, and a row's result does not depend on the
  * rows beside it or on how the work is split between threads.
  *
- * Work split: tiles of MR token rows x 2 panels (32 outputs). A thread takes
- * a run of (panel pair, row chunk) items, panel-major, so the weight panel
- * stays in L1/L2 while the activations (L2-resident) stream past it. */
+ * Work split: tiles of MR token rows x 2 panels (32 outputs). The rows go in
+ * super-chunks whose int8 activations fit in L2 (256 KB); within one, a
+ * thread takes a run of (panel pair, row chunk) items, panel-major, so the
+ * weight panel stays in L1/L2 while the activations stream past it. */
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -343,28 +344,47 @@ static void add_outliers(const gemm_job *J, int64_t t0, int64_t t1, decode_fn de
     free(list);
 }
 
+/* Rows per super-chunk: as many whole row chunks as fit ACT_BYTES of int8
+ * activations. Work goes super-chunk by super-chunk, so the activations a
+ * core streams past each weight panel stay in its L2 however many rows there
+ * are; a weight matrix is then read once per super-chunk, from L3. */
+#ifndef ACT_BYTES
+#define ACT_BYTES (256 * 1024)
+#endif
+static int64_t super_rows(const dl_qmat *w) {
+    const int64_t chunks = ACT_BYTES / (w->n_blocks * DL_QBLOCK * ROW_CHUNK);
+    return (chunks > 1 ? chunks : 1) * ROW_CHUNK;
+}
+
 void dl_qgemm(float *y, int64_t ldy, const dl_qact *x, int64_t n, const dl_qmat *w,
               int accumulate, int isa, int n_threads) {
     if (n <= 0 || w->rows <= 0) return;
     const gemm_job J = {y, ldy, x, w, accumulate};
     const int64_t n_pairs = (w->n_panels + 1) / 2;
-    const int64_t n_chunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;
+    /* as many super-chunks as needed, then evened out to whole row chunks */
+    const int64_t n_supers = (n + super_rows(w) - 1) / super_rows(w);
+    const int64_t chunks_per_super = ((n + n_supers - 1) / n_supers + ROW_CHUNK - 1) / ROW_CHUNK;
+    const int64_t S = chunks_per_super * ROW_CHUNK;
+    const int64_t per_super = n_pairs * chunks_per_super;
 #pragma omp parallel num_threads(n_threads)
-    {
+    for (int64_t sup = 0; sup < n_supers; sup++) {
+        const int64_t s0 = sup * S, s1 = s0 + S < n ? s0 + S : n;
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < n_pairs * n_chunks; item++) {
-            const int64_t p0 = (item / n_chunks) * 2, t0 = (item % n_chunks) * ROW_CHUNK;
+        for (int64_t item = 0; item < per_super; item++) {
+            const int64_t p0 = (item / chunks_per_super) * 2, t0 = s0 + (item % chunks_per_super) * ROW_CHUNK;
+            if (t0 >= s1) continue; /* row chunks past the end of the last super-chunk */
             const int np = p0 + 1 < w->n_panels ? 2 : 1;
-            const int64_t nt = n - t0 < ROW_CHUNK ? n - t0 : ROW_CHUNK;
+            const int64_t nt = s1 - t0 < ROW_CHUNK ? s1 - t0 : ROW_CHUNK;
 #ifdef DL_X86
             if (isa == DL_ISA_AVX512VNNI) { tile_vnni(&J, t0, nt, p0, np); continue; }
             if (isa == DL_ISA_AVX2) { tile_avx2(&J, t0, nt, p0, np); continue; }
 #endif
             tile_scalar(&J, t0, nt, p0, np);
         }
-        /* the implicit barrier above: every tile of y is written */
+        /* the implicit barrier above: every tile of the super-chunk is written;
+         * its outliers are added while its rows of y are still in cache */
         const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int64_t t0 = n * tid / nth, t1 = n * (tid + 1) / nth;
+        const int64_t t0 = s0 + (s1 - s0) * tid / nth, t1 = s0 + (s1 - s0) * (tid + 1) / nth;
 #ifdef DL_X86
         if (isa == DL_ISA_AVX512VNNI) add_outliers(&J, t0, t1, decode_avx512, axpy_avx512);
         else if (isa == DL_ISA_AVX2) add_outliers(&J, t0, t1, decode_avx2, axpy_avx2);

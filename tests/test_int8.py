@@ -203,6 +203,19 @@ def test_activation_quantization_matches_numpy(cols, isa):
         assert np.all(outliers[[0, 2], 3] == x[[0, 2], 3])  # the x400 channel is taken out
 
 
+def emulate_gemm(x, raw, type_name, rows, cols):
+    """The int8 GEMM in float64 from the core's own quantized activations."""
+    n = x.shape[0]
+    wd, wm, wq = parse_blocks(raw, type_name, rows, cols)
+    xq, xd, xs, outliers = quantize_like_core(x)
+    nb = cols // 32
+    dots = np.einsum("tbk,rbk->trb", xq.reshape(n, nb, 32).astype(np.int64),
+                     wq.reshape(rows, nb, 32))  # exact integers
+    ref = (dots * xd[:, None, :] * wd[None] + xs[:, None, :] * wm[None]).sum(-1)
+    w_full = wq * np.repeat(wd, 32, 1) + np.repeat(wm, 32, 1)
+    return ref + outliers.astype(np.float64) @ w_full.T
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("type_name", QTYPES)
 def test_gemm_matches_float64_emulation(type_name, isa):
@@ -212,14 +225,7 @@ def test_gemm_matches_float64_emulation(type_name, isa):
     t, raw = encode_weight(w, type_name)
     x = activations(rng, n, cols)
     y = _core.qlinear(x, t, raw, rows, cols, isa, 2)
-    wd, wm, wq = parse_blocks(raw, type_name, rows, cols)
-    xq, xd, xs, outliers = quantize_like_core(x)
-    nb = cols // 32
-    dots = np.einsum("tbk,rbk->trb", xq.reshape(n, nb, 32).astype(np.int64),
-                     wq.reshape(rows, nb, 32))  # exact integers
-    ref = (dots * xd[:, None, :] * wd[None] + xs[:, None, :] * wm[None]).sum(-1)
-    w_full = wq * np.repeat(wd, 32, 1) + np.repeat(wm, 32, 1)
-    ref += outliers.astype(np.float64) @ w_full.T
+    ref = emulate_gemm(x, raw, type_name, rows, cols)
     rel = float(np.abs(y - ref).max() / np.abs(ref).max())
     print(f"\n[{type_name} {isa}] max |gemm - float64 emulation| / max |y| = {rel:.2e}")
     assert rel < 1e-5
@@ -239,6 +245,30 @@ def test_isa_paths_are_bitwise_equal(type_name):
         outs = [_core.qlinear(x, t, raw, rows, cols, isa, th) for isa in ISAS for th in (1, 2, 3)]
         for o in outs[1:]:
             assert np.array_equal(o, outs[0]), (rows, n)
+
+
+@pytest.mark.parametrize("cols, n", [(2048, 300), (512, 1000)])
+def test_many_rows_go_in_super_chunks_with_the_same_results(cols, n):
+    """Past 256 KB of int8 activations the GEMM works super-chunk by
+    super-chunk (2048 columns: 4 chunks of 96 rows for 300 rows; 512 columns:
+    3 of 384 rows for 1,000, the last one partial), each with its outlier
+    pass. Every path and thread count gives the same bits, each row the bits
+    it gets alone, and the float64 emulation agrees."""
+    rng = np.random.default_rng(8)
+    rows = 70
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    t, raw = encode_weight(w, "Q4_1")
+    x = activations(rng, n, cols)
+    x[:, 700 % cols] *= 300  # a second outlier channel
+    outs = [_core.qlinear(x, t, raw, rows, cols, isa, th) for isa in ISAS for th in (1, 2, 3)]
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+    for i in (0, 95, 96, n - 1):
+        assert np.array_equal(_core.qlinear(x[i:i + 1], t, raw, rows, cols, "auto", 1), outs[0][i:i + 1])
+    ref = emulate_gemm(x, raw, "Q4_1", rows, cols)
+    rel = float(np.abs(outs[0] - ref).max() / np.abs(ref).max())
+    print(f"\n[{cols} columns, {n} rows] max |gemm - float64 emulation| / max |y| = {rel:.2e}")
+    assert rel < 1e-5
 
 
 def test_rows_do_not_depend_on_their_neighbours():

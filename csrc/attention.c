@@ -3,22 +3,39 @@
  * Attention is computed per (sentence, head) so a token never sees another
  * sentence and there is no padding to mask: measured on this class of CPU,
  * packing many sentences into one attention matrix is slower than this.
- * Short sentences go through plain loops; from GEMM_MIN_LEN tokens on, the
- * score matrix Q K^T and the output P V are single-threaded sgemm calls (the
- * work grows with the square of the length: 12 % of a 400-token text's FLOPs).
- * Which way a sentence goes depends on its length alone, so a sentence gets
- * the same bits in any batch.
+ * Queries go in tiles of 8: their scores against 32 keys at a time (K is
+ * transposed once per head so a score tile reads contiguous key lanes), the
+ * softmax of each query's own keys, then the weighted sum of the values.
+ * Key tiles wholly outside every query's range are skipped, so a causal
+ * layer does about half the work of a bidirectional one.
+ *
+ * Every score is fma(q[d], k[d], s) over d in order, times the scale; every
+ * output lane fma(p_j, v_j, o) over the keys in order, p_j = 0 for keys
+ * outside the query's range (adding an exact zero). So a query's result does
+ * not depend on the queries or keys beside it in a tile, on the sentence's
+ * length or on the vector width (the clones below use the fma instruction,
+ * the baseline build fmaf, both exactly rounded): a sentence gets the same
+ * bits in any batch, and the last query of a sentence the same bits whether
+ * its layer is causal or bidirectional.
  * Grouped-query: query head h reads key/value head h / (nh / nkv).
  * A query's keys (causal or not, sliding window or not, dl_attn_spec) are
  * always one contiguous range of its sentence. */
-#include <cblas.h>
+#include <math.h>
 #include <stdlib.h>
 
 #include "deelm.h"
 #include "dot.h"
 #include "fastexp.h"
 
-#define GEMM_MIN_LEN 32
+#define QT 8 /* queries per tile */
+#define KT 32 /* keys per score tile */
+#define VT 32 /* value columns per output tile */
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DL_FMA_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
+#else
+#define DL_FMA_CLONES
+#endif
 
 /* The longest sentence's token count. */
 static int64_t longest(const int64_t *seq_off, int64_t n_seq) {
@@ -51,56 +68,115 @@ DL_VECTOR_MATH DL_CLONES static void softmax_row(float *row, int64_t n, int64_t 
     for (j = n; j < n_total; j++) row[j] = 0.0f;
 }
 
-/* One (sentence, head) by sgemm: S = scale Q K^T [len, len], softmax over
- * each query's keys (0 elsewhere), O = S V. */
-static void head_by_gemm(float *o, int64_t o_stride, const float *q, const float *k, const float *v,
-                         int64_t stride, int64_t len, int64_t hd, const dl_attn_spec *sp,
-                         float *scores) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)len, (blasint)len, (blasint)hd,
-                sp->scale, q, (blasint)stride, k, (blasint)stride, 0.0f, scores, (blasint)len);
-    for (int64_t i = 0; i < len; i++) {
-        int64_t j0, j1;
-        key_range(sp, i, len, &j0, &j1);
-        float *row = scores + i * len;
-        for (int64_t j = 0; j < j0; j++) row[j] = 0.0f;
-        softmax_row(row + j0, j1 - j0, len - j0);
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)len, (blasint)hd, (blasint)len,
-                1.0f, scores, (blasint)len, v, (blasint)stride, 0.0f, o, (blasint)o_stride);
-}
-
-/* Floats of the score buffer each thread allocates: a whole [len, len]
- * matrix for the GEMM path, one row otherwise. */
-static int64_t scores_cap(int64_t max_len) {
-    return max_len >= GEMM_MIN_LEN ? max_len * max_len : max_len;
-}
-
-/* One (sentence, head) by plain loops, for short sentences: per query, the
- * scores of its keys, their softmax and the weighted sum of the values, built
- * per vector width (the same bits on each: nothing is contracted into an fma).
- * q0, k0, v0: the sentence's first q, k, v head rows, row stride `stride`. */
-DL_CLONES static void head_by_loops(float *o0, int64_t out_stride, const float *q0, const float *k0,
-                                    const float *v0, int64_t stride, int64_t len, int64_t hd,
-                                    const dl_attn_spec *sp, float *scores) {
-    for (int64_t i = 0; i < len; i++) {
-        int64_t j0, j1;
-        key_range(sp, i, len, &j0, &j1);
-        const int64_t n_keys = j1 - j0;
-        for (int64_t j = 0; j < n_keys; j++)
-            scores[j] = dl_dot(q0 + i * stride, k0 + (j0 + j) * stride, hd) * sp->scale;
-        softmax_row(scores, n_keys, n_keys);
-        float *o = o0 + i * out_stride;
-        for (int64_t c = 0; c < hd; c++) o[c] = 0.0f;
-        for (int64_t j = 0; j < n_keys; j++) {
-            const float *v = v0 + (j0 + j) * stride;
-            const float p = scores[j];
-            for (int64_t c = 0; c < hd; c++) o[c] += p * v[c];
+/* S[i][l] = scale * sum_d q_i[d] kt[d][l] for queries i < NQ_ and key
+ * lanes l < KT; kt: [hd, ldk] (a transposed K), q_i = q + i * stride. NQ_ is
+ * a constant at every call, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void
+score_tile(float *S, int64_t lds, const float *q, int64_t stride, const float *kt, int64_t ldk,
+           int64_t hd, float scale, const int NQ_) {
+    float a[QT][KT];
+    for (int i = 0; i < NQ_; i++)
+        for (int l = 0; l < KT; l++) a[i][l] = 0.0f;
+    for (int64_t d = 0; d < hd; d++) {
+        const float *k = kt + d * ldk;
+        for (int i = 0; i < NQ_; i++) {
+            const float qd = q[i * stride + d];
+            for (int l = 0; l < KT; l++) a[i][l] = __builtin_fmaf(qd, k[l], a[i][l]);
         }
     }
+    for (int i = 0; i < NQ_; i++)
+        for (int l = 0; l < KT; l++) S[i * lds + l] = a[i][l] * scale;
 }
 
-int64_t dl_attention_bytes(int64_t max_len, int n_threads) {
-    return max_len > 0 ? (int64_t)n_threads * scores_cap(max_len) * (int64_t)sizeof(float) : 0;
+/* o_i[c0 + l] = sum_j P[i][j] v_j[c0 + l] over keys j < nk in order, for
+ * i < NQ_ and l < NC_; v_j = v + j * stride, o_i = o + i * ldo. */
+static inline __attribute__((always_inline)) void
+value_tile(float *o, int64_t ldo, const float *P, int64_t ldp, const float *v, int64_t stride,
+           int64_t nk, int64_t c0, const int NQ_, const int NC_) {
+    float a[QT][VT];
+    for (int i = 0; i < NQ_; i++)
+        for (int l = 0; l < NC_; l++) a[i][l] = 0.0f;
+    for (int64_t j = 0; j < nk; j++) {
+        const float *vj = v + j * stride + c0;
+        for (int i = 0; i < NQ_; i++) {
+            const float p = P[i * ldp + j];
+            for (int l = 0; l < NC_; l++) a[i][l] = __builtin_fmaf(p, vj[l], a[i][l]);
+        }
+    }
+    for (int i = 0; i < NQ_; i++)
+        for (int l = 0; l < NC_; l++) o[i * ldo + c0 + l] = a[i][l];
+}
+
+/* Floats of the scratch each thread allocates: K^T [hd, max_len + KT] and
+ * the score rows of one query tile [QT, max_len + KT]. */
+static int64_t scratch_floats(int64_t max_len, int64_t hd) {
+    return (hd + QT) * (max_len + KT);
+}
+
+int64_t dl_attention_bytes(int64_t max_len, int64_t head_dim, int n_threads) {
+    return max_len > 0 ? (int64_t)n_threads * scratch_floats(max_len, head_dim) * (int64_t)sizeof(float) : 0;
+}
+
+/* The score tiles of queries [i0, i0 + NQ_) over keys [lo, hi). */
+static inline __attribute__((always_inline)) void
+score_rows(float *S, int64_t lds, const float *q, int64_t stride, const float *kt, int64_t ldk,
+           int64_t hd, float scale, int64_t lo, int64_t hi, const int NQ_) {
+    for (int64_t j = lo; j < hi; j += KT) score_tile(S + (j - lo), lds, q, stride, kt + j, ldk, hd, scale, NQ_);
+}
+
+/* The outputs of queries [i0, i0 + NQ_) from their probabilities over keys [lo, hi). */
+static inline __attribute__((always_inline)) void
+value_rows(float *o, int64_t ldo, const float *P, int64_t ldp, const float *v, int64_t stride,
+           int64_t nk, int64_t hd, const int NQ_) {
+    int64_t c = 0;
+    for (; c + VT <= hd; c += VT) value_tile(o, ldo, P, ldp, v, stride, nk, c, NQ_, VT);
+    for (; c + 8 <= hd; c += 8) value_tile(o, ldo, P, ldp, v, stride, nk, c, NQ_, 8);
+    for (; c < hd; c++) value_tile(o, ldo, P, ldp, v, stride, nk, c, NQ_, 1);
+}
+
+/* kt[d, j] = k0[j, d]: [hd, len + KT], zero past the last key, so that a
+ * score tile reads 32 keys' d-th lanes contiguously. */
+static void transpose_keys(float *kt, const float *k0, int64_t stride, int64_t len, int64_t hd) {
+    const int64_t ldk = len + KT;
+    for (int64_t d = 0; d < hd; d++) {
+        for (int64_t j = 0; j < len; j++) kt[d * ldk + j] = k0[j * stride + d];
+        for (int64_t j = len; j < ldk; j++) kt[d * ldk + j] = 0.0f;
+    }
+}
+
+/* One (sentence, query head). q0, v0: the sentence's first q and v head rows,
+ * row stride `stride`; kt: its keys, transposed; o0: its first output row,
+ * stride out_stride; S: [QT, len + KT] scratch. */
+DL_FMA_CLONES static void
+attend_head(float *o0, int64_t out_stride, const float *q0, const float *kt, const float *v0,
+            int64_t stride, int64_t len, int64_t hd, const dl_attn_spec *sp, float *S) {
+    const int64_t ldk = len + KT;
+    for (int64_t i0 = 0; i0 < len; i0 += QT) {
+        const int nq = len - i0 < QT ? (int)(len - i0) : QT;
+        int64_t j0[QT], j1[QT], lo = len, hi = 0;
+        for (int i = 0; i < nq; i++) {
+            key_range(sp, i0 + i, len, &j0[i], &j1[i]);
+            lo = j0[i] < lo ? j0[i] : lo;
+            hi = j1[i] > hi ? j1[i] : hi;
+        }
+        const int64_t lds = ldk; /* S[i] holds keys [lo, lo + lds) */
+        const float *q = q0 + i0 * stride;
+#define ROWS(NQ) \
+    case NQ: score_rows(S, lds, q, stride, kt, ldk, hd, sp->scale, lo, hi, NQ); break;
+        switch (nq) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) default: ROWS(QT) }
+#undef ROWS
+        for (int i = 0; i < nq; i++) {
+            float *row = S + i * lds;
+            for (int64_t j = lo; j < j0[i]; j++) row[j - lo] = 0.0f;
+            softmax_row(row + (j0[i] - lo), j1[i] - j0[i], hi - j0[i]);
+        }
+        float *o = o0 + i0 * out_stride;
+        const float *v = v0 + lo * stride;
+#define ROWS(NQ) \
+    case NQ: value_rows(o, out_stride, S, lds, v, stride, hi - lo, hd, NQ); break;
+        switch (nq) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) default: ROWS(QT) }
+#undef ROWS
+    }
 }
 
 int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
@@ -116,28 +192,28 @@ int dl_attention_forward(float *out, const float *qkv, int64_t qkv_stride,
 
 #pragma omp parallel num_threads(n_threads)
     {
-        float *scores = (float *)malloc((size_t)scores_cap(max_len) * sizeof(float));
-        if (!scores) {
+        float *scratch = (float *)malloc((size_t)scratch_floats(max_len, head_dim) * sizeof(float));
+        if (!scratch) {
 #pragma omp atomic write
             failed = 1;
         }
+        /* one task per (sentence, key/value head): its keys are transposed
+         * once for the query heads of its group */
 #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int64_t s = 0; s < n_seq; s++) {
-            for (int64_t h = 0; h < n_heads; h++) {
-                if (!scores) continue;
+            for (int64_t kvh = 0; kvh < n_kv_heads; kvh++) {
                 const int64_t base = seq_off[s], len = seq_off[s + 1] - seq_off[s];
-                const int64_t kvh = h / group;
-                const float *q0 = qkv + base * qkv_stride + h * head_dim;
-                const float *k0 = qkv + base * qkv_stride + k_col + kvh * head_dim;
+                if (!scratch || len == 0) continue;
+                float *kt = scratch, *S = scratch + head_dim * (len + KT);
+                transpose_keys(kt, qkv + base * qkv_stride + k_col + kvh * head_dim, qkv_stride, len, head_dim);
                 const float *v0 = qkv + base * qkv_stride + v_col + kvh * head_dim;
-                float *o0 = out + base * out_stride + h * head_dim;
-                if (len >= GEMM_MIN_LEN)
-                    head_by_gemm(o0, out_stride, q0, k0, v0, qkv_stride, len, head_dim, &spec, scores);
-                else
-                    head_by_loops(o0, out_stride, q0, k0, v0, qkv_stride, len, head_dim, &spec, scores);
+                for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
+                    attend_head(out + base * out_stride + h * head_dim, out_stride,
+                                qkv + base * qkv_stride + h * head_dim, kt, v0, qkv_stride, len, head_dim,
+                                &spec, S);
             }
         }
-        free(scores);
+        free(scratch);
     }
     return failed ? DL_ERR_NOMEM : DL_OK;
 }

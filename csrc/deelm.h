@@ -304,7 +304,7 @@ typedef struct {
 } dl_attn_spec;
 
 /* Bytes of the score buffers dl_attention_forward allocates (one per thread). */
-int64_t dl_attention_bytes(int64_t max_len, int n_threads);
+int64_t dl_attention_bytes(int64_t max_len, int64_t head_dim, int n_threads);
 /* Scaled dot-product attention per sentence and head, grouped-query.
  * qkv: [N, qkv_stride] rows holding q (nh hd) then k (nkv hd) then v (nkv hd);
  * out: [N, nh hd]. Keys as `spec` says, never across sentences.

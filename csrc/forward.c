@@ -267,7 +267,7 @@ int64_t dl_forward_bytes(const dl_config *c, int precision, int64_t lora_rank, i
                           + (c->rope_local ? 2 : 1) * (max_len > 0 ? max_len : 1) * c->head_dim * fl /* rope tables */
                           + (lora_rank ? dl_lora_scratch_floats(c, R, widest, lora_rank) * fl : 0)
                           + (precision == DL_PRECISION_INT8 ? dl_qact_bytes(R, widest) : 0);
-    return batch + dl_layer_acts_floats(c, R, 0) * fl + dl_attention_bytes(max_len, n_threads);
+    return batch + dl_layer_acts_floats(c, R, 0) * fl + dl_attention_bytes(max_len, c->head_dim, n_threads);
 }
 
 int dl_model_forward(const dl_model *m, const dl_forward_args *a) {

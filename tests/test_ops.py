@@ -329,6 +329,24 @@ def test_attention_vs_sdpa(causal):
         assert np.allclose(o0, np.repeat(v0, NH // NKV, axis=1), rtol=0, atol=1e-6)
 
 
+def test_attention_query_results_do_not_depend_on_tiles_or_length():
+    """Queries go in tiles of 8 and keys in tiles of 32, and a query's result
+    depends on its own keys only: under causal attention each prefix of a
+    sentence gives, bitwise, the first rows of the whole sentence, and the last
+    query gets the same bits with causal and bidirectional attention (the
+    exact identity DeeLM's last bidirectional layer relies on), for lengths on
+    both sides of every tile edge."""
+    rng = np.random.default_rng(11)
+    L = 97
+    qkv = (2 * rng.standard_normal((L, (NH + 2 * NKV) * HD))).astype(np.float32)
+    whole = _core.attention(qkv, np.array([0, L]), NH, NKV, HD, True, 1)
+    for p in (1, 7, 8, 9, 31, 32, 33, 64, 96):
+        prefix = _core.attention(qkv[:p], np.array([0, p]), NH, NKV, HD, True, 1)
+        assert np.array_equal(prefix, whole[:p]), p
+        bidir = _core.attention(qkv[:p], np.array([0, p]), NH, NKV, HD, False, 1)
+        assert np.array_equal(bidir[p - 1], prefix[p - 1]), p
+
+
 # ---- swiglu ----------------------------------------------------------------------
 
 def test_swiglu_vs_torch():

@@ -14,13 +14,15 @@
  * outside the query's range (adding an exact zero). So a query's result does
  * not depend on the queries or keys beside it in a tile, on the sentence's
  * length or on the vector width (the clones below use the fma instruction,
- * the baseline build fmaf, both exactly rounded): a sentence gets the same
+ * the baseline build fmaf, both exactly rounded; fmaf is a slow library call
+ * only on x86 CPUs without FMA, older than 2013): a sentence gets the same
  * bits in any batch, and the last query of a sentence the same bits whether
  * its layer is causal or bidirectional.
  * Grouped-query: query head h reads key/value head h / (nh / nkv).
  * A query's keys (causal or not, sliding window or not, dl_attn_spec) are
  * always one contiguous range of its sentence. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "deelm.h"
@@ -52,11 +54,35 @@ static inline __attribute__((always_inline)) void key_range(const dl_attn_spec *
     *j1 = sp->causal ? i + 1 : (w > 0 && i + w < len ? i + w : len);
 }
 
-/* row[0, n) = softmax(row[0, n)), row[n, n_total) = 0. */
-DL_VECTOR_MATH DL_CLONES static void softmax_row(float *row, int64_t n, int64_t n_total) {
+/* exp as dl_expf (same range reduction and polynomial), evaluated with
+ * fmas: about 17 instructions per vector instead of 28. fmaf is exactly
+ * rounded wherever it runs, so every clone gives the same bits. */
+DL_VECTOR_MATH static inline __attribute__((always_inline)) float exp_by_fma(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const float n = __builtin_fmaf(x, 1.44269504088896341f, shifter) - shifter;
+    float r = __builtin_fmaf(n, -0.693359375f, x);
+    r = __builtin_fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = __builtin_fmaf(p, r, 1.3981999507e-3f);
+    p = __builtin_fmaf(p, r, 8.3334519073e-3f);
+    p = __builtin_fmaf(p, r, 4.1665795894e-2f);
+    p = __builtin_fmaf(p, r, 1.6666665459e-1f);
+    p = __builtin_fmaf(p, r, 5.0000001201e-1f);
+    p = __builtin_fmaf(p * r, r, r) + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+/* row[0, n) = softmax(row[0, n)), row[n, n_total) = 0; exp by dl_expf or,
+ * with BY_FMA, exp_by_fma. */
+DL_VECTOR_MATH static inline __attribute__((always_inline)) void
+softmax_body(float *row, int64_t n, int64_t n_total, const int BY_FMA) {
     float mx = row[0];
     for (int64_t j = 1; j < n; j++) mx = row[j] > mx ? row[j] : mx;
-    for (int64_t j = 0; j < n; j++) row[j] = dl_expf(row[j] - mx);
+    for (int64_t j = 0; j < n; j++) row[j] = BY_FMA ? exp_by_fma(row[j] - mx) : dl_expf(row[j] - mx);
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     int64_t j = 0;
     for (; j + 8 <= n; j += 8)
@@ -66,6 +92,16 @@ DL_VECTOR_MATH DL_CLONES static void softmax_row(float *row, int64_t n, int64_t 
     const float inv = 1.0f / sum;
     for (j = 0; j < n; j++) row[j] *= inv;
     for (j = n; j < n_total; j++) row[j] = 0.0f;
+}
+
+/* The backward's softmax (it recomputes each query's probabilities). */
+DL_VECTOR_MATH DL_CLONES static void softmax_row(float *row, int64_t n, int64_t n_total) {
+    softmax_body(row, n, n_total, 0);
+}
+
+/* The forward's: the fma clones run its exp at about 1.6x the speed. */
+DL_VECTOR_MATH DL_FMA_CLONES static void softmax_row_fma(float *row, int64_t n, int64_t n_total) {
+    softmax_body(row, n, n_total, 1);
 }
 
 /* S[i][l] = scale * sum_d q_i[d] kt[d][l] for queries i < NQ_ and key
@@ -168,7 +204,7 @@ attend_head(float *o0, int64_t out_stride, const float *q0, const float *kt, con
         for (int i = 0; i < nq; i++) {
             float *row = S + i * lds;
             for (int64_t j = lo; j < j0[i]; j++) row[j - lo] = 0.0f;
-            softmax_row(row + (j0[i] - lo), j1[i] - j0[i], hi - j0[i]);
+            softmax_row_fma(row + (j0[i] - lo), j1[i] - j0[i], hi - j0[i]);
         }
         float *o = o0 + i0 * out_stride;
         const float *v = v0 + lo * stride;

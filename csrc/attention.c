@@ -33,12 +33,6 @@
 #define KT 32 /* keys per score tile */
 #define VT 32 /* value columns per output tile */
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DL_FMA_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
-#else
-#define DL_FMA_CLONES
-#endif
-
 /* The longest sentence's token count. */
 static int64_t longest(const int64_t *seq_off, int64_t n_seq) {
     int64_t m = 0;

@@ -23,6 +23,15 @@
 #define DL_CLONES
 #endif
 
+/* The same for loops written with __builtin_fmaf: the clones run the fma
+ * instruction (512- or 256-bit), the baseline build calls fmaf; all are
+ * exactly rounded, so they give the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DL_FMA_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
+#else
+#define DL_FMA_CLONES
+#endif
+
 enum {
     DL_OK = 0,
     DL_ERR_NOMEM = -1,

@@ -21,8 +21,6 @@
  * Grouped-query: query head h reads key/value head h / (nh / nkv).
  * A query's keys (causal or not, sliding window or not, dl_attn_spec) are
  * always one contiguous range of its sentence. */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 
 #include "deelm.h"
@@ -48,35 +46,13 @@ static inline __attribute__((always_inline)) void key_range(const dl_attn_spec *
     *j1 = sp->causal ? i + 1 : (w > 0 && i + w < len ? i + w : len);
 }
 
-/* exp as dl_expf (same range reduction and polynomial), evaluated with
- * fmas: about 17 instructions per vector instead of 28. fmaf is exactly
- * rounded wherever it runs, so every clone gives the same bits. */
-DL_VECTOR_MATH static inline __attribute__((always_inline)) float exp_by_fma(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const float n = __builtin_fmaf(x, 1.44269504088896341f, shifter) - shifter;
-    float r = __builtin_fmaf(n, -0.693359375f, x);
-    r = __builtin_fmaf(n, 2.12194440e-4f, r);
-    float p = 1.9875691500e-4f;
-    p = __builtin_fmaf(p, r, 1.3981999507e-3f);
-    p = __builtin_fmaf(p, r, 8.3334519073e-3f);
-    p = __builtin_fmaf(p, r, 4.1665795894e-2f);
-    p = __builtin_fmaf(p, r, 1.6666665459e-1f);
-    p = __builtin_fmaf(p, r, 5.0000001201e-1f);
-    p = __builtin_fmaf(p * r, r, r) + 1.0f;
-    union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)n + 127) << 23;
-    return p * scale.f;
-}
-
 /* row[0, n) = softmax(row[0, n)), row[n, n_total) = 0; exp by dl_expf or,
- * with BY_FMA, exp_by_fma. */
+ * with BY_FMA, dl_expf_fma. */
 DL_VECTOR_MATH static inline __attribute__((always_inline)) void
 softmax_body(float *row, int64_t n, int64_t n_total, const int BY_FMA) {
     float mx = row[0];
     for (int64_t j = 1; j < n; j++) mx = row[j] > mx ? row[j] : mx;
-    for (int64_t j = 0; j < n; j++) row[j] = BY_FMA ? exp_by_fma(row[j] - mx) : dl_expf(row[j] - mx);
+    for (int64_t j = 0; j < n; j++) row[j] = BY_FMA ? dl_expf_fma(row[j] - mx) : dl_expf(row[j] - mx);
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     int64_t j = 0;
     for (; j + 8 <= n; j += 8)
@@ -147,21 +123,25 @@ int64_t dl_attention_bytes(int64_t max_len, int64_t head_dim, int n_threads) {
     return max_len > 0 ? (int64_t)n_threads * scratch_floats(max_len, head_dim) * (int64_t)sizeof(float) : 0;
 }
 
-/* The score tiles of queries [i0, i0 + NQ_) over keys [lo, hi). */
+/* Queries [i0, i0 + NQ_) of a len-token sentence (q, o: their first q and
+ * output rows): scores over the keys [lo, hi) any of them sees, 32 at a
+ * time, into S (row stride ldk); each query's softmax over its own keys
+ * [j0[i], j1[i]), zero elsewhere; then the weighted sum of the values. */
 static inline __attribute__((always_inline)) void
-score_rows(float *S, int64_t lds, const float *q, int64_t stride, const float *kt, int64_t ldk,
-           int64_t hd, float scale, int64_t lo, int64_t hi, const int NQ_) {
-    for (int64_t j = lo; j < hi; j += KT) score_tile(S + (j - lo), lds, q, stride, kt + j, ldk, hd, scale, NQ_);
-}
-
-/* The outputs of queries [i0, i0 + NQ_) from their probabilities over keys [lo, hi). */
-static inline __attribute__((always_inline)) void
-value_rows(float *o, int64_t ldo, const float *P, int64_t ldp, const float *v, int64_t stride,
-           int64_t nk, int64_t hd, const int NQ_) {
+attend_tile(float *o, int64_t out_stride, const float *q, const float *kt, const float *v0,
+            int64_t stride, int64_t ldk, int64_t hd, float scale, const int64_t *j0,
+            const int64_t *j1, int64_t lo, int64_t hi, float *S, const int NQ_) {
+    for (int64_t j = lo; j < hi; j += KT) score_tile(S + (j - lo), ldk, q, stride, kt + j, ldk, hd, scale, NQ_);
+    for (int i = 0; i < NQ_; i++) {
+        float *row = S + i * ldk;
+        for (int64_t j = lo; j < j0[i]; j++) row[j - lo] = 0.0f;
+        softmax_row_fma(row + (j0[i] - lo), j1[i] - j0[i], hi - j0[i]);
+    }
+    const float *v = v0 + lo * stride;
     int64_t c = 0;
-    for (; c + VT <= hd; c += VT) value_tile(o, ldo, P, ldp, v, stride, nk, c, NQ_, VT);
-    for (; c + 8 <= hd; c += 8) value_tile(o, ldo, P, ldp, v, stride, nk, c, NQ_, 8);
-    for (; c < hd; c++) value_tile(o, ldo, P, ldp, v, stride, nk, c, NQ_, 1);
+    for (; c + VT <= hd; c += VT) value_tile(o, out_stride, S, ldk, v, stride, hi - lo, c, NQ_, VT);
+    for (; c + 8 <= hd; c += 8) value_tile(o, out_stride, S, ldk, v, stride, hi - lo, c, NQ_, 8);
+    for (; c < hd; c++) value_tile(o, out_stride, S, ldk, v, stride, hi - lo, c, NQ_, 1);
 }
 
 /* kt[d, j] = k0[j, d]: [hd, len + KT], zero past the last key, so that a
@@ -189,23 +169,12 @@ attend_head(float *o0, int64_t out_stride, const float *q0, const float *kt, con
             lo = j0[i] < lo ? j0[i] : lo;
             hi = j1[i] > hi ? j1[i] : hi;
         }
-        const int64_t lds = ldk; /* S[i] holds keys [lo, lo + lds) */
         const float *q = q0 + i0 * stride;
-#define ROWS(NQ) \
-    case NQ: score_rows(S, lds, q, stride, kt, ldk, hd, sp->scale, lo, hi, NQ); break;
-        switch (nq) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) default: ROWS(QT) }
-#undef ROWS
-        for (int i = 0; i < nq; i++) {
-            float *row = S + i * lds;
-            for (int64_t j = lo; j < j0[i]; j++) row[j - lo] = 0.0f;
-            softmax_row_fma(row + (j0[i] - lo), j1[i] - j0[i], hi - j0[i]);
-        }
         float *o = o0 + i0 * out_stride;
-        const float *v = v0 + lo * stride;
-#define ROWS(NQ) \
-    case NQ: value_rows(o, out_stride, S, lds, v, stride, hi - lo, hd, NQ); break;
-        switch (nq) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) default: ROWS(QT) }
-#undef ROWS
+#define TILE(NQ) \
+    case NQ: attend_tile(o, out_stride, q, kt, v0, stride, ldk, hd, sp->scale, j0, j1, lo, hi, S, NQ); break;
+        switch (nq) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) default: TILE(QT) }
+#undef TILE
     }
 }
 

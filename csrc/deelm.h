@@ -312,7 +312,7 @@ typedef struct {
     int64_t window; /* 0: the whole sentence */
 } dl_attn_spec;
 
-/* Bytes of the score buffers dl_attention_forward allocates (one per thread). */
+/* Bytes of the scratch dl_attention_forward allocates (one per thread). */
 int64_t dl_attention_bytes(int64_t max_len, int64_t head_dim, int n_threads);
 /* Scaled dot-product attention per sentence and head, grouped-query.
  * qkv: [N, qkv_stride] rows holding q (nh hd) then k (nkv hd) then v (nkv hd);
@@ -480,7 +480,7 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
                   int n_threads);
 /* Bytes dl_model_forward allocates at most for a batch of n_rows tokens whose
  * longest sentence has max_len: the batch context, one set of layer
- * activations and the attention's per-thread score buffers (not the caller's
+ * activations and the attention's per-thread scratch (not the caller's
  * output arrays, not OpenBLAS's own buffers). lora_rank: the largest rank of
  * the applied LoRA adapters, 0 for none. */
 int64_t dl_forward_bytes(const dl_config *c, int precision, int64_t lora_rank, int64_t n_rows,

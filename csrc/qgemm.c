@@ -348,9 +348,7 @@ static void add_outliers(const gemm_job *J, int64_t t0, int64_t t1, decode_fn de
  * activations. Work goes super-chunk by super-chunk, so the activations a
  * core streams past each weight panel stay in its L2 however many rows there
  * are; a weight matrix is then read once per super-chunk, from L3. */
-#ifndef ACT_BYTES
 #define ACT_BYTES (256 * 1024)
-#endif
 static int64_t super_rows(const dl_qmat *w) {
     const int64_t chunks = ACT_BYTES / (w->n_blocks * DL_QBLOCK * ROW_CHUNK);
     return (chunks > 1 ? chunks : 1) * ROW_CHUNK;
@@ -362,7 +360,7 @@ void dl_qgemm(float *y, int64_t ldy, const dl_qact *x, int64_t n, const dl_qmat 
     const gemm_job J = {y, ldy, x, w, accumulate};
     const int64_t n_pairs = (w->n_panels + 1) / 2;
     /* as many super-chunks as needed, then evened out to whole row chunks */
-    const int64_t n_supers = (n + super_rows(w) - 1) / super_rows(w);
+    const int64_t most = super_rows(w), n_supers = (n + most - 1) / most;
     const int64_t chunks_per_super = ((n + n_supers - 1) / n_supers + ROW_CHUNK - 1) / ROW_CHUNK;
     const int64_t S = chunks_per_super * ROW_CHUNK;
     const int64_t per_super = n_pairs * chunks_per_super;

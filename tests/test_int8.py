@@ -250,7 +250,7 @@ def test_isa_paths_are_bitwise_equal(type_name):
 @pytest.mark.parametrize("cols, n", [(2048, 300), (512, 1000)])
 def test_many_rows_go_in_super_chunks_with_the_same_results(cols, n):
     """Past 256 KB of int8 activations the GEMM works super-chunk by
-    super-chunk (2048 columns: 4 chunks of 96 rows for 300 rows; 512 columns:
+    super-chunk (2048 columns: 4 of 96 rows for 300 rows, the last of 12; 512 columns:
     3 of 384 rows for 1,000, the last one partial), each with its outlier
     pass. Every path and thread count gives the same bits, each row the bits
     it gets alone, and the float64 emulation agrees."""

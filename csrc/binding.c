@@ -249,7 +249,18 @@ static int layer_specs(const dl_config *c, dl_layer *ly, layer_spec s[MAX_LAYER_
 static int store_ref(const char *name, tensor_ref *t, weight_dst dst) {
     if (dst.vec) return decode_ref(name, t, dst.vec);
     dl_linear *w = dst.lin;
-    if (w->f32) return decode_ref(name, t, w->f32 + dst.row0 * w->in);
+    if (w->f.p) {
+        float *rows = (float *)malloc((size_t)(t->rows * t->cols) * sizeof(float));
+        if (!rows) {
+            PyBuffer_Release(&t->view);
+            PyErr_NoMemory();
+            return -1;
+        }
+        int err = decode_ref(name, t, rows);
+        if (!err) dl_fmat_set_rows(&w->f, dst.row0, rows, t->rows);
+        free(rows);
+        return err;
+    }
     float *scratch = (float *)malloc((size_t)t->cols * sizeof(float));
     int64_t bad = scratch ? dl_qmat_pack_rows(&w->q, dst.row0, t->type, t->view.buf, t->rows, scratch)
                           : DL_ERR_NOMEM;
@@ -1047,7 +1058,7 @@ static PyObject *Model_get_config(ModelObject *self, void *closure) {
         (long long)c->vocab_size, "rms_eps", (double)c->rms_eps, "rope_style", c->rope_style,
         "token_embd_type", dl_type_name(m->tok_embd_type), "precision",
         m->precision == DL_PRECISION_INT8 ? "int8" : "float32", "isa",
-        m->precision == DL_PRECISION_INT8 ? dl_isa_name(m->isa) : "openblas", "embed_scale",
+        dl_isa_name(m->isa), "embed_scale",
         (double)c->embed_scale, "attn_scale", (double)c->attn_scale, "ffn_act",
         c->ffn_act == DL_ACT_GELU_TANH ? "gelu_tanh" : "silu", "qk_norm", c->qk_norm,
         "post_norms", c->post_norms, "rope_local", c->rope_local, "sliding_window", window);
@@ -1268,17 +1279,29 @@ static PyObject *op_linear(PyObject *mod, PyObject *args) {
     (void)mod;
     PyObject *xo, *wo;
     int threads = 1;
-    if (!PyArg_ParseTuple(args, "OO|i", &xo, &wo, &threads)) return NULL;
+    const char *isa_name = "auto";
+    if (!PyArg_ParseTuple(args, "OO|is", &xo, &wo, &threads, &isa_name)) return NULL;
+    const int isa = parse_isa(isa_name);
+    if (isa < 0) return NULL;
     PyArrayObject *x = as_f32(xo, 2), *w = x ? as_f32(wo, 2) : NULL;
     PyObject *out = NULL;
-    if (w && (PyArray_DIM(w, 1) != PyArray_DIM(x, 1) || threads < 1)) {
-        PyErr_SetString(PyExc_ValueError, "linear: x is [n, in], w is [out, in]");
+    dl_fmat f;
+    memset(&f, 0, sizeof f);
+    if (w && (PyArray_DIM(w, 1) != PyArray_DIM(x, 1) || threads < 1 || threads > 1024)) {
+        PyErr_SetString(PyExc_ValueError, "linear: x is [n, in], w is [out, in], threads in [1, 1024]");
     } else if (w) {
         npy_intp dims[2] = {PyArray_DIM(x, 0), PyArray_DIM(w, 0)};
-        if ((out = new_f32(2, dims)))
-            dl_sgemm_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(x), PyArray_DATA(w),
-                             dims[0], PyArray_DIM(x, 1), dims[1], 0.0f, threads);
+        if (dl_fmat_alloc(&f, dims[1], PyArray_DIM(w, 1))) {
+            PyErr_NoMemory();
+        } else if ((out = new_f32(2, dims))) {
+            dl_fmat_set_rows(&f, 0, PyArray_DATA(w), dims[1]);
+            Py_BEGIN_ALLOW_THREADS
+            dl_sgemm(PyArray_DATA((PyArrayObject *)out), dims[1], PyArray_DATA(x), dims[0], &f, 0,
+                     isa, threads);
+            Py_END_ALLOW_THREADS
+        }
     }
+    dl_fmat_free(&f);
     Py_XDECREF(x);
     Py_XDECREF(w);
     return out;
@@ -1427,7 +1450,18 @@ static PyObject *op_isa_info(PyObject *mod, PyObject *args) {
             }
             Py_DECREF(name);
         }
-    return Py_BuildValue("{s:s,s:N}", "best", dl_isa_name(dl_isa_best()), "supported", supported);
+    PyObject *features = PyDict_New();
+    for (int isa = DL_ISA_SCALAR; features && isa <= DL_ISA_AVX512VNNI; isa++) {
+        PyObject *f = PyUnicode_FromString(dl_isa_features(isa));
+        if (!f || PyDict_SetItemString(features, dl_isa_name(isa), f) < 0) Py_CLEAR(features);
+        Py_XDECREF(f);
+    }
+    if (!features) {
+        Py_DECREF(supported);
+        return NULL;
+    }
+    return Py_BuildValue("{s:s,s:N,s:N}", "best", dl_isa_name(dl_isa_best()), "supported", supported,
+                         "features", features);
 }
 
 /* memory_estimate(config, precision, n_tokens, max_len, threads=1, lora_rank=0,
@@ -1645,7 +1679,8 @@ static PyMethodDef module_methods[] = {
      "swiglu_backward(gu[n, 2f], dout[n, f]) -> dgu[n, 2f]"},
     {"geglu_backward", op_geglu_backward, METH_VARARGS,
      "geglu_backward(gu[n, 2f], dout[n, f]) -> dgu[n, 2f]"},
-    {"linear", op_linear, METH_VARARGS, "linear(x[n, in], w[out, in], threads=1) -> x w^T"},
+    {"linear", op_linear, METH_VARARGS,
+     "linear(x[n, in], w[out, in], threads=1, isa=\"auto\") -> x w^T (float32 GEMM, dl_sgemm)"},
     {"dequantize", op_dequantize, METH_VARARGS, "dequantize(type, bytes, n) -> float32[n]"},
     {"qlinear", op_qlinear, METH_VARARGS,
      "qlinear(x[n, cols], type, w_bytes, rows, cols, isa='auto', threads=1) -> [n, rows]: the "
@@ -1658,7 +1693,7 @@ static PyMethodDef module_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "memory_estimate(config, precision, n_tokens, max_len, threads=1, lora_rank=0, qkv_bias=False)"
      " -> {'weights': bytes, 'forward': bytes}"},
-    {"isa_info", op_isa_info, METH_NOARGS, "isa_info() -> {'best': name, 'supported': [names]}"},
+    {"isa_info", op_isa_info, METH_NOARGS, "isa_info() -> {'best': name, 'supported': [names], 'features': {name: 'cpu,features'}}"},
     {"peak_gops", op_peak_gops, METH_VARARGS,
      "peak_gops(kind='int8'|'fp32', threads=1, iters=1e8) -> measured peak G ops/s"},
     {"type_info", op_type_info, METH_VARARGS,

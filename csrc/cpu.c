@@ -10,12 +10,10 @@
 #include <time.h>
 
 #include "deelm.h"
+#include "isa.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define DL_X86 1
-#include <immintrin.h>
-#endif
 
+/* The features of DL_TARGET_AVX2 and DL_TARGET_AVX512 (isa.h). */
 int dl_isa_supported(int isa) {
     switch (isa) {
     case DL_ISA_SCALAR: return 1;
@@ -26,7 +24,8 @@ int dl_isa_supported(int isa) {
     case DL_ISA_AVX512VNNI:
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vnni");
 #endif
     default: return 0;
     }
@@ -39,6 +38,11 @@ int dl_isa_best(void) {
 }
 
 static const char *const isa_names[] = {"scalar", "avx2", "avx512vnni"};
+static const char *const isa_targets[] = {"", DL_TARGET_AVX2, DL_TARGET_AVX512};
+
+const char *dl_isa_features(int isa) {
+    return isa >= 0 && isa < (int)(sizeof isa_targets / sizeof *isa_targets) ? isa_targets[isa] : "";
+}
 
 const char *dl_isa_name(int isa) {
     return isa >= 0 && isa < (int)(sizeof isa_names / sizeof *isa_names) ? isa_names[isa] : "unknown";
@@ -62,7 +66,7 @@ static double seconds_now(void) {
 
 /* 10 independent accumulators hide the instruction latency (4-5 cycles) on
  * two ports. Returns operations done (2 per multiply-add). */
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
+DL_AVX512
 static double int8_dot_loop(int64_t iters) {
     __m512i a0, a1, a2, a3, a4, a5, a6, a7, a8, a9;
     const __m512i u = _mm512_set1_epi8(1), s = _mm512_set1_epi8(1);

@@ -81,7 +81,7 @@ float dl_fp16_to_fp32(uint16_t h);
 
 /* ---- cpu.c: instruction-set paths ----------------------------------------- */
 
-/* The GEMM paths of qgemm.c. All give bitwise identical results. */
+/* The GEMM paths of qgemm.c and sgemm.c. All give bitwise identical results. */
 enum {
     DL_ISA_SCALAR = 0,     /* portable C */
     DL_ISA_AVX2 = 1,       /* AVX2 + FMA: vpmaddubsw integer dots */
@@ -91,6 +91,8 @@ int dl_isa_supported(int isa);
 int dl_isa_best(void);
 const char *dl_isa_name(int isa);
 int dl_isa_from_name(const char *name); /* -1 if unknown */
+/* The CPU features a path needs, as its target attribute lists them (isa.h). */
+const char *dl_isa_features(int isa);
 
 enum { DL_PEAK_FP32 = 0, DL_PEAK_INT8 = 1 };
 /* Measured peak of 512-bit float32 FMA or int8 dot products (vpdpbusd), in
@@ -134,6 +136,35 @@ int64_t dl_qmat_pack_rows(dl_qmat *w, int64_t row0, int type, const void *src, i
 /* The float weights w represents, row r: out[cols]. */
 void dl_qmat_row(const dl_qmat *w, int64_t r, float *out);
 
+/* ---- sgemm.c: float32 weights and their GEMM ----------------------------- */
+
+#define DL_FPANEL 16 /* output rows packed together: one 512-bit vector of floats */
+
+/* A float32 [rows, cols] matrix in panels of 16 rows, panel p = rows
+ * 16p..16p+15:  p: [n_panels, cols, 16]  (element (r, k) at
+ * p[((r / 16) cols + k) 16 + r % 16]); rows past `rows` are zero. */
+typedef struct {
+    int64_t rows, cols, n_panels;
+    float *p;
+} dl_fmat;
+
+int dl_fmat_alloc(dl_fmat *w, int64_t rows, int64_t cols);
+/* Bytes dl_fmat_alloc takes for a [rows, cols] matrix; -1 on overflow. */
+int64_t dl_fmat_bytes(int64_t rows, int64_t cols);
+void dl_fmat_free(dl_fmat *w);
+/* Rows row0 .. row0 + n_rows of w from src [n_rows, cols]. */
+void dl_fmat_set_rows(dl_fmat *w, int64_t row0, const float *src, int64_t n_rows);
+/* Column k of w from src [rows] (to pack a transposed matrix row by row). */
+void dl_fmat_set_col(dl_fmat *w, int64_t k, const float *src);
+/* Row r of w: out[cols]. */
+void dl_fmat_row(const dl_fmat *w, int64_t r, float *out);
+/* y[t, r] (=, or += when accumulate) sum_k x[t, k] W[r, k] for t < n,
+ * r < w->rows; x: [n, w->cols], y has row stride ldy. Each output is one
+ * chain of fmas over k in order, from zero, then added to y when
+ * accumulating: bitwise the same on every isa, for any n and thread count. */
+void dl_sgemm(float *y, int64_t ldy, const float *x, int64_t n, const dl_fmat *w, int accumulate,
+              int isa, int n_threads);
+
 /* ---- qactivation.c: activations as int8 blocks ---------------------------- */
 
 /* x[t, k] ~ d[t, b] * q[t, k] + (the outliers of row t); s[t, b] is the exact
@@ -143,7 +174,9 @@ void dl_qmat_row(const dl_qmat *w, int64_t r, float *out);
  * times the block's next largest: it is then kept in float (out_k, out_v),
  * its q is 0, and the rest of the block is scaled without it.
  * n_out: [rows]; out_k, out_v: [rows, n_blocks], the first n_out[t] used. */
+#ifndef DL_OUTLIER_RATIO /* >= 1; settable at build time so a test can vary it */
 #define DL_OUTLIER_RATIO 4.0f
+#endif
 typedef struct {
     int64_t rows, n_blocks;
     int8_t *q;
@@ -207,14 +240,14 @@ enum {
 
 /* How linear layers compute. */
 enum {
-    DL_PRECISION_F32 = 0,  /* weights decoded to float32, OpenBLAS sgemm */
+    DL_PRECISION_F32 = 0,  /* weights decoded to float32 (dl_fmat): dl_sgemm */
     DL_PRECISION_INT8 = 1, /* weights packed (dl_qmat), activations int8: qgemm */
 };
 
 /* One linear layer y = x W^T, W: [out, in], in the model's precision. */
 typedef struct {
     int64_t out, in;
-    float *f32;  /* [out, in] when DL_PRECISION_F32, else NULL */
+    dl_fmat f;   /* when DL_PRECISION_F32 (f.p != NULL) */
     dl_qmat q;   /* when DL_PRECISION_INT8 */
 } dl_linear;
 
@@ -343,21 +376,17 @@ void dl_glu_backward(int act, float *dgu, const float *dout, const float *gu, in
 
 /* ---- linear.c ------------------------------------------------------------ */
 
-/* y = x W^T + beta y (beta 0 or 1), all tokens of the batch in one GEMM.
- * x: [n, in]; w: [out, in]; y: [n, out]. */
-void dl_sgemm_forward(float *y, const float *x, const float *w, int64_t n,
-                      int64_t in, int64_t out, float beta, int n_threads);
-/* y (=, or += when accumulate) x W^T in W's precision. x: [n, W.in];
- * y: [n, W.out]. qx: scratch for the int8 copy of x (rows >= n, cols >= in). */
+/* y (=, or += when accumulate) x W^T in W's precision, all tokens of the
+ * batch in one GEMM. x: [n, W.in]; y: [n, W.out]. qx: scratch for the int8
+ * copy of x (rows >= n, cols >= in). */
 void dl_linear_forward(const dl_linear *w, float *y, const float *x, int64_t n, int accumulate,
                        dl_qact *qx, int isa, int n_threads);
-/* dx (=, or += when accumulate) dy W, with W float32 [out, in] (the frozen
- * weight; int8 models pass a decoded copy). dy: [n, out]; dx: [n, in]. */
-void dl_linear_backward(float *dx, const float *dy, const float *w, int64_t n, int64_t in,
-                        int64_t out, int accumulate, int n_threads);
-/* W as float32 [out, in]: w->f32 itself, or a decoded copy of the packed
- * weight in *owned (freed by the caller). NULL on no memory. */
-const float *dl_linear_dense(const dl_linear *w, float **owned);
+/* dx = dy W, with wt = W^T packed ([in, out], from dl_dense_weights_build).
+ * dy: [n, out]; dx: [n, in]. Same order guarantee as dl_sgemm. */
+void dl_linear_backward(float *dx, const float *dy, const dl_fmat *wt, int64_t n, int isa,
+                        int n_threads);
+/* Row r of W as float32: out[W.in]. */
+void dl_linear_row(const dl_linear *w, int64_t r, float *out);
 
 /* ---- pooling.c ----------------------------------------------------------- */
 
@@ -464,7 +493,6 @@ typedef struct {
     const int64_t *seq_off;
     int64_t n_seq;
     int64_t n_rows;     /* N tokens */
-    int64_t gemm_rows;  /* R >= N rows of every float32 GEMM (zero rows appended) */
     int32_t *pos;       /* [N] position of each token in its sentence */
     float *rope_cs;     /* [max_len, hd/2, 2] */
     float *rope_cs_local; /* [max_len, hd/2, 2] from inv_freq_local, when cfg.rope_local */
@@ -517,13 +545,12 @@ int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_ac
 
 /* ---- train.c ------------------------------------------------------------- */
 
-/* Float32 copies of the frozen linear weights of layers >= layer_from, for
- * the backward (pointers to the model's own in float32 precision).
- * w: [L, DL_N_FUSED], NULL below layer_from. */
+/* The frozen linear weights of layers >= layer_from, transposed and packed
+ * (W^T as a dl_fmat [in, out]) for the backward's dx = dy W.
+ * wt: [L, DL_N_FUSED], empty (p == NULL) below layer_from. */
 typedef struct {
     int64_t n_layers, layer_from;
-    const float **w;
-    float **owned;
+    dl_fmat *wt;
 } dl_dense_weights;
 
 int dl_dense_weights_build(dl_dense_weights *dw, const dl_model *m, int64_t layer_from);

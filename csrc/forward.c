@@ -15,15 +15,6 @@
 
 #include "deelm.h"
 
-/* OpenBLAS takes other code paths (GEMV, small-matrix kernels) for GEMMs with
- * very few rows, which round differently: a one-token sentence alone would
- * then not match the same sentence inside a batch. In float32 precision every
- * GEMM therefore runs on at least this many rows, the rows past N being zeros
- * that stay zero (rmsnorm, attention and SwiGLU of a zero row are never
- * computed or are 0). The int8 GEMM computes each row alike whatever the
- * number of rows and needs no padding. */
-#define MIN_GEMM_ROWS 32
-
 /* The per-batch context: positions, rotary table, int8 and LoRA scratch. */
 void dl_batch_free(dl_batch *b) {
     free(b->pos);
@@ -40,10 +31,6 @@ static int64_t widest_input(const dl_config *c) {
     return c->n_heads * c->head_dim > w ? c->n_heads * c->head_dim : w;
 }
 
-static int64_t gemm_rows(int precision, int64_t N) {
-    return precision == DL_PRECISION_F32 && N < MIN_GEMM_ROWS ? MIN_GEMM_ROWS : N;
-}
-
 int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_t n_seq,
                   int n_threads) {
     const dl_config *c = &m->cfg;
@@ -55,9 +42,8 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
     b->seq_off = seq_off;
     b->n_seq = n_seq;
     b->n_rows = N;
-    b->gemm_rows = gemm_rows(m->precision, N);
     b->n_threads = n_threads > 0 ? n_threads : 1;
-    const int64_t R = b->gemm_rows, widest = widest_input(c);
+    const int64_t R = N, widest = widest_input(c);
     b->pos = (int32_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
     const size_t table = (size_t)(max_len > 0 ? max_len : 1) * c->head_dim * sizeof(float);
     b->rope_cs = (float *)malloc(table);
@@ -196,7 +182,7 @@ static void linear(const dl_model *m, int64_t l, int fused, float *y, const floa
     const dl_layer *ly = &m->layers[l];
     const dl_linear *w = fused == DL_FUSED_QKV ? &ly->wqkv : fused == DL_FUSED_O ? &ly->wo
                          : fused == DL_FUSED_GATE_UP ? &ly->wgate_up : &ly->wdown;
-    dl_linear_forward(w, y, x, b->gemm_rows, accumulate, &b->qx, m->isa, b->n_threads);
+    dl_linear_forward(w, y, x, b->n_rows, accumulate, &b->qx, m->isa, b->n_threads);
     if (m->lora)
         dl_lora_forward(m->lora, &m->cfg, l, fused, y, w->out, x, b->n_rows, a->lora_t[fused],
                         b->drop, b->scratch, b->n_threads);
@@ -207,7 +193,7 @@ static void linear(const dl_model *m, int64_t l, int fused, float *y, const floa
 static void residual_branch(const dl_model *m, int64_t l, int fused, float *x_out,
                             const float *x_in, float *y_buf, const float *w_post, const float *x,
                             const dl_layer_acts *a, dl_batch *b) {
-    const int64_t R = b->gemm_rows, d = m->cfg.dim;
+    const int64_t R = b->n_rows, d = m->cfg.dim;
     if (x_out != x_in) memcpy(x_out, x_in, (size_t)(R * d) * sizeof(float));
     if (!w_post) {
         linear(m, l, fused, x_out, x, 1, a, b);
@@ -262,7 +248,7 @@ int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_ac
 
 int64_t dl_forward_bytes(const dl_config *c, int precision, int64_t lora_rank, int64_t n_rows,
                          int64_t max_len, int n_threads) {
-    const int64_t R = gemm_rows(precision, n_rows), widest = widest_input(c), fl = sizeof(float);
+    const int64_t R = n_rows, widest = widest_input(c), fl = sizeof(float);
     const int64_t batch = (n_rows > 0 ? n_rows : 1) * (int64_t)sizeof(int32_t)       /* pos */
                           + (c->rope_local ? 2 : 1) * (max_len > 0 ? max_len : 1) * c->head_dim * fl /* rope tables */
                           + (lora_rank ? dl_lora_scratch_floats(c, R, widest, lora_rank) * fl : 0)
@@ -279,14 +265,13 @@ int dl_model_forward(const dl_model *m, const dl_forward_args *a) {
     if (err) return err;
     b.op_seconds = a->op_seconds;
     b.clock = a->op_seconds ? omp_get_wtime() : 0.0;
-    /* zeroed: the padding rows of the float32 GEMMs must be 0 */
-    float *mem = (float *)calloc((size_t)dl_layer_acts_floats(c, b.gemm_rows, 0), sizeof(float));
+    float *mem = (float *)calloc((size_t)dl_layer_acts_floats(c, N, 0), sizeof(float));
     if (!mem) {
         dl_batch_free(&b);
         return DL_ERR_NOMEM;
     }
     dl_layer_acts acts;
-    dl_layer_acts_carve(&acts, c, b.gemm_rows, mem, 0);
+    dl_layer_acts_carve(&acts, c, N, mem, 0);
     float *scratch = acts.xb2 + 0; /* [d], free between layers */
 
     embed_tokens(m, a->tokens, N, acts.x_in, b.n_threads);

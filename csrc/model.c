@@ -12,11 +12,11 @@ static int linear_alloc(dl_linear *w, int64_t out, int64_t in, int precision) {
     w->out = out;
     w->in = in;
     if (precision == DL_PRECISION_INT8) return dl_qmat_alloc(&w->q, out, in);
-    return (w->f32 = zalloc(out * in)) ? DL_OK : DL_ERR_NOMEM;
+    return dl_fmat_alloc(&w->f, out, in);
 }
 
 static int64_t linear_bytes(int64_t out, int64_t in, int precision) {
-    return precision == DL_PRECISION_INT8 ? dl_qmat_bytes(out, in) : out * in * (int64_t)sizeof(float);
+    return precision == DL_PRECISION_INT8 ? dl_qmat_bytes(out, in) : dl_fmat_bytes(out, in);
 }
 
 int64_t dl_model_bytes(const dl_config *cfg, int precision, int qkv_bias) {
@@ -29,8 +29,7 @@ int64_t dl_model_bytes(const dl_config *cfg, int precision, int qkv_bias) {
 }
 
 static void linear_free(dl_linear *w) {
-    free(w->f32);
-    w->f32 = NULL;
+    dl_fmat_free(&w->f);
     dl_qmat_free(&w->q);
 }
 

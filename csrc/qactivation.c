@@ -16,11 +16,8 @@
 #include <string.h>
 
 #include "deelm.h"
+#include "isa.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define DL_X86 1
-#include <immintrin.h>
-#endif
 
 int64_t dl_qact_bytes(int64_t rows, int64_t max_cols) {
     const int64_t r = rows > 0 ? rows : 1, blocks = r * ((max_cols + DL_QBLOCK - 1) / DL_QBLOCK);
@@ -92,17 +89,18 @@ static int quantize_block_scalar(const float *xb, int8_t *q, float *d_out, float
 }
 
 #ifdef DL_X86
-__attribute__((target("avx512f,avx512bw,avx512dq")))
+DL_AVX512
 static int quantize_block_avx512(const float *xb, int8_t *q, float *d_out, float *s_out) {
     __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
     __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
     const __m512 vmax = _mm512_set1_ps(amax);
-    /* amax > 4 * (the largest of the others) exactly when the maximum is the
-     * only value with 4 |x| >= amax (4 |x| is exact, or inf when the others
-     * would give 4 * amax2 = inf too), so the second reduction is needed only
-     * for blocks that have an outlier. */
-    const __m512 four = _mm512_set1_ps(4.0f);
+    /* amax > R * (the largest of the others), R = DL_OUTLIER_RATIO >= 1,
+     * exactly when the maximum is the only value with R |x| >= amax (R |x|
+     * rounds monotonically in |x|, so the others' largest product is the
+     * rounded R * amax2 the scalar path compares), so the second reduction is
+     * needed only for blocks that have an outlier. */
+    const __m512 four = _mm512_set1_ps(DL_OUTLIER_RATIO);
     const uint32_t near_max =
         (uint32_t)_mm512_cmp_ps_mask(_mm512_mul_ps(a0, four), vmax, _CMP_GE_OQ) |
         ((uint32_t)_mm512_cmp_ps_mask(_mm512_mul_ps(a1, four), vmax, _CMP_GE_OQ) << 16);

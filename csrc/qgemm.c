@@ -17,11 +17,8 @@
 #include <string.h>
 
 #include "deelm.h"
+#include "isa.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define DL_X86 1
-#include <immintrin.h>
-#endif
 
 #define ROW_CHUNK 96 /* token rows per work item: a multiple of the tile height */
 
@@ -72,7 +69,7 @@ static void tile_scalar(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, i
  * q <= 15 (2 * 15 * 127 < 32767). Bytes above 15 are split into nibbles, each
  * summed exactly, and recombined as 16 * hi + lo. */
 
-#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2 DL_AVX2
 
 AVX2 static inline __m256i dot4_avx2(__m256i w, __m256i a) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
@@ -126,7 +123,7 @@ AVX2 static void tile_avx2(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0
 
 /* ---- AVX-512 VNNI: vpdpbusd ----------------------------------------------- */
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX512 DL_AVX512
 /* Token rows per tile: 4 rows x 2 panels x 2 = 16 independent vpdpbusd
  * chains; with 8 float accumulators, 2 weight vectors and a broadcast, 27 of
  * the 32 zmm (more and the compiler runs short and adds moves). */

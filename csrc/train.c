@@ -13,7 +13,9 @@
  * Every norm's backward is dl_rmsnorm_backward with its frozen weight; the
  * embedding scale acts on the frozen input and needs none.
  * LoRA gradients are added at each linear layer on the way. Base weights are
- * frozen; the backward multiplies by them in float32 (dl_dense_weights). */
+ * frozen; the backward multiplies by them in float32 (dl_dense_weights, W^T
+ * packed for dl_sgemm, so the backward too is the same on every isa and
+ * thread count). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,32 +23,44 @@
 
 int dl_dense_weights_build(dl_dense_weights *dw, const dl_model *m, int64_t layer_from) {
     const int64_t L = m->cfg.n_layers;
-    if (dw->w && dw->layer_from <= layer_from) return DL_OK; /* already covers these layers */
+    if (dw->wt && dw->layer_from <= layer_from) return DL_OK; /* already covers these layers */
     dl_dense_weights_free(dw);
-    dw->w = (const float **)calloc((size_t)(L * DL_N_FUSED), sizeof(float *));
-    dw->owned = (float **)calloc((size_t)(L * DL_N_FUSED), sizeof(float *));
-    if (!dw->w || !dw->owned) goto fail;
+    dw->wt = (dl_fmat *)calloc((size_t)(L * DL_N_FUSED), sizeof(dl_fmat));
+    int64_t widest = 0;
+    for (int64_t l = layer_from; l < L; l++) {
+        const dl_layer *ly = &m->layers[l];
+        const dl_linear *lin[DL_N_FUSED] = {&ly->wqkv, &ly->wo, &ly->wgate_up, &ly->wdown};
+        for (int f = 0; f < DL_N_FUSED; f++) widest = lin[f]->in > widest ? lin[f]->in : widest;
+    }
+    float *row = (float *)malloc((size_t)(widest > 0 ? widest : 1) * sizeof(float));
+    if (!dw->wt || !row) goto fail;
     dw->layer_from = layer_from;
     dw->n_layers = L;
     for (int64_t l = layer_from; l < L; l++) {
         const dl_layer *ly = &m->layers[l];
         const dl_linear *lin[DL_N_FUSED] = {&ly->wqkv, &ly->wo, &ly->wgate_up, &ly->wdown};
         for (int f = 0; f < DL_N_FUSED; f++) {
-            const size_t i = (size_t)(l * DL_N_FUSED + f);
-            if (!(dw->w[i] = dl_linear_dense(lin[f], &dw->owned[i]))) goto fail;
+            dl_fmat *wt = &dw->wt[l * DL_N_FUSED + f];
+            if (dl_fmat_alloc(wt, lin[f]->in, lin[f]->out)) goto fail;
+            /* row o of W is column o of W^T */
+            for (int64_t o = 0; o < lin[f]->out; o++) {
+                dl_linear_row(lin[f], o, row);
+                dl_fmat_set_col(wt, o, row);
+            }
         }
     }
+    free(row);
     return DL_OK;
 fail:
+    free(row);
     dl_dense_weights_free(dw);
     return DL_ERR_NOMEM;
 }
 
 void dl_dense_weights_free(dl_dense_weights *dw) {
-    if (dw->owned)
-        for (int64_t i = 0; i < dw->n_layers * DL_N_FUSED; i++) free(dw->owned[i]);
-    free(dw->owned);
-    free((void *)dw->w);
+    if (dw->wt)
+        for (int64_t i = 0; i < dw->n_layers * DL_N_FUSED; i++) dl_fmat_free(&dw->wt[i]);
+    free(dw->wt);
     memset(dw, 0, sizeof *dw);
 }
 
@@ -104,11 +118,11 @@ static grad_bufs carve_grads(const dl_config *c, int64_t R, float *mem) {
 }
 
 /* One arena for every trained layer's activations, one for LoRA's saved
- * products; the padding rows of the float32 GEMMs start (and stay) zero. */
+ * products. */
 static int alloc_activations(dl_train_state *st, const dl_model *m) {
     const dl_config *c = &m->cfg;
-    const int64_t R = st->batch.gemm_rows, N = st->batch.n_rows, nl = st->n_trained;
-    const int64_t per_layer = dl_layer_acts_floats(c, R, 1);
+    const int64_t N = st->batch.n_rows, nl = st->n_trained;
+    const int64_t per_layer = dl_layer_acts_floats(c, N, 1);
     int64_t lora_floats = 0;
     for (int64_t i = 0; i < nl; i++)
         for (int f = 0; f < DL_N_FUSED; f++)
@@ -116,12 +130,12 @@ static int alloc_activations(dl_train_state *st, const dl_model *m) {
     st->acts = (dl_layer_acts *)calloc((size_t)nl, sizeof(dl_layer_acts));
     st->arena = (float *)calloc((size_t)(per_layer * nl), sizeof(float));
     st->lora_arena = (float *)malloc((size_t)(lora_floats > 0 ? lora_floats : 1) * sizeof(float));
-    st->grad_arena = (float *)calloc((size_t)grad_floats(c, R), sizeof(float));
+    st->grad_arena = (float *)calloc((size_t)grad_floats(c, N), sizeof(float));
     if (!st->acts || !st->arena || !st->lora_arena || !st->grad_arena) return DL_ERR_NOMEM;
     float *lt = st->lora_arena;
     for (int64_t i = 0; i < nl; i++) {
         dl_layer_acts *a = &st->acts[i];
-        dl_layer_acts_carve(a, c, R, st->arena + i * per_layer, 1);
+        dl_layer_acts_carve(a, c, N, st->arena + i * per_layer, 1);
         for (int f = 0; f < DL_N_FUSED; f++) {
             const int64_t size = dl_lora_save_size(m->lora, st->layer_from + i, f, N);
             a->lora_t[f] = size ? lt : NULL;
@@ -203,27 +217,27 @@ static int layer_backward(const dl_model *m, const dl_dense_weights *dw, dl_trai
     dl_batch *b = &st->batch;
     const dl_layer_acts *a = &st->acts[i];
     const int64_t l = st->layer_from + i, N = b->n_rows, d = c->dim, f = c->hidden_dim;
-    const int64_t qkv = dl_qkv_dim(c), dq = c->n_heads * c->head_dim;
+    const int64_t qkv = dl_qkv_dim(c);
     const int nt = b->n_threads;
     const dl_layer *ly = &m->layers[l];
-    const float *const *W = dw->w + l * DL_N_FUSED;
+    const dl_fmat *W = dw->wt + l * DL_N_FUSED;
     const dl_lora *lo = m->lora;
     float *dx = g->dx, *dxb = g->dxb;
 
     /* x_out = x_mid + [post2](down(h)) */
     const float *dy = post_norm_backward(c, dx, a->fo, ly->post_ffn_norm, g->dpost, N, nt);
-    dl_linear_backward(g->dh, dy, W[DL_FUSED_DOWN], N, f, d, 0, nt);
+    dl_linear_backward(g->dh, dy, &W[DL_FUSED_DOWN], N, m->isa, nt);
     dl_lora_backward(lo, c, l, DL_FUSED_DOWN, grad, g->dh, dy, d, a->h, N,
                      a->lora_t[DL_FUSED_DOWN], b->drop, b->scratch, nt);
     dl_glu_backward(c->ffn_act, g->dgu, g->dh, a->gu, N, f, nt);
-    dl_linear_backward(dxb, g->dgu, W[DL_FUSED_GATE_UP], N, d, 2 * f, 0, nt);
+    dl_linear_backward(dxb, g->dgu, &W[DL_FUSED_GATE_UP], N, m->isa, nt);
     dl_lora_backward(lo, c, l, DL_FUSED_GATE_UP, grad, dxb, g->dgu, 2 * f, a->xb2, N,
                      a->lora_t[DL_FUSED_GATE_UP], b->drop, b->scratch, nt);
     dl_rmsnorm_backward(dx, dxb, a->x_mid, ly->ffn_norm, N, d, c->rms_eps, nt);
 
     /* x_mid = x_in + [post1](o(attention(rope([qk norms](qkv(rms1(x_in))))))) */
     dy = post_norm_backward(c, dx, a->ao, ly->post_attn_norm, g->dpost, N, nt);
-    dl_linear_backward(g->datt, dy, W[DL_FUSED_O], N, dq, d, 0, nt);
+    dl_linear_backward(g->datt, dy, &W[DL_FUSED_O], N, m->isa, nt);
     dl_lora_backward(lo, c, l, DL_FUSED_O, grad, g->datt, dy, d, a->att, N, a->lora_t[DL_FUSED_O],
                      b->drop, b->scratch, nt);
     const int causal = !(st->bidirectional_from >= 0 && l >= st->bidirectional_from);
@@ -234,7 +248,7 @@ static int layer_backward(const dl_model *m, const dl_dense_weights *dw, dl_trai
     dl_rope_backward(g->dqkv, N, qkv, c->n_heads + c->n_kv_heads, c->head_dim, b->pos,
                      dl_layer_rope(m, l, b), c->rope_style);
     if (c->qk_norm) qk_norm_backward(c, ly, g->dqkv, a->qk_raw, g->dqk, N, nt);
-    dl_linear_backward(dxb, g->dqkv, W[DL_FUSED_QKV], N, d, qkv, 0, nt);
+    dl_linear_backward(dxb, g->dqkv, &W[DL_FUSED_QKV], N, m->isa, nt);
     dl_lora_backward(lo, c, l, DL_FUSED_QKV, grad, dxb, g->dqkv, qkv, a->xb1, N,
                      a->lora_t[DL_FUSED_QKV], b->drop, b->scratch, nt);
     dl_rmsnorm_backward(dx, dxb, a->x_in, ly->attn_norm, N, d, c->rms_eps, nt);
@@ -244,9 +258,9 @@ static int layer_backward(const dl_model *m, const dl_dense_weights *dw, dl_trai
 int dl_train_backward(const dl_model *m, const dl_dense_weights *dw, dl_train_state *st,
                       const float *d_pooled, float *grad, float *dx_in) {
     const dl_config *c = &m->cfg;
-    const int64_t R = st->batch.gemm_rows, N = st->batch.n_rows, d = c->dim;
-    const grad_bufs g = carve_grads(c, R, st->grad_arena);
-    memset(g.dx, 0, (size_t)(R * d) * sizeof(float));
+    const int64_t N = st->batch.n_rows, d = c->dim;
+    const grad_bufs g = carve_grads(c, N, st->grad_arena);
+    memset(g.dx, 0, (size_t)(N * d) * sizeof(float));
     dl_pool_backward(g.dx, d_pooled, st->acts[st->n_trained - 1].x_out, st->seq_off, st->pool,
                      st->n_seq, m->output_norm, d, c->rms_eps, st->batch.n_threads);
     for (int64_t i = st->n_trained - 1; i >= 0; i--) {

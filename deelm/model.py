@@ -124,13 +124,13 @@ class DeeLM:
             columns (GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K blocks
             exactly; Q6_K and float weights rounded to 8 bits), activations
             quantized to int8 per 32 columns before each layer, int32 dot
-            products. "float32": weights decoded to float32, OpenBLAS sgemm;
-            exact to float rounding, slower, and 4 bytes per weight in
-            memory. None: "int8" when all of the file's linear weights are
+            products. "float32": weights decoded to float32, deelm's own
+            GEMM (one fma chain per output in a fixed order); exact to float
+            rounding, slower, and 4 bytes per weight in memory. None: "int8" when all of the file's linear weights are
             block-quantized (Q6_K included), "float32" when any is float.
-        isa: the int8 GEMM's instruction path: "auto" (the fastest this CPU
-            runs), "avx512vnni", "avx2" or "scalar". All give bitwise equal
-            results; the choice only changes speed.
+        isa: the GEMMs' instruction path, in either precision: "auto" (the
+            fastest this CPU runs), "avx512vnni", "avx2" or "scalar". All give
+            bitwise equal results; the choice only changes speed.
         adapter: a LoRA adapter folder in PEFT's format (adapter_config.json
             and adapter_model.safetensors, as `python -m deelm train` writes
             or PEFT saves), applied unmerged; None for the bare model. The
@@ -496,8 +496,13 @@ def _l2_normalize(x):
 
 
 def cos_sim(a, b):
-    """Cosine similarity matrix between the rows of a and b."""
+    """Cosine similarity matrix between the rows of a and b.
+
+    The products go through deelm's own GEMM, so the scores are the same bits
+    on every CPU (a BLAS picks its kernel, and so its rounding, per CPU)."""
     a, b = _as_2d(a), _as_2d(b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"embedding sizes differ: {a.shape[1]} and {b.shape[1]}")
-    return _l2_normalize(a) @ _l2_normalize(b).T
+    work = a.shape[0] * b.shape[0] * a.shape[1]
+    threads = available_cores() if work > 1 << 22 else 1
+    return _core.linear(_l2_normalize(a), _l2_normalize(b), threads)

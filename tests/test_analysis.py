@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import data_file, sts_sentences
+from deelm import _core
 from deelm import analysis as an
 from deelm import evaluation as ev
 
@@ -32,6 +33,15 @@ def sts_dir(tmp_path):
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
     return tmp_path / "data"
+
+
+@pytest.fixture(params=_core.isa_info()["supported"])
+def tiny_isa(request, tiny_path):
+    """The tiny model on each ISA path this CPU runs, forced: the exact
+    identities below must hold on every one of them."""
+    import deelm
+
+    return deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=-1, isa=request.param)
 
 
 @pytest.fixture
@@ -68,7 +78,8 @@ def test_turning_point_rejects_bad_curves():
 
 # ---- per-layer STS and degradation ------------------------------------------------------
 
-def test_layer_sts_equals_slices_of_layer_embeddings(tiny, sts_dir):
+def test_layer_sts_equals_slices_of_layer_embeddings(tiny_isa, sts_dir):
+    tiny = tiny_isa
     tiny.bidirectional_from = tiny.num_layers - 1  # layer_sts measures the causal model
     curve = an.layer_sts(tiny, data_dir=sts_dir)
     assert tiny.bidirectional_from == tiny.num_layers - 1  # the model was not changed
@@ -111,7 +122,8 @@ def test_degradation_curve(tiny, sts_dir):
 
 # ---- backward dependency ------------------------------------------------------------------
 
-def test_probe_causal_is_exactly_zero(tiny):
+def test_probe_causal_is_exactly_zero(tiny_isa):
+    tiny = tiny_isa
     r = an.backward_dependency(tiny, PROBE_SENTENCES, -1, n_positions=None)
     assert r["n_pairs"] == sum(len(x) - 1 for x in tiny.tokenizer.encode_ids(PROBE_SENTENCES))
     assert r["n_skipped"] == 1  # "x" is one token
@@ -126,7 +138,8 @@ def test_probe_fully_bidirectional_is_positive(tiny):
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_probe_mixed_is_zero_up_to_k(tiny, k):
+def test_probe_mixed_is_zero_up_to_k(tiny_isa, k):
+    tiny = tiny_isa
     r = an.backward_dependency(tiny, PROBE_SENTENCES, k, batch_sentences=2, max_tokens=64)
     assert r["max"][:k + 1] == [0.0] * (k + 1)
     assert all(v > 0 for v in r["mean"][k + 1:])

@@ -73,6 +73,12 @@ def _unit_backward(g, xn, norms):
     return (g - np.einsum("ij,ij->i", g, xn)[:, None] * xn) / norms[:, None]
 
 
+def _matmul_nt(a, b):
+    """a @ b.T without a BLAS: a BLAS picks its kernel, and so its rounding,
+    by CPU, and the loss must be the same bits on every machine."""
+    return np.einsum("ik,jk->ij", a, b, optimize=False)
+
+
 def _scatter(n_rows, dim, index_grads):
     """Sums per-use gradients into rows: a sentence used twice gets both."""
     g = np.zeros((n_rows, dim))
@@ -118,13 +124,14 @@ def contrastive_loss(emb, batch, scale=DEFAULT_SCALE):
         cand = np.concatenate([cand, np.asarray(batch.negative_idx)])
     xn, norms = _unit(x, np.concatenate([a, cand]))
     b = len(a)
-    logits = scale * (xn[a] @ xn[cand].T)                        # [b, c]
+    logits = scale * _matmul_nt(xn[a], xn[cand])                # [b, c]
     lse = _logsumexp(logits, axis=1)
     loss = float(np.mean(lse[:, 0] - logits[np.arange(b), np.arange(b)]))
     dlogits = np.exp(logits - lse)
     dlogits[np.arange(b), np.arange(b)] -= 1.0
     dlogits *= scale / b
-    gn = _scatter(*x.shape, [(a, dlogits @ xn[cand]), (cand, dlogits.T @ xn[a])])
+    gn = _scatter(*x.shape, [(a, _matmul_nt(dlogits, xn[cand].T)),
+                             (cand, _matmul_nt(dlogits.T, xn[a].T))])
     return loss, _unit_backward(gn, xn, norms)
 
 

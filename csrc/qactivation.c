@@ -137,6 +137,65 @@ static int quantize_block_avx512(const float *xb, int8_t *q, float *d_out, float
     *s_out = _mm_cvtss_f32(t1);
     return outlier;
 }
+
+/* The same block on 8-wide vectors: v0..v3 hold columns 0-7, 8-15, 16-23,
+ * 24-31; every step mirrors the AVX-512 one above. */
+DL_AVX2 static int quantize_block_avx2(const float *xb, int8_t *q, float *d_out, float *s_out) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], a[4];
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        a[i] = _mm256_and_ps(v[i], absmask);
+    }
+    __m256 m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    float amax = _mm_cvtss_f32(m4);
+    const __m256 vmax = _mm256_set1_ps(amax), ratio = _mm256_set1_ps(DL_OUTLIER_RATIO);
+    uint32_t near_max = 0;
+    for (int i = 0; i < 4; i++)
+        near_max |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(a[i], ratio), vmax, _CMP_GE_OQ))
+                    << (8 * i);
+    int outlier = -1;
+    if (__builtin_popcount(near_max) == 1) {
+        uint32_t at_max = 0;
+        for (int i = 0; i < 4; i++)
+            at_max |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[i], vmax, _CMP_EQ_OQ)) << (8 * i);
+        const int top = __builtin_ctz(at_max);
+        outlier = top;
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for (int i = 0; i < 4; i++) {
+            const __m256 hit = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(top - 8 * i)));
+            v[i] = _mm256_andnot_ps(hit, v[i]);
+            a[i] = _mm256_and_ps(v[i], absmask);
+        }
+        m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        amax = _mm_cvtss_f32(m4);
+    }
+    /* the tree of quantize_block_scalar: (j, j+16), (j, j+8), (j, j+4), ... */
+    const __m256 t8 = _mm256_add_ps(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
+    const __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+    const __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    const __m128 t1 = _mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1));
+    const float d = amax / 127.0f;
+    const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    __m256i qi[4];
+    for (int i = 0; i < 4; i++) /* cvtps rounds half to even, as nearbyintf does */
+        qi[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv)), lo), hi);
+    /* packs work per 128-bit lane: put the 64-bit quarters back in order */
+    const __m256i q16a = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[0], qi[1]), 0xD8);
+    const __m256i q16b = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[2], qi[3]), 0xD8);
+    _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(_mm256_packs_epi16(q16a, q16b), 0xD8));
+    *d_out = d;
+    *s_out = _mm_cvtss_f32(t1);
+    return outlier;
+}
 #endif
 
 void dl_quantize_rows(dl_qact *a, const float *x, int64_t n, int64_t cols, int isa, int n_threads) {
@@ -160,6 +219,8 @@ void dl_quantize_rows(dl_qact *a, const float *x, int64_t n, int64_t cols, int i
 #ifdef DL_X86
             else if (isa == DL_ISA_AVX512VNNI)
                 top = quantize_block_avx512(xt + k0, q, d, s);
+            else if (isa == DL_ISA_AVX2)
+                top = quantize_block_avx2(xt + k0, q, d, s);
 #endif
             else
                 top = quantize_block_scalar(xt + k0, q, d, s);

@@ -64,60 +64,102 @@ static void tile_scalar(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, i
 }
 
 #ifdef DL_X86
-/* ---- AVX2: vpmaddubsw + vpmaddwd ----------------------------------------- */
+/* ---- AVX2: vpmaddubsw ------------------------------------------------------- */
 /* vpmaddubsw adds two u8*s8 products into a saturating int16: exact while
- * q <= 15 (2 * 15 * 127 < 32767). Bytes above 15 are split into nibbles, each
- * summed exactly, and recombined as 16 * hi + lo. */
+ * q <= 15 (2 * 15 * 127 = 3,810), and so are the sums of a block's 8 groups
+ * (8 * 3,810 = 30,480 < 32,767), which therefore stay in int16 and meet
+ * vpmaddwd once per block. Bytes above 15 are split into nibbles, each summed
+ * exactly, and recombined as 16 * hi + lo. */
 
 #define AVX2 DL_AVX2
+/* Pins a value to a register at this point of the program. */
+#define KEEP(v) __asm__ volatile("" : "+x"(v))
+#define MR2 2 /* token rows per AVX2 tile: each weight load serves both */
 
-AVX2 static inline __m256i dot4_avx2(__m256i w, __m256i a) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
-}
-
-AVX2 static void tile_avx2(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, int np) {
+/* MR_ rows x one panel (two 8-row halves); MR_ and WIDE constant at every
+ * call site, so the loops unroll and the sums stay in registers. */
+AVX2 static inline __attribute__((always_inline)) void
+tile_avx2_fixed(const gemm_job *J, int64_t t0, int64_t p, const int MR_, const int WIDE) {
     const dl_qmat *w = J->w;
     const dl_qact *x = J->x;
     const int64_t nb = w->n_blocks;
-    const int wide = w->max_q > 15;
-    const __m256i low4 = _mm256_set1_epi8(15);
-    for (int64_t t = t0; t < t0 + nt; t++)
-        for (int64_t p = p0; p < p0 + np; p++) {
-            __m256 f[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *wq = w->q + (p * nb + b) * DL_QPANEL * DL_QBLOCK;
-                const int8_t *xq = x->q + (t * nb + b) * DL_QBLOCK;
-                __m256i lo[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-                __m256i hi[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-                for (int g = 0; g < 8; g++) {
-                    const __m256i a = _mm256_set1_epi32(load_i32(xq + 4 * g));
-                    for (int h = 0; h < 2; h++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + g * 64 + h * 32));
-                        if (wide) {
-                            lo[h] = _mm256_add_epi32(lo[h], dot4_avx2(_mm256_and_si256(v, low4), a));
-                            hi[h] = _mm256_add_epi32(
-                                hi[h], dot4_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), a));
-                        } else {
-                            lo[h] = _mm256_add_epi32(lo[h], dot4_avx2(v, a));
-                        }
-                    }
-                }
-                const int64_t ws = (p * nb + b) * DL_QPANEL, xs = t * nb + b;
-                const __m256 xd = _mm256_set1_ps(x->d[xs]), xsum = _mm256_set1_ps(x->s[xs]);
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const uint8_t *wp = w->q + p * nb * DL_QPANEL * DL_QBLOCK;
+    __m256 f[MR2][2];
+    _Pragma("GCC unroll 4")
+    for (int i = 0; i < MR_; i++) f[i][0] = f[i][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i lo[MR2][2], hi[MR2][2];
+        _Pragma("GCC unroll 4")
+        for (int i = 0; i < MR_; i++)
+            lo[i][0] = lo[i][1] = hi[i][0] = hi[i][1] = _mm256_setzero_si256();
+        const uint8_t *wq = wp + b * DL_QPANEL * DL_QBLOCK;
+        _Pragma("GCC unroll 8")
+        for (int g = 0; g < 8; g++) {
+            __m256i v[2];
+            v[0] = _mm256_loadu_si256((const __m256i *)(wq + g * 64));
+            v[1] = _mm256_loadu_si256((const __m256i *)(wq + g * 64 + 32));
+            __m256i vlo[2], vhi[2];
+            if (WIDE)
                 for (int h = 0; h < 2; h++) {
-                    const __m256i dot = _mm256_add_epi32(_mm256_slli_epi32(hi[h], 4), lo[h]);
-                    const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(w->d + ws + 8 * h), xd);
-                    f[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, f[h]);
-                    f[h] = _mm256_fmadd_ps(_mm256_loadu_ps(w->m + ws + 8 * h), xsum, f[h]);
+                    vlo[h] = _mm256_and_si256(v[h], low4);
+                    vhi[h] = _mm256_and_si256(_mm256_srli_epi16(v[h], 4), low4);
+                }
+            _Pragma("GCC unroll 4")
+            for (int i = 0; i < MR_; i++) {
+                const __m256i a = _mm256_set1_epi32(load_i32(x->q + ((t0 + i) * nb + b) * DL_QBLOCK + 4 * g));
+                _Pragma("GCC unroll 2")
+                for (int h = 0; h < 2; h++) {
+                    if (WIDE) {
+                        lo[i][h] = _mm256_add_epi16(lo[i][h], _mm256_maddubs_epi16(vlo[h], a));
+                        hi[i][h] = _mm256_add_epi16(hi[i][h], _mm256_maddubs_epi16(vhi[h], a));
+                        KEEP(hi[i][h]);
+                    } else {
+                        lo[i][h] = _mm256_add_epi16(lo[i][h], _mm256_maddubs_epi16(v[h], a));
+                    }
+                    /* one running sum per register: left alone, GCC computes all
+                     * 16 products of a block first and spills them */
+                    KEEP(lo[i][h]);
                 }
             }
-            float out[DL_QPANEL];
-            _mm256_storeu_ps(out, f[0]);
-            _mm256_storeu_ps(out + 8, f[1]);
-            const int64_t r0 = p * DL_QPANEL;
-            float *yp = J->y + t * J->ldy + r0;
-            for (int rr = 0; rr < DL_QPANEL && r0 + rr < w->rows; rr++)
-                yp[rr] = J->accumulate ? yp[rr] + out[rr] : out[rr];
+        }
+        const int64_t ws = (p * nb + b) * DL_QPANEL;
+        _Pragma("GCC unroll 4")
+        for (int i = 0; i < MR_; i++) {
+            const int64_t xs = (t0 + i) * nb + b;
+            const __m256 xd = _mm256_set1_ps(x->d[xs]), xsum = _mm256_set1_ps(x->s[xs]);
+            _Pragma("GCC unroll 2")
+            for (int h = 0; h < 2; h++) {
+                __m256i dot = _mm256_madd_epi16(lo[i][h], ones);
+                if (WIDE) dot = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(hi[i][h], ones), 4), dot);
+                const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(w->d + ws + 8 * h), xd);
+                f[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, f[i][h]);
+                f[i][h] = _mm256_fmadd_ps(_mm256_loadu_ps(w->m + ws + 8 * h), xsum, f[i][h]);
+            }
+        }
+    }
+    const int64_t r0 = p * DL_QPANEL;
+    _Pragma("GCC unroll 4")
+    for (int i = 0; i < MR_; i++) {
+        float out[DL_QPANEL];
+        _mm256_storeu_ps(out, f[i][0]);
+        _mm256_storeu_ps(out + 8, f[i][1]);
+        float *yp = J->y + (t0 + i) * J->ldy + r0;
+        for (int rr = 0; rr < DL_QPANEL && r0 + rr < w->rows; rr++)
+            yp[rr] = J->accumulate ? yp[rr] + out[rr] : out[rr];
+    }
+}
+
+AVX2 static void tile_avx2(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, int np) {
+    const int wide = J->w->max_q > 15;
+    for (int64_t p = p0; p < p0 + np; p++)
+        for (int64_t t = t0; t < t0 + nt; t += MR2) {
+            const int two = t0 + nt - t >= 2;
+            if (wide) {
+                if (two) tile_avx2_fixed(J, t, p, 2, 1); else tile_avx2_fixed(J, t, p, 1, 1);
+            } else {
+                if (two) tile_avx2_fixed(J, t, p, 2, 0); else tile_avx2_fixed(J, t, p, 1, 0);
+            }
         }
 }
 

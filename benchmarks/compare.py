@@ -1,13 +1,21 @@
 """Side-by-side encode throughput: deelm, llama.cpp (llama-cpp-python) and
 transformers + torch on the same GGUF file, the same texts and mean pooling.
 
-    python benchmarks/compare.py [--model PATH] [--threads 1 2] [--repeats 5]
+    python benchmarks/compare.py [--model PATH [PATH ...]] [--requantize Q4_0 Q8_0]
+                                 [--deelm-isa auto|avx512vnni|avx2|scalar] [--threads 1 2] [--repeats 5]
                                  [--sets stsb long] [--batch-size 32] [--stsb-sentences N]
                                  [--engines deelm llamacpp transformers transformers-bf16]
                                  [--deelm-precision int8|float32] [--quick]
                                  [--output results/bench/compare]
 
     python benchmarks/compare.py --quick --repeats 3      # smoke run, a few dozen texts
+
+Several files (--model A B, and --requantize T adding copies of the first file
+with its layer weights in block format T, made by benchmarks/requantize.py) are
+run one after the other, each with its own llama.cpp tuning, and reported in one
+table each. --deelm-isa forces deelm's instruction path (e.g. avx2 on an
+AVX-512 machine, to measure the AVX2 kernels; llama.cpp then still runs the
+kernels it was built with: say so next to the figures).
 
 Engines and the attention each one is compared under:
 
@@ -195,6 +203,8 @@ class DeelmEngine:
             else:
                 self.encode_kw["precision"] = precision
                 where = "encode"
+        if opts.get("deelm_isa"):
+            kw["isa"] = opts["deelm_isa"]
         self.model = deelm.DeeLM.from_pretrained(path, bidirectional_from=0, pooling="mean",
                                                  threads=1, **kw)
         self.texts = texts
@@ -203,7 +213,8 @@ class DeelmEngine:
             used = deelm.model.default_precision(self.model._file.tensors)
         self.info = {"deelm": repr(self.model), "deelm_file": str(self.model.path),
                      "deelm_precision": precision, "deelm_precision_used": used or "float32",
-                     "deelm_precision_passed_to": where if precision is not None else None}
+                     "deelm_precision_passed_to": where if precision is not None else None,
+                     "deelm_isa": self.model.config.get("isa")}
 
     def token_ids(self):
         return [list(map(int, e.ids)) for e in self.model.tokenize(self.texts)]
@@ -396,7 +407,13 @@ class Worker:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="GGUF path (default: the packaged SmolLM2-135M Q4_1)")
+    p.add_argument("--model", nargs="+", default=[None],
+                   help="GGUF paths (default: the packaged SmolLM2-135M Q4_1)")
+    p.add_argument("--requantize", nargs="+", default=[], metavar="TYPE",
+                   help="also run copies of the first --model in these block formats "
+                        "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; benchmarks/requantize.py)")
+    p.add_argument("--deelm-isa", default=None,
+                   help="force deelm's ISA path (auto, avx512vnni, avx2, scalar)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per (engine, threads), >= 3")
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
@@ -575,7 +592,8 @@ def run_set(args, path, name, data, work, log, say):
            "tokens": data["tokens"], "min_tokens": min(data["lengths"]),
            "max_tokens": max(data["lengths"]), "skipped": {}, "engine_info": {},
            "rss_mb": {}, "times_s": {}, "cosine": [], "token_check": {}}
-    opts = {"batch_size": args.batch_size, "deelm_precision": args.deelm_precision}
+    opts = {"batch_size": args.batch_size, "deelm_precision": args.deelm_precision,
+            "deelm_isa": args.deelm_isa}
 
     if "llamacpp" in engines:
         try:
@@ -667,6 +685,7 @@ def markdown(args, machine, model_path, results):
            f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
            f"Python {machine['python']}  ",
            f"model: {model_path}  ",
+           f"deelm isa: {args.deelm_isa or 'auto'}  ",
            f"mean pooling; batch size {args.batch_size} (deelm, transformers); "
            f"deelm precision: {args.deelm_precision or 'not passed'} "
            f"(used: {', '.join(sorted(map(str, used))) or '-'}); "
@@ -760,37 +779,47 @@ def main(argv=None):
     args = parse_args(argv)
     if args._worker:
         return worker_main(args._worker)
-    path = deelm.default_model.resolve_model_path(args.model)
+    paths = [Path(deelm.default_model.resolve_model_path(m)) for m in args.model]
+    if args.requantize:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from requantize import requantized
+
+        paths += [requantized(paths[0], t) for t in args.requantize]
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
           f"Python {machine['python']}, {machine['platform']}", flush=True)
-    print(f"model: {path}", flush=True)
-    sets = load_sets(args, path)
     args.output.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_path = args.output / f"workers-{stamp}.log"
-    results = {}
     t0 = time.perf_counter()
 
     def say(s):
         lead = len(s) - len(s.lstrip("\n"))
         print(f"{s[:lead]}[{time.perf_counter() - t0:6.0f}s] {s[lead:]}", flush=True)
 
+    per_file, mds = {}, []
     with open(log_path, "w") as log, tempfile.TemporaryDirectory(prefix="deelm-compare-") as tmp:
-        for name, data in sets.items():
-            say(f"\n[{name}] {len(data['texts'])} texts, {data['tokens']:,} tokens")
-            results[name] = run_set(args, path, name, data, Path(tmp), log, say)
+        for path in paths:
+            print(f"model: {path}", flush=True)
+            sets = load_sets(args, path)
+            results = {}
+            for name, data in sets.items():
+                say(f"\n[{path.name} / {name}] {len(data['texts'])} texts, {data['tokens']:,} tokens")
+                results[name] = run_set(args, path, name, data, Path(tmp), log, say)
+            per_file[str(path)] = results
+            mds.append(markdown(args, machine, path, results))
 
-    md = markdown(args, machine, path, results)
+    md = "\n".join(mds)
     print("\n" + md)
     base = args.output / f"compare-{stamp}"
     Path(f"{base}.md").write_text(md + "\n")
-    raw = {"machine": machine, "model": str(path), "args": {
+    raw = {"machine": machine, "models": [str(p) for p in paths], "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "_worker"},
-        "sets": results}
+        "files": per_file}
     Path(f"{base}.json").write_text(json.dumps(raw, indent=2) + "\n")
-    plot(results, args.threads, f"{base}.png")
-    print(f"written: {base}.{{md,json,png}}, {log_path}")
+    for i, (path, results) in enumerate(per_file.items()):
+        plot(results, args.threads, f"{base}-{i}-{Path(path).stem}.png")
+    print(f"written: {base}.{{md,json}}, {base}-*.png, {log_path}")
 
 
 if __name__ == "__main__":

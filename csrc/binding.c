@@ -1506,9 +1506,12 @@ static PyObject *op_peak_gops(PyObject *mod, PyObject *args) {
     int threads = 1;
     long long iters = 100000000;
     if (!PyArg_ParseTuple(args, "s|iL", &kind, &threads, &iters)) return NULL;
-    int k = strcmp(kind, "int8") == 0 ? DL_PEAK_INT8 : strcmp(kind, "fp32") == 0 ? DL_PEAK_FP32 : -1;
+    int k = strcmp(kind, "int8") == 0 ? DL_PEAK_INT8 : strcmp(kind, "fp32") == 0 ? DL_PEAK_FP32
+            : strcmp(kind, "int8_avx2") == 0 ? DL_PEAK_INT8_AVX2
+            : strcmp(kind, "fp32_avx2") == 0 ? DL_PEAK_FP32_AVX2 : -1;
     if (k < 0 || threads < 1 || threads > 1024 || iters < 1000) {
-        PyErr_SetString(PyExc_ValueError, "peak_gops(kind 'int8' or 'fp32', threads >= 1, iters >= 1000)");
+        PyErr_SetString(PyExc_ValueError, "peak_gops(kind 'int8', 'fp32', 'int8_avx2' or 'fp32_avx2', "
+                        "threads in [1, 1024], iters >= 1000)");
         return NULL;
     }
     double g;
@@ -1695,7 +1698,8 @@ static PyMethodDef module_methods[] = {
      " -> {'weights': bytes, 'forward': bytes}"},
     {"isa_info", op_isa_info, METH_NOARGS, "isa_info() -> {'best': name, 'supported': [names], 'features': {name: 'cpu,features'}}"},
     {"peak_gops", op_peak_gops, METH_VARARGS,
-     "peak_gops(kind='int8'|'fp32', threads=1, iters=1e8) -> measured peak G ops/s"},
+     "peak_gops(kind='int8'|'fp32'|'int8_avx2'|'fp32_avx2', threads=1, iters=1e8) -> "
+     "measured peak G ops/s"},
     {"type_info", op_type_info, METH_VARARGS,
      "type_info(type) -> (name, block_elems, block_bytes), or None if unsupported"},
     {NULL, NULL, 0, NULL},

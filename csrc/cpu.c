@@ -87,6 +87,38 @@ static double fp32_fma_loop(int64_t iters) {
 #undef FM
     return (double)iters * 10 * 16 * 2;
 }
+
+/* The AVX2 int8 dot product: vpmaddubsw multiplies 32 byte pairs and adds
+ * adjacent products into int16; each chain feeds its result back in as the
+ * unsigned operand so nothing can be hoisted out of the loop. */
+DL_AVX2 static double int8_dot_loop_avx2(int64_t iters) {
+    __m256i a0, a1, a2, a3, a4, a5, a6, a7, a8, a9;
+    const __m256i s = _mm256_set1_epi8(1);
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = _mm256_set1_epi8(1);
+#define DP(r) r = _mm256_maddubs_epi16(r, s); KEEP(r);
+    for (int64_t i = 0; i < iters; i++) { DP(a0) DP(a1) DP(a2) DP(a3) DP(a4) DP(a5) DP(a6) DP(a7) DP(a8) DP(a9) }
+#undef DP
+    return (double)iters * 10 * 32 * 2;
+}
+
+DL_AVX2 static double fp32_fma_loop_avx2(int64_t iters) {
+    __m256 a0, a1, a2, a3, a4, a5, a6, a7, a8, a9;
+    const __m256 x = _mm256_set1_ps(1.0f), y = _mm256_set1_ps(0.0f);
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = _mm256_setzero_ps();
+#define FM(r) r = _mm256_fmadd_ps(r, x, y); KEEP(r);
+    for (int64_t i = 0; i < iters; i++) { FM(a0) FM(a1) FM(a2) FM(a3) FM(a4) FM(a5) FM(a6) FM(a7) FM(a8) FM(a9) }
+#undef FM
+    return (double)iters * 10 * 8 * 2;
+}
+
+static double peak_loop(int kind, int64_t iters) {
+    switch (kind) {
+    case DL_PEAK_INT8: return int8_dot_loop(iters);
+    case DL_PEAK_FP32: return fp32_fma_loop(iters);
+    case DL_PEAK_INT8_AVX2: return int8_dot_loop_avx2(iters);
+    default: return fp32_fma_loop_avx2(iters);
+    }
+}
 #endif
 
 double dl_peak_gops(int kind, int n_threads, int64_t iters) {
@@ -94,15 +126,17 @@ double dl_peak_gops(int kind, int n_threads, int64_t iters) {
     __builtin_cpu_init();
     if (kind == DL_PEAK_INT8 && !dl_isa_supported(DL_ISA_AVX512VNNI)) return 0.0;
     if (kind == DL_PEAK_FP32 && !__builtin_cpu_supports("avx512f")) return 0.0;
+    if ((kind == DL_PEAK_INT8_AVX2 || kind == DL_PEAK_FP32_AVX2) && !dl_isa_supported(DL_ISA_AVX2))
+        return 0.0;
     double ops = 0.0, t0 = 0.0, t1 = 0.0;
 #pragma omp parallel num_threads(n_threads) reduction(+ : ops)
     {
         /* one untimed pass brings every core up to its vector frequency */
-        if (kind == DL_PEAK_INT8) int8_dot_loop(iters / 4); else fp32_fma_loop(iters / 4);
+        peak_loop(kind, iters / 4);
 #pragma omp barrier
 #pragma omp single
         t0 = seconds_now();
-        ops += kind == DL_PEAK_INT8 ? int8_dot_loop(iters) : fp32_fma_loop(iters);
+        ops += peak_loop(kind, iters);
 #pragma omp barrier
 #pragma omp single
         t1 = seconds_now();

@@ -94,10 +94,11 @@ int dl_isa_from_name(const char *name); /* -1 if unknown */
 /* The CPU features a path needs, as its target attribute lists them (isa.h). */
 const char *dl_isa_features(int isa);
 
-enum { DL_PEAK_FP32 = 0, DL_PEAK_INT8 = 1 };
-/* Measured peak of 512-bit float32 FMA or int8 dot products (vpdpbusd), in
- * G operations/s (a multiply-add counts 2) over n_threads; 0 if this CPU
- * lacks the instructions. */
+enum { DL_PEAK_FP32 = 0, DL_PEAK_INT8 = 1, DL_PEAK_FP32_AVX2 = 2, DL_PEAK_INT8_AVX2 = 3 };
+/* Measured peak of float32 FMA or int8 dot products (512-bit FMA and
+ * vpdpbusd; 256-bit FMA and vpmaddubsw for the _AVX2 kinds), in G
+ * operations/s (a multiply-add counts 2) over n_threads; 0 if this CPU lacks
+ * the instructions. */
 double dl_peak_gops(int kind, int n_threads, int64_t iters);
 
 /* ---- qweight.c: linear weights packed for integer dot products ------------ */

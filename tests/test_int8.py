@@ -456,8 +456,11 @@ def test_op_seconds_profile(default_model):
 def test_peak_measurement():
     info = _core.isa_info()
     assert info["best"] in info["supported"]
-    g = _core.peak_gops("fp32", 1, 2_000_000)
-    if "avx512vnni" in info["supported"]:
-        assert g > 0
+    for kind, path in (("fp32", "avx512vnni"), ("int8", "avx512vnni"), ("fp32_avx2", "avx2"),
+                       ("int8_avx2", "avx2")):
+        g = _core.peak_gops(kind, 1, 2_000_000)
+        assert (g > 0) == (path in info["supported"]), kind
     with pytest.raises(ValueError):
         _core.peak_gops("fp64")
+    with pytest.raises(ValueError):
+        _core.peak_gops("fp32", 2**31 - 1)

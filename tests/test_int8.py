@@ -459,7 +459,10 @@ def test_peak_measurement():
     for kind, path in (("fp32", "avx512vnni"), ("int8", "avx512vnni"), ("fp32_avx2", "avx2"),
                        ("int8_avx2", "avx2")):
         g = _core.peak_gops(kind, 1, 2_000_000)
-        assert (g > 0) == (path in info["supported"]), kind
+        if kind == "fp32":  # needs avx512f only, which some CPUs have without the VNNI path
+            assert g > 0 or path not in info["supported"]
+        else:
+            assert (g > 0) == (path in info["supported"]), kind
     with pytest.raises(ValueError):
         _core.peak_gops("fp64")
     with pytest.raises(ValueError):

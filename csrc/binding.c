@@ -102,6 +102,31 @@ static int parse_isa(const char *name) {
     return isa;
 }
 
+/* Every entry point that takes a thread count checks it here. */
+static int check_threads(int threads) {
+    if (threads < 1 || threads > DL_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be in [1, %d], got %d", DL_MAX_THREADS, threads);
+        return -1;
+    }
+    return 0;
+}
+
+/* (nh + 2 nkv) hd, the width of a q|k|v row, from Python integers: -1 with an
+ * exception when a size is not positive, nh is not a multiple of nkv, or the
+ * width overflows. */
+static int64_t qkv_width(long long nh, long long nkv, long long hd) {
+    long long heads, width;
+    if (nh < 1 || nkv < 1 || hd < 1 || nh % nkv || __builtin_mul_overflow(nkv, 2LL, &heads) ||
+        __builtin_add_overflow(heads, nh, &heads) || __builtin_mul_overflow(heads, hd, &width) ||
+        width > PY_SSIZE_T_MAX / (long long)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "attention: head counts and head_dim must be positive, "
+                        "n_heads a multiple of n_kv_heads, and (n_heads + 2 n_kv_heads) head_dim "
+                        "must fit in memory");
+        return -1;
+    }
+    return width;
+}
+
 /* A weight as Python hands it over: (type id, ne0 = columns, ne1 = rows, buffer). */
 typedef struct {
     int type;
@@ -644,10 +669,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                      "in [0, %lld), got %lld", (long long)c->n_layers, k);
         return NULL;
     }
-    if (threads < 1 || threads > 1024) {
-        PyErr_Format(PyExc_ValueError, "threads must be in [1, 1024], got %d", threads);
-        return NULL;
-    }
+    if (check_threads(threads) < 0) return NULL;
     PyArrayObject *tok = NULL, *off = NULL, *pool = NULL;
     PyObject *pooled = NULL, *layers = NULL, *hidden = NULL, *tstates = NULL, *ret = NULL;
     tok = (PyArrayObject *)PyArray_FROMANY(tok_o, NPY_INT32, 1, 1, NPY_ARRAY_CARRAY);
@@ -821,13 +843,6 @@ static PyObject *Model_clear_lora(ModelObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static int check_threads(int threads) {
-    if (threads < 1 || threads > 1024) {
-        PyErr_Format(PyExc_ValueError, "threads must be in [1, 1024], got %d", threads);
-        return -1;
-    }
-    return 0;
-}
 
 static int check_k(const dl_config *c, long long k) {
     if (k < -1 || k >= c->n_layers) {
@@ -1216,8 +1231,9 @@ static PyObject *op_attention(PyObject *mod, PyObject *args) {
     if (!off) goto done;
     const int64_t N = PyArray_DIM(qkv, 0), n_seq = PyArray_DIM(off, 0) - 1;
     const int64_t *o = PyArray_DATA(off);
-    if (nh < 1 || nkv < 1 || hd < 1 || nh % nkv || PyArray_DIM(qkv, 1) != (nh + 2 * nkv) * hd ||
-        n_seq < 0 || threads < 1 || o[0] != 0 || o[n_seq] != N) {
+    const int64_t width = qkv_width(nh, nkv, hd);
+    if (width < 0 || check_threads(threads) < 0) goto done;
+    if (PyArray_DIM(qkv, 1) != width || n_seq < 0 || o[0] != 0 || o[n_seq] != N) {
         PyErr_SetString(PyExc_ValueError, "attention: inconsistent shapes");
         goto done;
     }
@@ -1234,7 +1250,7 @@ static PyObject *op_attention(PyObject *mod, PyObject *args) {
     int err;
     Py_BEGIN_ALLOW_THREADS
     err = dl_attention_forward(PyArray_DATA((PyArrayObject *)out), PyArray_DATA(qkv),
-                               (nh + 2 * nkv) * hd, o, n_seq, nh, nkv, hd, spec, threads);
+                               width, o, n_seq, nh, nkv, hd, spec, threads);
     Py_END_ALLOW_THREADS
     if (err) {
         Py_CLEAR(out);
@@ -1287,8 +1303,9 @@ static PyObject *op_linear(PyObject *mod, PyObject *args) {
     PyObject *out = NULL;
     dl_fmat f;
     memset(&f, 0, sizeof f);
-    if (w && (PyArray_DIM(w, 1) != PyArray_DIM(x, 1) || threads < 1 || threads > 1024)) {
-        PyErr_SetString(PyExc_ValueError, "linear: x is [n, in], w is [out, in], threads in [1, 1024]");
+    if (w && check_threads(threads) < 0) {
+    } else if (w && PyArray_DIM(w, 1) != PyArray_DIM(x, 1)) {
+        PyErr_SetString(PyExc_ValueError, "linear: x is [n, in], w is [out, in]");
     } else if (w) {
         npy_intp dims[2] = {PyArray_DIM(x, 0), PyArray_DIM(w, 0)};
         if (dl_fmat_alloc(&f, dims[1], PyArray_DIM(w, 1))) {
@@ -1349,10 +1366,7 @@ static PyObject *op_qlinear(PyObject *mod, PyObject *args) {
     memset(&qx, 0, sizeof qx);
     const int isa = parse_isa(isa_name);
     if (isa < 0) goto done;
-    if (threads < 1 || threads > 1024) {
-        PyErr_SetString(PyExc_ValueError, "qlinear: threads must be in [1, 1024]");
-        goto done;
-    }
+    if (check_threads(threads) < 0) goto done;
     if (pack_weight(&w, type, &buf, rows, cols) < 0) goto done;
     have_w = 1;
     if (!(x = as_f32(xo, 2))) goto done;
@@ -1483,10 +1497,11 @@ static PyObject *op_memory_estimate(PyObject *mod, PyObject *args, PyObject *kwd
         return NULL;
     const int precision = parse_precision(precision_name);
     if (precision < 0) return NULL;
-    if (n_tokens < 0 || n_tokens > INT32_MAX || max_len < 0 || max_len > n_tokens || threads < 1 ||
-        threads > 1024 || lora_rank < 0 || lora_rank > DL_LORA_MAX_RANK) {
-        PyErr_SetString(PyExc_ValueError, "memory_estimate needs 0 <= max_len <= n_tokens <= 2^31, "
-                        "1 <= threads <= 1024 and 0 <= lora_rank <= 256");
+    if (check_threads(threads) < 0) return NULL;
+    if (n_tokens < 0 || n_tokens > INT32_MAX || max_len < 0 || max_len > n_tokens ||
+        lora_rank < 0 || lora_rank > DL_LORA_MAX_RANK) {
+        PyErr_SetString(PyExc_ValueError, "memory_estimate needs 0 <= max_len <= n_tokens <= 2^31 "
+                        "and 0 <= lora_rank <= 256");
         return NULL;
     }
     dl_config c;
@@ -1509,9 +1524,10 @@ static PyObject *op_peak_gops(PyObject *mod, PyObject *args) {
     int k = strcmp(kind, "int8") == 0 ? DL_PEAK_INT8 : strcmp(kind, "fp32") == 0 ? DL_PEAK_FP32
             : strcmp(kind, "int8_avx2") == 0 ? DL_PEAK_INT8_AVX2
             : strcmp(kind, "fp32_avx2") == 0 ? DL_PEAK_FP32_AVX2 : -1;
-    if (k < 0 || threads < 1 || threads > 1024 || iters < 1000) {
+    if (check_threads(threads) < 0) return NULL;
+    if (k < 0 || iters < 1000) {
         PyErr_SetString(PyExc_ValueError, "peak_gops(kind 'int8', 'fp32', 'int8_avx2' or 'fp32_avx2', "
-                        "threads in [1, 1024], iters >= 1000)");
+                        "iters >= 1000)");
         return NULL;
     }
     double g;
@@ -1630,9 +1646,10 @@ static PyObject *op_attention_backward(PyObject *mod, PyObject *args) {
     if (!g) goto done;
     const int64_t N = PyArray_DIM(qkv, 0), n_seq = PyArray_DIM(off, 0) - 1;
     const int64_t *o = PyArray_DATA(off);
-    if (nh < 1 || nkv < 1 || hd < 1 || nh % nkv || PyArray_DIM(qkv, 1) != (nh + 2 * nkv) * hd ||
-        PyArray_DIM(g, 0) != N || PyArray_DIM(g, 1) != nh * hd || n_seq < 0 || threads < 1 ||
-        o[0] != 0 || o[n_seq] != N) {
+    const int64_t width = qkv_width(nh, nkv, hd);
+    if (width < 0 || check_threads(threads) < 0) goto done;
+    if (PyArray_DIM(qkv, 1) != width || PyArray_DIM(g, 0) != N || PyArray_DIM(g, 1) != nh * hd ||
+        n_seq < 0 || o[0] != 0 || o[n_seq] != N) {
         PyErr_SetString(PyExc_ValueError, "attention_backward: inconsistent shapes");
         goto done;
     }
@@ -1718,7 +1735,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&ModelType);
     PyObject *ops = Py_BuildValue("(sssssssss)", "qkv", "attn_output", "gate_up", "down",
                                   "attention", "rmsnorm", "rope", "glu", "embed_pool");
-    if (!ops || PyModule_AddObject(m, "OP_NAMES", ops) < 0) {
+    if (PyModule_AddIntConstant(m, "MAX_THREADS", DL_MAX_THREADS) < 0 || !ops ||
+        PyModule_AddObject(m, "OP_NAMES", ops) < 0) {
         Py_XDECREF(ops);
         Py_DECREF(m);
         return NULL;

@@ -32,6 +32,10 @@
 #define DL_FMA_CLONES
 #endif
 
+/* The most threads any entry point takes (a bound on OpenMP teams and on
+ * per-thread scratch). */
+#define DL_MAX_THREADS 1024
+
 enum {
     DL_OK = 0,
     DL_ERR_NOMEM = -1,

@@ -266,8 +266,10 @@ class DeeLM:
     def threads(self, n):
         if n is None:
             n = available_cores()
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1024:
-            raise ValueError(f"threads must be an int in [1, 1024] or None, got {n!r}")
+        if (isinstance(n, bool) or not isinstance(n, (int, np.integer))
+                or not 1 <= n <= _core.MAX_THREADS):
+            raise ValueError(f"threads must be an int in [1, {_core.MAX_THREADS}] or None, "
+                             f"got {n!r}")
         self._threads = int(n)
 
     # ---- information ----------------------------------------------------

@@ -145,3 +145,37 @@ def test_float_gemm_is_one_fma_chain_per_output(n, k, o):
         assert np.array_equal(y, first), key
     for i in (0, n // 2, n - 1):
         assert np.array_equal(_core.linear(x[i:i + 1], w, 1, ISAS[-1])[0], first[i])
+
+
+# ---- limits every entry point checks -----------------------------------------------
+
+def test_thread_limit_is_one_constant_checked_by_every_op():
+    """threads past the limit used to reach libgomp from the attention ops and
+    abort the interpreter; every op now raises ValueError."""
+    big = _core.MAX_THREADS + 1
+    qkv = np.zeros((4, (2 + 2) * 8), np.float32)
+    off = np.array([0, 4], np.int64)
+    for threads in (0, big, 2**31 - 1):
+        with pytest.raises(ValueError, match="threads"):
+            _core.attention(qkv, off, 2, 1, 8, True, threads)
+        with pytest.raises(ValueError, match="threads"):
+            _core.attention_backward(qkv, off, np.zeros((4, 16), np.float32), 2, 1, 8, True, threads)
+        with pytest.raises(ValueError, match="threads"):
+            _core.linear(np.zeros((2, 3), np.float32), np.zeros((4, 3), np.float32), threads)
+        with pytest.raises(ValueError, match="threads"):
+            _core.peak_gops("fp32", threads)
+
+
+def test_attention_head_sizes_that_overflow_are_refused():
+    """(nh + 2 nkv) hd used to wrap around in the shape check; a crafted triple
+    whose product wraps to the array's width must not get through."""
+    qkv = np.zeros((2, 64), np.float32)
+    off = np.array([0, 2], np.int64)
+    nkv = 2**62
+    # (2**62 + 14 + 2) * 4 wraps to 64, the array's width
+    for nh, kv, hd in [(2**62 + 14, 1, 4), (2**62, nkv, 16), (2**63 - 1, 1, 2), (4, 2, 2**61),
+                       (-4, 2, 8)]:
+        with pytest.raises(ValueError, match="head"):
+            _core.attention(qkv, off, nh, kv, hd, True, 1)
+        with pytest.raises(ValueError, match="head"):
+            _core.attention_backward(qkv, off, np.zeros((2, 64), np.float32), nh, kv, hd, True, 1)

@@ -74,7 +74,7 @@ static void tile_scalar(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, i
 #define AVX2 DL_AVX2
 /* Pins a value to a register at this point of the program. */
 #define KEEP(v) __asm__ volatile("" : "+x"(v))
-#define MR2 2 /* token rows per AVX2 tile: each weight load serves both */
+#define MR2 4 /* the most token rows per AVX2 tile: each weight load serves them all */
 
 /* MR_ rows x one panel (two 8-row halves); MR_ and WIDE constant at every
  * call site, so the loops unroll and the sums stay in registers. */
@@ -150,15 +150,22 @@ tile_avx2_fixed(const gemm_job *J, int64_t t0, int64_t p, const int MR_, const i
     }
 }
 
+/* 4-bit weights: 3 rows (6 int16 sums, 6 float sums, 2 weight vectors, the
+ * broadcast and the ones: 16 registers); the nibble-split 8-bit weights need
+ * twice the sums: 2 rows. */
 AVX2 static void tile_avx2(const gemm_job *J, int64_t t0, int64_t nt, int64_t p0, int np) {
-    const int wide = J->w->max_q > 15;
+    const int wide = J->w->max_q > 15, mr = wide ? 2 : 3;
     for (int64_t p = p0; p < p0 + np; p++)
-        for (int64_t t = t0; t < t0 + nt; t += MR2) {
-            const int two = t0 + nt - t >= 2;
+        for (int64_t t = t0; t < t0 + nt; t += mr) {
+            const int64_t left = t0 + nt - t;
             if (wide) {
-                if (two) tile_avx2_fixed(J, t, p, 2, 1); else tile_avx2_fixed(J, t, p, 1, 1);
+                if (left >= 2) tile_avx2_fixed(J, t, p, 2, 1); else tile_avx2_fixed(J, t, p, 1, 1);
+            } else if (left >= 3) {
+                tile_avx2_fixed(J, t, p, 3, 0);
+            } else if (left == 2) {
+                tile_avx2_fixed(J, t, p, 2, 0);
             } else {
-                if (two) tile_avx2_fixed(J, t, p, 2, 0); else tile_avx2_fixed(J, t, p, 1, 0);
+                tile_avx2_fixed(J, t, p, 1, 0);
             }
         }
 }

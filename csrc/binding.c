@@ -921,10 +921,21 @@ static PyObject *Model_train_forward(ModelObject *self, PyObject *args, PyObject
     long long layer_from, k = -1;
     int threads = 1;
     float dropout = 0.0f;
-    unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOL|LifK", kwlist, &x_o, &off_o, &pool_o,
-                                     &layer_from, &k, &threads, &dropout, &seed))
+    PyObject *seed_o = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOL|LifO", kwlist, &x_o, &off_o, &pool_o,
+                                     &layer_from, &k, &threads, &dropout, &seed_o))
         return NULL;
+    unsigned long long seed = 0;
+    if (seed_o) { /* the K format would wrap -1 and 2**64 around silently */
+        PyObject *as_int = PyBool_Check(seed_o) ? NULL : PyNumber_Index(seed_o);
+        if (as_int) seed = PyLong_AsUnsignedLongLong(as_int);
+        Py_XDECREF(as_int);
+        if (!as_int || PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "seed must be an int in [0, 2**64)");
+            return NULL;
+        }
+    }
     if (check_ready(self) < 0) return NULL;
     const dl_config *c = &self->model->cfg;
     if (check_k(c, k) < 0 || check_threads(threads) < 0) return NULL;

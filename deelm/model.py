@@ -300,6 +300,7 @@ class DeeLM:
     def tokenize(self, sentences, prompt=None):
         """Token ids per sentence after templating and truncation, and the
         [start, end) token range of the sentence's own text in each."""
+        sentences = _as_texts(sentences)
         prompt = self._prompt if prompt is None else prompt
         prefix, suffix = _split_prompt(prompt)
         try:
@@ -391,15 +392,7 @@ class DeeLM:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
         single = isinstance(sentences, str)
-        if single:
-            sentences = [sentences]
-        elif isinstance(sentences, (bytes, bytearray)) or not hasattr(sentences, "__iter__"):
-            raise TypeError(f"sentences must be a string or a list of strings, not "
-                            f"{type(sentences).__name__}")
-        sentences = list(sentences)
-        for i, s in enumerate(sentences):
-            if not isinstance(s, str):
-                raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
+        sentences = _as_texts(sentences)
 
         n, d, L = len(sentences), self._dim, self.num_layers
         if output_value == "token_embeddings":
@@ -468,6 +461,34 @@ class DeeLM:
         return np.sum(_l2_normalize(a) * _l2_normalize(b), axis=1)
 
 
+def _as_texts(sentences):
+    """A string or an iterable of strings as a list of strings; TypeError
+    naming the first item that is not one."""
+    if isinstance(sentences, str):
+        return [sentences]
+    if isinstance(sentences, (bytes, bytearray)) or not hasattr(sentences, "__iter__"):
+        raise TypeError(f"sentences must be a string or a list of strings, not "
+                        f"{type(sentences).__name__}")
+    sentences = list(sentences)
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
+    return sentences
+
+
+def _int_ids(x):
+    """One sentence's token ids as int32; floats, bools and other kinds are
+    refused rather than truncated."""
+    a = np.asarray(x)
+    if not a.size:
+        return np.zeros(0, dtype=np.int32)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got {a.dtype} values")
+    if a.min() < 0 or a.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"token ids must be in [0, 2**31), got {a.min()}..{a.max()}")
+    return a.astype(np.int32, copy=False)
+
+
 def pack_ids(ids):
     """Token id lists as the C core takes a batch: all ids end to end (int32
     [N]) and each sentence's start (int64 [n + 1])."""
@@ -475,7 +496,7 @@ def pack_ids(ids):
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     # one conversion per sentence, not per token
-    tokens = (np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]) if ids
+    tokens = (np.concatenate([_int_ids(x) for x in ids]) if ids
               else np.zeros(0, dtype=np.int32))
     return tokens, offsets
 
@@ -485,7 +506,7 @@ def _as_2d(x):
         x = x.detach().cpu().numpy()
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
-        x = x[None, :]
+        x = x[None, :] if x.size else x.reshape(0, 0)  # [] is no vectors, not one empty one
     if x.ndim != 2:
         raise ValueError(f"embeddings must be 1-D or 2-D, got shape {x.shape}")
     return x

@@ -755,3 +755,43 @@ def test_env_var_pointing_to_empty_directory(tmp_path, monkeypatch):
 def test_env_var_pointing_to_tiny_model(tiny_file, monkeypatch):
     monkeypatch.setenv(deelm.MODEL_ENV, str(tiny_file))
     assert deelm.DeeLM.from_pretrained(threads=1).path == tiny_file
+
+
+# ---- inputs that used to pass through wrong or with the wrong error --------------------
+
+def test_tokenize_refuses_non_strings_like_encode(tiny_model):
+    with pytest.raises(TypeError, match=r"sentences\[0\] is int"):
+        tiny_model.tokenize([1])
+    with pytest.raises(TypeError, match="sentences must be"):
+        tiny_model.tokenize(3.5)
+
+
+def test_forward_ids_refuses_float_and_out_of_range_ids(tiny_model):
+    with pytest.raises(TypeError, match="integers"):
+        tiny_model.forward_ids([[1.7, 2.2]])
+    with pytest.raises(TypeError, match="integers"):
+        tiny_model.forward_ids([[True, False]])
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*31\)"):
+        tiny_model.forward_ids([[2**40]])  # would wrap to a valid id as int32
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*31\)"):
+        tiny_model.forward_ids([[-1]])
+
+
+def test_similarity_of_no_vectors_is_empty():
+    import deelm
+
+    assert deelm.model.cos_sim(np.array([]), np.array([])).shape == (0, 0)
+    assert deelm.model.cos_sim(np.zeros((0, 4)), np.ones((3, 4))).shape == (0, 3)
+
+
+def test_train_forward_seed_out_of_range(tiny_model):
+    core = tiny_model._core
+    x = np.zeros((2, tiny_model.config["dim"]), np.float32)
+    off = np.array([0, 2], np.int64)
+    pool = np.array([[0, 2]], np.int64)
+    for seed in (-1, 2**64, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            core.train_forward(x, off, pool, 0, -1, 1, 0.1, seed)
+    for seed in (0, 2**64 - 1, np.uint64(7)):  # valid: past the seed check to the next one
+        with pytest.raises(RuntimeError, match="set_lora"):
+            core.train_forward(x, off, pool, 0, -1, 1, 0.1, seed)

@@ -104,17 +104,25 @@ def task_file(data_dir, task, protocol="mteb", split="test"):
 
 
 def _rows(path):
-    """(line number, dict) for each record of a JSONL / CSV / TSV / Parquet file."""
+    """(line number, dict) for each record of a JSONL / CSV / TSV / Parquet file.
+    Every way a file can be unreadable becomes a DataError naming it (and the
+    line, where there is one)."""
     ext = path.suffix.lower()
     if ext in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for i, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: line {i} is not UTF-8 text ({e.reason})") from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path}: line {i} nests JSON too deeply") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}: line {i} is not a JSON object")
                 yield i, row
@@ -122,14 +130,25 @@ def _rows(path):
         with open(path, encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if ext == ".tsv" else ",",
                                     quoting=csv.QUOTE_NONE if ext == ".tsv" else csv.QUOTE_MINIMAL)
-            for i, row in enumerate(reader, 2):
-                yield i, row
+            rows = iter(reader)
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                except (csv.Error, UnicodeDecodeError) as e:
+                    raise DataError(f"{path}: line {reader.line_num + 1} cannot be read ({e})") from None
+                yield reader.line_num, row
     elif ext == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+        try:
+            table = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError and others for bad files
+            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        for i, row in enumerate(table, 1):
             yield i, row
     else:
         raise DataError(f"{path}: unknown file type {ext!r} (use one of {', '.join(_FORMATS)})")

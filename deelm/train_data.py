@@ -65,6 +65,8 @@ def iter_jsonl(path):
             except json.JSONDecodeError as e:
                 raise TrainingDataError(path, f"invalid JSON: {e.msg} (column {e.colno})",
                                         lineno) from None
+            except RecursionError:
+                raise TrainingDataError(path, "JSON nested too deeply", lineno) from None
             if not isinstance(row, dict):
                 raise TrainingDataError(
                     path, f"expected a JSON object, got {type(row).__name__}", lineno)

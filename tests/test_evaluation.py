@@ -210,3 +210,27 @@ def test_mteb_cosine_spearman_equals_the_harness(default_model, tmp_path):
     for key in ("cosine_spearman", "cosine_pearson", "manhattan_spearman", "euclidean_spearman",
                 "spearman", "main_score"):
         assert theirs[key] == pytest.approx(ours.scores[key], abs=1e-6), key
+
+
+def _raw_task_file(tmp_path, name, data):
+    folder = tmp_path / "STS12"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+@pytest.mark.parametrize("name, data, match", [
+    ("test.jsonl", b'{"sentence1": "a", "sentence2": "b", "score": 1}\n' + b"[" * 100_000 + b"\n",
+     "line 2 nests JSON too deeply"),
+    ("test.jsonl", b'{"sentence1": "a\xff", "sentence2": "b", "score": 1}\n', "line 1 is not UTF-8"),
+    ("test.csv", b'sentence1,sentence2,score\n"' + b"x" * 200_000 + b'",b,1\n', "line 2 cannot be read"),
+    ("test.csv", b"sentence1,sentence2,score\na\xff,b,1\n", "cannot be read"),
+    ("test.parquet", b"PAR1 this is not parquet PAR1", "not a readable Parquet file"),
+])
+def test_unreadable_files_are_data_errors_naming_file_and_line(tmp_path, name, data, match):
+    """A RecursionError, UnicodeDecodeError, csv.Error or pyarrow error from a
+    bad file used to escape as itself, without the file or the line."""
+    path = _raw_task_file(tmp_path, name, data)
+    with pytest.raises(ev.DataError, match=match) as e:
+        ev.load_task("STS12", tmp_path)
+    assert str(path) in str(e.value)

@@ -209,3 +209,14 @@ def test_real_nli_file():
         assert len(set(b.sentences)) == len(b.sentences)
         total += len(b)
     assert total + eb.n_dropped == len(d)
+
+
+def test_deeply_nested_json_is_a_training_data_error(tmp_path):
+    from deelm.errors import TrainingDataError
+    from deelm.train_data import load_training_data
+
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(b'{"text": "a", "positive": "b", "negative": "c"}\n' + b"[" * 100_000 + b"\n")
+    with pytest.raises(TrainingDataError, match="nested too deeply") as e:
+        load_training_data(path)
+    assert str(path) in str(e.value) and "2" in str(e.value)

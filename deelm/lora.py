@@ -39,6 +39,7 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,10 @@ class LoraConfig:
                                       f"{self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(int(l) for l in layers))))
         for name in ("rank_pattern", "alpha_pattern"):
-            pattern = dict(getattr(self, name) or {})
+            pattern = getattr(self, name) or {}
+            if not isinstance(pattern, Mapping):
+                raise LoraConfigError(f"{name} must map module names to values, got {pattern!r}")
+            pattern = dict(pattern)
             for key, value in pattern.items():
                 ok = (_is_int(value) and value >= 1) if name == "rank_pattern" else \
                     (isinstance(value, (int, float)) and math.isfinite(value) and value > 0)

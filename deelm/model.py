@@ -1,6 +1,7 @@
 """The user-facing model: DeeLM.from_pretrained(...).encode(sentences)."""
 import contextlib
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +22,28 @@ def available_cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def _check_trained_settings(trained, path, n_layers):
+    """The settings an adapter's deelm_config.json carries, checked before they
+    reach the model's setters, so a bad value is an AdapterError naming the
+    file and the key rather than a bare TypeError or ValueError."""
+    from .errors import AdapterError
+
+    if not isinstance(trained, dict):
+        raise AdapterError(path, f"must hold a JSON object, got {type(trained).__name__}")
+    k = trained.get("bidirectional_from")
+    if k is not None and k != "auto" and (isinstance(k, bool) or not isinstance(k, int)
+                                          or not -1 <= k < n_layers):
+        raise AdapterError(path, f"bidirectional_from must be -1, a layer index in [0, {n_layers}) "
+                           f"or 'auto', got {k!r}")
+    pooling = trained.get("pooling")
+    if pooling is not None and pooling not in POOLINGS:
+        raise AdapterError(path, f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    try:
+        _split_prompt(trained.get("prompt"))
+    except (TypeError, ValueError) as e:
+        raise AdapterError(path, f"prompt: {e}") from None
 
 
 def _split_prompt(prompt):
@@ -163,6 +186,8 @@ class DeeLM:
             from .train import read_deelm_config
 
             trained = read_deelm_config(adapter)
+            _check_trained_settings(trained, Path(adapter) / "deelm_config.json",
+                                    gm.config["n_layers"])
             bidirectional_from = (trained.get("bidirectional_from") if bidirectional_from is None
                                   else bidirectional_from)
             pooling = trained.get("pooling") if pooling is None else pooling

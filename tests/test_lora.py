@@ -324,6 +324,7 @@ def edit_tensors(directory, fn):
     (dict(target_modules=["q_proj", "v_proj", "o_proj"]), r"targets \['o_proj'\] but"),
     (dict(layers_to_transform=[0, 1]), "layers_to_transform is"),
     (dict(r=3), r"needs \[3, 32\]"),
+    (dict(rank_pattern=2), "rank_pattern must map"), (dict(alpha_pattern=[1]), "alpha_pattern must map"),
 ])
 def test_config_problems(adapter, changes, message):
     edit_config(adapter, **changes)
@@ -429,3 +430,23 @@ def test_save_replaces_an_existing_adapter(tmp_path, monkeypatch, exchange):
     assert os.listdir(tmp_path) == ["ad"]
     assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]
     assert np.array_equal(load_adapter(tmp_path / "ad", TINY)[2], new)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"bidirectional_from": "two"}, "bidirectional_from must be"),
+    ({"bidirectional_from": 99}, "bidirectional_from must be"),
+    ({"bidirectional_from": True}, "bidirectional_from must be"),
+    ({"pooling": 3}, "pooling must be one of"),
+    ({"prompt": 5}, "prompt: prompt must be a string"),
+    ({"prompt": "{text} and {text}"}, "prompt: a prompt template"),
+    ([1, 2], "must hold a JSON object"),
+])
+def test_bad_deelm_config_names_file_and_key(tiny_path, adapter, settings, message):
+    """Wrong-typed settings in deelm_config.json used to escape from the model's
+    setters as TypeError/ValueError without the file."""
+    import deelm
+
+    (adapter / "deelm_config.json").write_text(json.dumps(settings))
+    with pytest.raises(AdapterError, match=message) as e:
+        deelm.DeeLM.from_pretrained(tiny_path[0], adapter=adapter)
+    assert "deelm_config.json" in str(e.value)

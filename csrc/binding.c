@@ -10,6 +10,7 @@
 #include <numpy/arrayobject.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,7 +34,21 @@ typedef struct {
     PyObject *lora_params;
     dl_dense_weights dense;  /* float32 weights for the backward */
     dl_train_state *train;   /* the last train_forward, until its backward */
+    /* Guards everything above that a GIL-free pass reads or a call changes:
+     * forward passes share it; setting or clearing LoRA and the training
+     * calls (which own dense and train) take it alone. A thread always lets
+     * the GIL go before it waits for the lock, so the two cannot deadlock. */
+    pthread_rwlock_t lock;
+    int lock_ready;
 } ModelObject;
+
+static void lock_alone(ModelObject *self) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&self->lock);
+    Py_END_ALLOW_THREADS
+}
+
+static void unlock(ModelObject *self) { pthread_rwlock_unlock(&self->lock); }
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -377,11 +392,32 @@ static void lora_clear(ModelObject *self) {
     Py_CLEAR(self->lora_params);
 }
 
+static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    ModelObject *self = (ModelObject *)PyType_GenericNew(type, args, kwds);
+    if (!self) return NULL;
+    /* writers first where the C library can (glibc): a stream of encodes
+     * from many threads must not hold off an adapter swap forever */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+#if defined(__GLIBC__) && defined(__USE_GNU)
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+#endif
+    const int failed = pthread_rwlock_init(&self->lock, &attr) != 0;
+    pthread_rwlockattr_destroy(&attr);
+    if (failed) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->lock_ready = 1;
+    return (PyObject *)self;
+}
+
 static void Model_dealloc(ModelObject *self) {
     lora_clear(self);
     dl_dense_weights_free(&self->dense);
     dl_model_free(self->model);
     if (self->has_embd_view) PyBuffer_Release(&self->embd_view);
+    if (self->lock_ready) pthread_rwlock_destroy(&self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -705,7 +741,9 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     };
     int err;
     Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_rdlock(&self->lock);
     err = n_seq > 0 ? dl_model_forward(self->model, &a) : DL_OK;
+    pthread_rwlock_unlock(&self->lock);
     Py_END_ALLOW_THREADS
     if (err == DL_ERR_NOMEM) {
         PyErr_NoMemory();
@@ -812,6 +850,7 @@ static PyObject *Model_set_lora(ModelObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
+    lock_alone(self);
     lora_clear(self);
     for (int64_t i = 0; i < c->n_layers * DL_N_MODULES; i++) slot[i] = -1;
     int64_t max_rank = 0;
@@ -829,6 +868,7 @@ static PyObject *Model_set_lora(ModelObject *self, PyObject *args) {
     self->lora = (dl_lora){n, entries, (const float *)PyArray_DATA((PyArrayObject *)po), slot,
                            max_rank};
     self->model->lora = &self->lora;
+    unlock(self);
     ret = Py_None;
     Py_INCREF(ret);
 done:
@@ -839,7 +879,9 @@ done:
 
 static PyObject *Model_clear_lora(ModelObject *self, PyObject *unused) {
     (void)unused;
+    lock_alone(self);
     lora_clear(self);
+    unlock(self);
     Py_RETURN_NONE;
 }
 
@@ -901,7 +943,9 @@ static PyObject *Model_residual(ModelObject *self, PyObject *args, PyObject *kwd
     };
     int err;
     Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_rdlock(&self->lock);
     err = ns > 0 ? dl_model_forward(self->model, &a) : DL_OK;
+    pthread_rwlock_unlock(&self->lock);
     Py_END_ALLOW_THREADS
     if (err && raise_err(err, "forward pass") < 0) goto done;
     ret = res;
@@ -986,8 +1030,14 @@ static PyObject *Model_train_forward(ModelObject *self, PyObject *args, PyObject
         }
     npy_intp dp[2] = {(npy_intp)n_seq, (npy_intp)c->dim};
     if (!(pooled = new_f32(2, dp))) goto done;
+    lock_alone(self);
     dl_train_state_free(self->train);
     self->train = NULL;
+    if (!self->model->lora) { /* cleared by another thread since the check above */
+        unlock(self);
+        PyErr_SetString(PyExc_RuntimeError, "train_forward needs LoRA parameters: call set_lora");
+        goto done;
+    }
     dl_train_args a = {
         .x_in = PyArray_DATA(x), .seq_off = PyArray_DATA(off), .n_seq = n_seq,
         .pool = PyArray_DATA(pool), .layer_from = layer_from, .bidirectional_from = k,
@@ -1000,8 +1050,9 @@ static PyObject *Model_train_forward(ModelObject *self, PyObject *args, PyObject
     err = dl_dense_weights_build(&self->dense, self->model, layer_from);
     if (!err) err = dl_train_forward(self->model, &a, &st);
     Py_END_ALLOW_THREADS
+    self->train = err ? NULL : st;
+    unlock(self);
     if (err && raise_err(err, "training forward pass") < 0) goto done;
-    self->train = st;
     ret = pooled;
     Py_INCREF(ret);
 done:
@@ -1020,23 +1071,25 @@ static PyObject *Model_train_backward(ModelObject *self, PyObject *args, PyObjec
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|p", kwlist, &dp_o, &g_o, &want_dx))
         return NULL;
     if (check_ready(self) < 0) return NULL;
+    const dl_config *c = &self->model->cfg;
+    PyArrayObject *dp = (PyArrayObject *)PyArray_FROMANY(dp_o, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY);
+    if (!dp) return NULL;
+    PyObject *dx = NULL, *ret = NULL;
+    /* the state belongs to whichever call holds the lock: check it there */
+    lock_alone(self);
     dl_train_state *st = self->train;
     if (!st) {
         PyErr_SetString(PyExc_RuntimeError, "train_backward needs a train_forward first (each "
                         "forward allows one backward)");
-        return NULL;
+        goto done;
     }
     if (!PyArray_Check(g_o) || PyArray_TYPE((PyArrayObject *)g_o) != NPY_FLOAT32 ||
         PyArray_NDIM((PyArrayObject *)g_o) != 1 || !PyArray_ISCARRAY((PyArrayObject *)g_o) ||
         PyArray_DIM((PyArrayObject *)g_o, 0) != PyArray_DIM((PyArrayObject *)self->lora_params, 0)) {
         PyErr_SetString(PyExc_TypeError, "grad must be a writable C-contiguous float32 array "
                         "shaped like the LoRA parameters (it is added to in place)");
-        return NULL;
+        goto done;
     }
-    const dl_config *c = &self->model->cfg;
-    PyArrayObject *dp = (PyArrayObject *)PyArray_FROMANY(dp_o, NPY_FLOAT32, 2, 2, NPY_ARRAY_CARRAY);
-    PyObject *dx = NULL, *ret = NULL;
-    if (!dp) return NULL;
     if (PyArray_DIM(dp, 0) != st->n_seq || PyArray_DIM(dp, 1) != c->dim) {
         PyErr_Format(PyExc_ValueError, "d_pooled must be [%lld, %lld], the pooled output's shape",
                      (long long)st->n_seq, (long long)c->dim);
@@ -1056,6 +1109,7 @@ static PyObject *Model_train_backward(ModelObject *self, PyObject *args, PyObjec
     ret = dx ? dx : Py_None;
     Py_INCREF(ret);
 done:
+    unlock(self);
     Py_XDECREF(dp);
     Py_XDECREF(dx);
     return ret;
@@ -1129,7 +1183,7 @@ static PyTypeObject ModelType = {
     .tp_basicsize = sizeof(ModelObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Model(config, tensors): LLaMA-family or Gemma-3 weights bound for the forward pass.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = Model_new,
     .tp_init = (initproc)Model_init,
     .tp_dealloc = (destructor)Model_dealloc,
     .tp_methods = Model_methods,

@@ -117,6 +117,17 @@ static int parse_isa(const char *name) {
     return isa;
 }
 
+/* The exception for a DL_ERR_* code; always -1. */
+static int raise_err(int err, const char *what) {
+    if (err == DL_ERR_NOMEM) PyErr_NoMemory();
+    else if (err == DL_ERR_NONFINITE)
+        PyErr_Format(PyExc_FloatingPointError, "%s produced non-finite values: a layer's "
+                     "activations overflowed to inf or NaN (weights or adapter values out of "
+                     "range)", what);
+    else PyErr_Format(PyExc_RuntimeError, "%s failed (code %d)", what, err);
+    return -1;
+}
+
 /* Every entry point that takes a thread count checks it here. */
 static int check_threads(int threads) {
     if (threads < 1 || threads > DL_MAX_THREADS) {
@@ -745,13 +756,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     err = n_seq > 0 ? dl_model_forward(self->model, &a) : DL_OK;
     pthread_rwlock_unlock(&self->lock);
     Py_END_ALLOW_THREADS
-    if (err == DL_ERR_NOMEM) {
-        PyErr_NoMemory();
-        goto done;
-    } else if (err) {
-        PyErr_Format(PyExc_RuntimeError, "forward pass failed (code %d)", err);
-        goto done;
-    }
+    if (err && raise_err(err, "forward pass") < 0) goto done;
     ret = PyTuple_Pack(4, pooled, layers ? layers : Py_None, hidden ? hidden : Py_None,
                        tstates ? tstates : Py_None);
 done:
@@ -895,11 +900,6 @@ static int check_k(const dl_config *c, long long k) {
     return 0;
 }
 
-static int raise_err(int err, const char *what) {
-    if (err == DL_ERR_NOMEM) PyErr_NoMemory();
-    else PyErr_Format(PyExc_RuntimeError, "%s failed (code %d)", what, err);
-    return -1;
-}
 
 static PyObject *Model_residual(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "seq_offsets", "layer", "bidirectional_from", "threads",
@@ -1301,6 +1301,14 @@ static PyObject *op_attention(PyObject *mod, PyObject *args) {
     if (PyArray_DIM(qkv, 1) != width || n_seq < 0 || o[0] != 0 || o[n_seq] != N) {
         PyErr_SetString(PyExc_ValueError, "attention: inconsistent shapes");
         goto done;
+    }
+    {   /* softmax turns an inf or NaN key into finite garbage: refuse it */
+        const float *q = PyArray_DATA(qkv);
+        for (int64_t i = 0; i < N * width; i++)
+            if (!isfinite(q[i])) {
+                PyErr_SetString(PyExc_ValueError, "attention: qkv holds inf or NaN");
+                goto done;
+            }
     }
     dl_attn_spec spec;
     if (attn_spec(&spec, hd, causal, scale, window) < 0) goto done;

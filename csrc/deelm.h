@@ -40,6 +40,7 @@ enum {
     DL_OK = 0,
     DL_ERR_NOMEM = -1,
     DL_ERR_VALUE = -2,
+    DL_ERR_NONFINITE = -3, /* a layer's q/k/v or output overflowed to inf or NaN */
 };
 
 /* ---- tensor_types.c: GGML tensor encodings ------------------------------ */
@@ -544,7 +545,10 @@ void dl_layer_acts_carve(dl_layer_acts *a, const dl_config *c, int64_t R, float 
                          int separate_residuals);
 /* The rotary table layer l uses in batch b. */
 const float *dl_layer_rope(const dl_model *m, int64_t l, const dl_batch *b);
-/* Layer l on a->x_in, writing the rest of a. */
+/* Layer l on a->x_in, writing the rest of a. DL_ERR_NONFINITE when its q/k/v
+ * or its output holds inf or NaN (attention would otherwise turn an inf key
+ * into finite garbage: an overflowing weight or adapter must not pass
+ * silently). */
 int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_acts *a,
                      dl_batch *b);
 

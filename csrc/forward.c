@@ -168,6 +168,13 @@ static void record(const dl_model *m, const dl_forward_args *a, int64_t slot, co
 }
 
 
+/* 1 if no element of x is inf or NaN: x * 0 is NaN exactly for those. */
+static int all_finite(const float *x, int64_t n) {
+    float probe = 0.0f;
+    for (int64_t i = 0; i < n; i++) probe += x[i] * 0.0f;
+    return probe == 0.0f;
+}
+
 /* Adds the time since b->clock to op_seconds[op] (when timing) and restarts it. */
 static void lap(dl_batch *b, int op) {
     if (!b->op_seconds) return;
@@ -226,6 +233,7 @@ int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_ac
         lap(b, DL_OP_RMSNORM);
     }
     rope_rows(a->qkv, N, qkv, c, b->pos, dl_layer_rope(m, l, b), nt);
+    if (!all_finite(a->qkv, N * qkv)) return DL_ERR_NONFINITE;
     lap(b, DL_OP_ROPE);
     const dl_attn_spec spec = {c->attn_scale, causal, ly->window};
     int err = dl_attention_forward(a->att, a->qkv, qkv, b->seq_off, b->n_seq, c->n_heads,
@@ -243,7 +251,7 @@ int dl_layer_forward(const dl_model *m, int64_t l, int causal, const dl_layer_ac
     lap(b, DL_OP_GLU);
     residual_branch(m, l, DL_FUSED_DOWN, a->x_out, a->x_mid, a->fo, ly->post_ffn_norm, a->h, a, b);
     lap(b, DL_OP_DOWN);
-    return DL_OK;
+    return all_finite(a->x_out, N * d) ? DL_OK : DL_ERR_NONFINITE;
 }
 
 int64_t dl_forward_bytes(const dl_config *c, int precision, int64_t lora_rank, int64_t n_rows,

@@ -363,9 +363,23 @@ class DeeLM:
             pool = np.stack([np.zeros_like(lengths), lengths], axis=1)
         pool = np.asarray(pool, dtype=np.int64).reshape(len(ids), 2)
         k = self._k if bidirectional_from is None else bidirectional_from
-        out = self._core.forward(tokens, offsets, pool, k, self._threads, layers, hidden,
-                                 token_states, op_seconds=self._op_seconds)
+        try:
+            out = self._core.forward(tokens, offsets, pool, k, self._threads, layers, hidden,
+                                     token_states, op_seconds=self._op_seconds)
+        except FloatingPointError as e:
+            raise self._overflow_error(e) from None
         return (*out, offsets)
+
+    def _overflow_error(self, e):
+        """The error for activations that overflowed: it names the adapter when
+        one is applied (finite but absurd LoRA values are the likelier cause),
+        else the model file."""
+        from .errors import AdapterError
+
+        if self._adapter is not None:
+            where = self._adapter_path or "the adapter set with set_adapter()"
+            return AdapterError(where, f"{e}; with this adapter applied to {self.path}")
+        return ModelFileError(self.path, f"{e} (corrupted file?)")
 
     @contextlib.contextmanager
     def profile(self):

@@ -795,3 +795,33 @@ def test_train_forward_seed_out_of_range(tiny_model):
     for seed in (0, 2**64 - 1, np.uint64(7)):  # valid: past the seed check to the next one
         with pytest.raises(RuntimeError, match="set_lora"):
             core.train_forward(x, off, pool, 0, -1, 1, 0.1, seed)
+
+
+def test_overflowing_adapter_is_an_error_naming_it(tiny_path, tmp_path):
+    """An adapter whose B is finite but absurd (3e38) overflows q/k to inf;
+    attention used to turn that into finite, wrong embeddings."""
+    from deelm.errors import AdapterError
+    from deelm.lora import LoraConfig, LoraLayout, save_adapter
+
+    m = deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=1)
+    layout = LoraLayout(LoraConfig(r=2, alpha=4, target_modules=("q_proj", "k_proj")), m.config)
+    params = np.full(layout.size, 3e38, np.float32)
+    folder = save_adapter(tmp_path / "huge", layout, params)
+    m.load_adapter(folder)
+    with pytest.raises(AdapterError, match="overflowed") as e:
+        m.encode(["a cat sat on the mat"])
+    assert "huge" in str(e.value)
+    m.remove_adapter()
+    assert np.isfinite(m.encode(["a cat sat on the mat"])).all()
+
+
+def test_attention_op_refuses_non_finite_qkv():
+    from deelm import _core
+
+    qkv = np.zeros((3, 4 * 8), np.float32)
+    off = np.array([0, 3], np.int64)
+    for bad in (np.inf, -np.inf, np.nan):
+        q = qkv.copy()
+        q[1, 9] = bad  # a key
+        with pytest.raises(ValueError, match="inf or NaN"):
+            _core.attention(q, off, 2, 1, 8, False, 1)

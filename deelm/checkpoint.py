@@ -155,6 +155,26 @@ def list_checkpoints(output_dir):
     return sorted(found)
 
 
+def clean_leftovers(output_dir):
+    """Removes what an interrupted run leaves in `output_dir`: the hidden
+    temporary folders of saves that never completed (``.checkpoint-N.tmp-*``,
+    ``.adapter.tmp-*``, each a whole checkpoint's size) and checkpoint folders
+    that lack a required file. Returns the removed paths."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    removed = []
+    for p in output_dir.iterdir():
+        if not p.is_dir() or p.is_symlink():
+            continue
+        stale_tmp = p.name.startswith(".") and ".tmp-" in p.name
+        incomplete = _NAME_RE.match(p.name) and not all((p / f).is_file() for f in _REQUIRED)
+        if stale_tmp or incomplete:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def latest_checkpoint(output_dir):
     """Path of the checkpoint with the highest step in `output_dir`, or None."""
     found = list_checkpoints(output_dir)

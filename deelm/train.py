@@ -176,6 +176,9 @@ def train(model, data, output_dir, args: TrainingArguments | None = None, *, res
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # a single writer per output folder is assumed: what a killed run left
+    # half-written is garbage now
+    ckpt.clean_leftovers(out)
     step, history = 0, []
     latest = ckpt.latest_checkpoint(out) if resume else None
     if latest is not None:

@@ -118,3 +118,21 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="JSON-serialisable"):
         save_checkpoint(tmp_path / "c", 1, layout, opt.params, opt.state_dict(), extra={"x": object()})
     assert not (tmp_path / "c").exists()
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_on_the_next_start(tmp_path):
+    """Hidden temporary folders of interrupted saves (each a whole checkpoint)
+    and checkpoint folders missing a file used to stay forever."""
+    from deelm import checkpoint as ck
+
+    out = tmp_path / "run"
+    (out / ".checkpoint-4.tmp-abc123").mkdir(parents=True)
+    (out / ".checkpoint-4.tmp-abc123" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (out / ".adapter.tmp-zz").mkdir()
+    (out / "checkpoint-18").mkdir()  # no files: a stale, incomplete one
+    (out / "notes").mkdir()          # not ours: left alone
+    removed = ck.clean_leftovers(out)
+    assert sorted(p.name for p in removed) == [".adapter.tmp-zz", ".checkpoint-4.tmp-abc123",
+                                               "checkpoint-18"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes"]
+    assert ck.clean_leftovers(tmp_path / "missing") == []

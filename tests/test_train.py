@@ -431,3 +431,13 @@ def test_max_examples_takes_the_first_rows(tiny_path, triplets, tmp_path):
                    quick_args(max_steps=None, max_examples=16, batch_size=8),
                    show_progress_bar=False)
     assert result.steps == 2
+
+
+def test_training_start_cleans_a_killed_runs_leftovers(tiny_path, triplets, tmp_path):
+    out = tmp_path / "run"
+    (out / ".checkpoint-2.tmp-dead").mkdir(parents=True)
+    (out / "checkpoint-9").mkdir()  # incomplete
+    train(fresh_tiny(tiny_path), triplets, out, quick_args(max_steps=2), show_progress_bar=False)
+    names = {p.name for p in out.iterdir()}
+    assert ".checkpoint-2.tmp-dead" not in names and "checkpoint-9" not in names
+    assert "adapter" in names

@@ -1,0 +1,149 @@
+"""A fast, seeded fuzz tier: mutated adapter folders and data files, each kind
+in a child process so that a crash is a failure of this test and not the end
+of the run. Every mutant must load (and give finite embeddings) or raise one of
+deelm's own errors naming the file. (Mutated GGUF files: tests/test_bad_input.py.)"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+CHILD = r"""
+import json, sys, traceback
+from pathlib import Path
+import numpy as np
+import deelm
+from deelm import evaluation as ev
+from deelm.errors import DeeLMError
+from deelm.train_data import load_training_data
+
+kind, model_path, cases = sys.argv[1], sys.argv[2], json.loads(Path(sys.argv[3]).read_text())
+model = deelm.DeeLM.from_pretrained(model_path, adapter=None) if kind == "adapter" else None
+for case in cases:
+    print(json.dumps({"started": case}), flush=True)
+    try:
+        if kind == "adapter":
+            model.load_adapter(case)
+            out = model.encode(["a cat sat on the mat", "x"])
+            ok = bool(np.isfinite(out).all())
+            model.remove_adapter()
+        elif kind == "train_data":
+            load_training_data(case)
+            ok = True
+        else:
+            ev.load_sts_file(Path(case))
+            ok = True
+        res = {"outcome": "loaded" if ok else "non-finite"}
+    except DeeLMError as e:
+        res = {"outcome": "error", "names_file": Path(case).name in str(e) or
+               Path(case).parent.name in str(e), "message": str(e)[:200]}
+    except BaseException as e:
+        res = {"outcome": "other", "type": type(e).__name__, "message": str(e)[:300],
+               "where": traceback.format_exc()[-600:]}
+    res["case"] = case
+    print(json.dumps(res), flush=True)
+"""
+
+
+def _flip_bytes(data, rng, n):
+    b = bytearray(data)
+    for _ in range(n):
+        i = int(rng.integers(0, len(b)))
+        b[i] ^= 1 << int(rng.integers(0, 8))
+    return bytes(b)
+
+
+def _mutants(data, rng, count, head=None):
+    """Bit flips (mostly in the first `head` bytes, where formats keep their
+    sizes and offsets), truncations and random splices."""
+    out = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            region = data[:head] if head else data
+            out.append(_flip_bytes(region, rng, int(rng.integers(1, 4))) + data[len(region):])
+        elif kind == 1:
+            out.append(_flip_bytes(data, rng, int(rng.integers(1, 8))))
+        elif kind == 2:
+            out.append(data[:int(rng.integers(0, len(data)))])
+        else:
+            cut = int(rng.integers(0, len(data)))
+            junk = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
+            out.append(data[:cut] + junk + data[cut:])
+    return out
+
+
+def _run(kind, model_path, cases, tmp_path):
+    listing = tmp_path / f"{kind}-cases.json"
+    listing.write_text(json.dumps([str(c) for c in cases]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, kind, str(model_path), str(listing)],
+                              capture_output=True, text=True, timeout=240)
+        stdout, rc, stderr = proc.stdout, proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, stderr = "timeout (240 s)", ""
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    done = [r for r in lines if "outcome" in r]
+    if rc != 0:
+        last = [r for r in lines if "started" in r][-1:] or None
+        pytest.fail(f"{kind} fuzz child ended with {rc} at {last} ({len(done)} of {len(cases)} "
+                    f"done): {stderr[-2000:]}")
+    assert len(done) == len(cases)
+    counts = {}
+    for r in done:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    print(f"\n{kind}: {len(cases)} mutants: {counts}")
+    bad = [r for r in done if r["outcome"] not in ("loaded", "error")]
+    assert not bad, bad[:5]
+    unnamed = [r for r in done if r["outcome"] == "error" and not r["names_file"]]
+    assert not unnamed, unnamed[:5]
+    return counts
+
+
+def test_fuzz_adapter_folders(tiny_path, tmp_path):
+    import deelm
+    from deelm.lora import LoraConfig, LoraLayout, save_adapter
+
+    m = deelm.DeeLM.from_pretrained(tiny_path[0], adapter=None)
+    layout = LoraLayout(LoraConfig(r=2, alpha=4), m.config)
+    params = np.random.default_rng(0).standard_normal(layout.size).astype(np.float32) * 0.05
+    good = save_adapter(tmp_path / "good", layout, params)
+    weights = (good / "adapter_model.safetensors").read_bytes()
+    config = (good / "adapter_config.json").read_bytes()
+    rng = np.random.default_rng(20261207)
+    cases = []
+    header = 8 + int.from_bytes(weights[:8], "little")  # safetensors: length, JSON header
+    for i, data in enumerate(_mutants(weights, rng, 80, head=header)):
+        d = tmp_path / f"w{i}"
+        d.mkdir()
+        (d / "adapter_config.json").write_bytes(config)
+        (d / "adapter_model.safetensors").write_bytes(data)
+        cases.append(d)
+    for i, data in enumerate(_mutants(config, rng, 60)):
+        d = tmp_path / f"c{i}"
+        d.mkdir()
+        (d / "adapter_config.json").write_bytes(data)
+        (d / "adapter_model.safetensors").write_bytes(weights)
+        cases.append(d)
+    counts = _run("adapter", tiny_path[0], cases, tmp_path)
+    assert counts.get("error", 0) > 0
+
+
+@pytest.mark.parametrize("kind", ["train_data", "sts"])
+def test_fuzz_data_files(tiny_path, tmp_path, kind):
+    rng = np.random.default_rng(7 if kind == "sts" else 11)
+    rows = []
+    for i in range(12):
+        if kind == "sts":
+            rows.append({"sentence1": f"a cat {i}", "sentence2": f"the dog {i}", "score": i % 6})
+        else:
+            rows.append({"text": f"a cat {i}", "positive": f"the cat {i}", "negative": f"no {i}"})
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    cases = []
+    for i, mutant in enumerate(_mutants(data, rng, 120)):
+        p = tmp_path / f"m{i}.jsonl"
+        p.write_bytes(mutant)
+        cases.append(p)
+    _run(kind, tiny_path[0], cases, tmp_path)

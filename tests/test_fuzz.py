@@ -147,3 +147,77 @@ def test_fuzz_data_files(tiny_path, tmp_path, kind):
         p.write_bytes(mutant)
         cases.append(p)
     _run(kind, tiny_path[0], cases, tmp_path)
+
+
+CORE_CHILD = r"""
+import json, sys
+import numpy as np
+from deelm import _core
+
+rng = np.random.default_rng(int(sys.argv[1]))
+n_calls = int(sys.argv[2])
+SIZES = [0, 1, 2, 3, 7, 16, 33, -1, 2**31, 2**62, 2**63 - 1, -2**63]
+DTYPES = [np.float32, np.float64, np.int32, np.int64, np.uint8, object]
+
+
+def arr():
+    kind = rng.integers(0, 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return int(rng.choice([0, 1, -1, 5, 2**31, 2**64]))
+    shape = tuple(int(rng.integers(0, 9)) for _ in range(int(rng.integers(0, 4))))
+    dt = DTYPES[int(rng.integers(0, len(DTYPES)))]
+    a = rng.standard_normal(shape) * float(rng.choice([1, 1e30, 1e-30]))
+    if rng.random() < 0.1 and a.size:
+        a.flat[0] = rng.choice([np.nan, np.inf])
+    return a.astype(dt) if dt is not object else a.astype(object)
+
+
+def num():
+    return int(rng.choice(SIZES))
+
+
+OPS = {
+    "attention": lambda: _core.attention(arr(), arr(), num(), num(), num(), bool(rng.integers(0, 2)), num()),
+    "attention_backward": lambda: _core.attention_backward(arr(), arr(), arr(), num(), num(), num(),
+                                                           True, num()),
+    "dequantize": lambda: _core.dequantize(num(), bytes(int(rng.integers(0, 300))), num()),
+    "linear": lambda: _core.linear(arr(), arr(), num()),
+    "qlinear": lambda: _core.qlinear(arr(), num(), bytes(int(rng.integers(0, 300))), num(), num()),
+    "quantize_rows": lambda: _core.quantize_rows(arr()),
+    "qweight": lambda: _core.qweight(num(), bytes(int(rng.integers(0, 300))), num(), num()),
+    "rmsnorm": lambda: _core.rmsnorm(arr(), arr(), float(rng.choice([1e-6, 0.0, -1.0, np.nan]))),
+    "rope": lambda: _core.rope(arr(), arr(), arr(), num()),
+    "swiglu": lambda: _core.swiglu(arr()),
+    "geglu_backward": lambda: _core.geglu_backward(arr(), arr()),
+    "memory_estimate": lambda: _core.memory_estimate({}, "int8", num(), num()),
+    "type_info": lambda: _core.type_info(num()),
+}
+names = sorted(OPS)
+outcomes = {}
+for i in range(n_calls):
+    name = names[i % len(names)]
+    print(json.dumps({"started": [name, i]}), flush=True)
+    try:
+        OPS[name]()
+        key = "returned"
+    except (TypeError, ValueError, OverflowError, MemoryError, RuntimeError) as e:
+        key = "error"
+    outcomes[key] = outcomes.get(key, 0) + 1
+print(json.dumps({"outcomes": outcomes}), flush=True)
+"""
+
+
+def test_fuzz_core_arguments():
+    """Random shapes, dtypes, sizes (negative, 2**62, ...) and values into the
+    C ops: each call returns or raises a Python exception; none may crash or
+    hang (the child's exit code and a time limit check that)."""
+    proc = subprocess.run([sys.executable, "-c", CORE_CHILD, "20261207", "1300"],
+                          capture_output=True, text=True, timeout=240)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0:
+        last = [r for r in lines if "started" in r][-1:]
+        pytest.fail(f"_core fuzz child ended with {proc.returncode} at {last}: {proc.stderr[-2000:]}")
+    print(f"\n_core: {lines[-1]}")
+    assert lines[-1]["outcomes"].get("error", 0) > 0

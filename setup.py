@@ -1,8 +1,22 @@
-"""Build of deelm's C core (deelm._core): plain C11 with OpenMP, no BLAS."""
+"""Build of deelm's C core (deelm._core): plain C11 with OpenMP, no BLAS.
+
+DEELM_SANITIZE=1 builds it with AddressSanitizer and UndefinedBehaviorSanitizer
+(for the fuzz and concurrency tests; the interpreter is not instrumented, so
+run with the ASan runtime preloaded):
+
+    DEELM_SANITIZE=1 python setup.py build_ext --inplace
+    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 python -m pytest tests/test_fuzz.py \
+        tests/test_concurrency.py tests/test_bad_input.py tests/test_ops.py
+"""
 import glob
+import os
 
 import numpy
 from setuptools import Extension, setup
+
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
+    if os.environ.get("DEELM_SANITIZE") == "1" else []
 
 core = Extension(
     "deelm._core",
@@ -12,8 +26,8 @@ core = Extension(
     extra_compile_args=["-O3", "-fopenmp", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers", "-Wno-cast-function-type",
                         # 8-float vector types (csrc/dot.h) only cross always-inlined calls
-                        "-Wno-psabi"],
-    extra_link_args=["-fopenmp"],
+                        "-Wno-psabi"] + SANITIZE,
+    extra_link_args=["-fopenmp"] + SANITIZE,
 )
 
 setup(ext_modules=[core])

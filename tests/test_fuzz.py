@@ -23,7 +23,10 @@ model = deelm.DeeLM.from_pretrained(model_path, adapter=None) if kind == "adapte
 for case in cases:
     print(json.dumps({"started": case}), flush=True)
     try:
-        if kind == "adapter":
+        if kind == "gguf":
+            out = deelm.DeeLM.from_pretrained(case, adapter=None, threads=1).encode(["a cat", "x"])
+            ok = bool(np.isfinite(out).all())
+        elif kind == "adapter":
             model.load_adapter(case)
             out = model.encode(["a cat sat on the mat", "x"])
             ok = bool(np.isfinite(out).all())

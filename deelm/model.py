@@ -442,6 +442,10 @@ class DeeLM:
             result = np.zeros((n, d), dtype=np.float32)
 
         if n:
+            # the settings as they are now, for the whole call, even if another
+            # thread changes them meanwhile
+            prompt = self._prompt if prompt is None else prompt
+            k = self._k
             encoded = self.tokenize(sentences, prompt)
             # longest first, as sentence-transformers does: similar lengths share a batch
             order = np.argsort([-len(e.ids) for e in encoded], kind="stable")
@@ -456,7 +460,7 @@ class DeeLM:
                     pool = [self._pool_range(e, pooling) for e in batch]
                     pooled, layer_pooled, _, tokens, offsets = self.forward_ids(
                         [e.ids for e in batch], pool, layers=output_value == "layer_embeddings",
-                        token_states=output_value == "token_embeddings")
+                        token_states=output_value == "token_embeddings", bidirectional_from=k)
                     for out in (pooled, layer_pooled, tokens):
                         if out is not None and not np.isfinite(out).all():
                             # finite weights can still be absurd enough to overflow

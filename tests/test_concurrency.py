@@ -97,3 +97,45 @@ def test_encode_while_training(tiny_path, tmp_path):
             assert np.isfinite(out).all()
 
     _run_threads([trainer] + [encoder] * 4)
+
+
+def test_encode_while_settings_change(tiny_path):
+    """8 threads encode while others change threads, bidirectional_from,
+    pooling and the adapter: each call uses the settings it started with, so
+    every result is one that a serial run with some combination gives."""
+    import itertools
+
+    m = deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=1, threads=2)
+    adapter = _layout_and_params(m, 3)
+    sents = SENTS[:12]
+    expected = []
+    for k, pooling, with_adapter in itertools.product((-1, 0, 1), ("mean", "last"), (False, True)):
+        m.bidirectional_from, m.pooling = k, pooling
+        if with_adapter:
+            m.set_adapter(*adapter)
+        else:
+            m.remove_adapter()
+        expected.append(m.encode(sents, batch_size=64))
+    stop = threading.Event()
+    seen = []
+
+    def encoder():
+        while not stop.is_set():
+            seen.append(m.encode(sents, batch_size=64))  # one batch: one C call
+
+    def changer():
+        rng = np.random.default_rng(0)
+        for i in range(40):
+            m.threads = int(rng.integers(1, 4))
+            m.bidirectional_from = int(rng.choice([-1, 0, 1]))
+            m.pooling = str(rng.choice(["mean", "last"]))
+            if i % 2:
+                m.set_adapter(*adapter)
+            else:
+                m.remove_adapter()
+        stop.set()
+
+    _run_threads([encoder] * 8 + [changer])
+    assert seen
+    for out in seen:
+        assert any(np.array_equal(out, e) for e in expected)

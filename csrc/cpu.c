@@ -12,7 +12,6 @@
 #include "deelm.h"
 #include "isa.h"
 
-
 /* The features of DL_TARGET_AVX2 and DL_TARGET_AVX512 (isa.h). */
 int dl_isa_supported(int isa) {
     switch (isa) {

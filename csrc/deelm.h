@@ -515,7 +515,7 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
 /* Bytes dl_model_forward allocates at most for a batch of n_rows tokens whose
  * longest sentence has max_len: the batch context, one set of layer
  * activations and the attention's per-thread scratch (not the caller's
- * output arrays, not OpenBLAS's own buffers). lora_rank: the largest rank of
+ * output arrays). lora_rank: the largest rank of
  * the applied LoRA adapters, 0 for none. */
 int64_t dl_forward_bytes(const dl_config *c, int precision, int64_t lora_rank, int64_t n_rows,
                          int64_t max_len, int n_threads);

@@ -43,15 +43,15 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
     b->n_seq = n_seq;
     b->n_rows = N;
     b->n_threads = n_threads > 0 ? n_threads : 1;
-    const int64_t R = N, widest = widest_input(c);
+    const int64_t widest = widest_input(c);
     b->pos = (int32_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int32_t));
     const size_t table = (size_t)(max_len > 0 ? max_len : 1) * c->head_dim * sizeof(float);
     b->rope_cs = (float *)malloc(table);
     b->rope_cs_local = c->rope_local ? (float *)malloc(table) : NULL;
     b->scratch = m->lora
-                     ? (float *)malloc((size_t)dl_lora_scratch_floats(c, R, widest, m->lora->max_rank) * sizeof(float))
+                     ? (float *)malloc((size_t)dl_lora_scratch_floats(c, N, widest, m->lora->max_rank) * sizeof(float))
                      : NULL;
-    int qerr = m->precision == DL_PRECISION_INT8 ? dl_qact_alloc(&b->qx, R, widest) : DL_OK;
+    int qerr = m->precision == DL_PRECISION_INT8 ? dl_qact_alloc(&b->qx, N, widest) : DL_OK;
     if (qerr || !b->pos || !b->rope_cs || (c->rope_local && !b->rope_cs_local) ||
         (m->lora && !b->scratch)) {
         dl_batch_free(b);

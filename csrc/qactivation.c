@@ -18,7 +18,6 @@
 #include "deelm.h"
 #include "isa.h"
 
-
 int64_t dl_qact_bytes(int64_t rows, int64_t max_cols) {
     const int64_t r = rows > 0 ? rows : 1, blocks = r * ((max_cols + DL_QBLOCK - 1) / DL_QBLOCK);
     /* q, then d, s, out_k, out_v per block, n_out per row */

@@ -19,7 +19,6 @@
 #include "deelm.h"
 #include "isa.h"
 
-
 #define ROW_CHUNK 96 /* token rows per work item: a multiple of the tile height */
 
 typedef struct {

@@ -24,7 +24,6 @@
 #include "deelm.h"
 #include "isa.h"
 
-
 #define ROW_CHUNK 48   /* token rows per work item: a multiple of every tile height */
 #define MAX_MR 8       /* the tallest tile (rows) */
 #define MAX_NP 2       /* the widest tile (panels) */
@@ -83,7 +82,6 @@ typedef struct {
     float *y;
     int64_t ldy;
     const float *x;
-    int64_t n;
     const dl_fmat *w;
     int accumulate;
 } sgemm_job;
@@ -216,7 +214,7 @@ static void block(const sgemm_job *J, tile_kind tk, int64_t t0, int64_t nt, int6
 void dl_sgemm(float *y, int64_t ldy, const float *x, int64_t n, const dl_fmat *w, int accumulate,
               int isa, int n_threads) {
     if (n <= 0 || w->rows == 0) return;
-    const sgemm_job J = {y, ldy, x, n, w, accumulate};
+    const sgemm_job J = {y, ldy, x, w, accumulate};
     const tile_kind tk = tile_for(isa);
     const int64_t n_groups = (w->n_panels + tk.np - 1) / tk.np;
     const int64_t n_chunks = (n + ROW_CHUNK - 1) / ROW_CHUNK;

@@ -112,6 +112,7 @@ class DeeLM:
         self._op_seconds = None  # accumulates per-op wall time inside profile()
         self._adapter = None
         self._adapter_path = None
+        self._isa = "auto"
 
     # ---- construction --------------------------------------------------
     @classmethod
@@ -196,6 +197,7 @@ class DeeLM:
         model = cls(gm, core, tok, bidirectional_from=-1 if auto else bidirectional_from,
                     pooling=pooling or "mean", prompt=prompt, max_seq_length=max_seq_length,
                     threads=threads)
+        model._isa = isa
         if adapter is not None:
             model.load_adapter(adapter)
         if auto:
@@ -298,6 +300,19 @@ class DeeLM:
         self._threads = int(n)
 
     # ---- information ----------------------------------------------------
+    @property
+    def load_options(self):
+        """Keyword arguments of :meth:`from_pretrained` that rebuild this model
+        with its current settings: ``DeeLM.from_pretrained(**m.load_options)``.
+        ``adapter`` is the folder the applied adapter was loaded from, or None
+        when none is applied or it was set from memory (:meth:`set_adapter`):
+        such an adapter is in :attr:`adapter`, not in a file."""
+        return {"model": str(self.path), "bidirectional_from": self._k,
+                "pooling": self._pooling, "prompt": self._prompt,
+                "max_seq_length": self._max_len, "threads": self._threads,
+                "precision": self.precision, "isa": self._isa,
+                "adapter": None if self._adapter_path is None else str(self._adapter_path)}
+
     @property
     def path(self):
         return self._file.path

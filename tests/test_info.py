@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 import pytest
 
 from deelm.__main__ import main
@@ -228,3 +230,14 @@ def test_gemma3_gguf_windows_and_local_rope(gemma_tiny_path, capsys):
     s = _json(capsys, gemma_tiny_path[0], "--threads", 1)
     assert (s["dimensions"]["sliding_window"], s["dimensions"]["local_layers"]) == (8, 6)
     assert (s["rope"]["theta"], s["rope"]["local_theta"]) == (1e6, 10000.0)
+
+
+def test_load_options_rebuild_the_same_model(tiny_path):
+    import deelm
+
+    m = deelm.DeeLM.from_pretrained(str(tiny_path[0]), bidirectional_from=1, pooling="last",
+                                    prompt="q: ", max_seq_length=64, threads=1, isa="scalar")
+    again = deelm.DeeLM.from_pretrained(**m.load_options)
+    assert again.load_options == m.load_options
+    s = ["a short sentence", "another one, longer than the first"]
+    assert np.array_equal(m.encode(s), again.encode(s))

@@ -252,9 +252,22 @@ def cmd_train(args):
         epochs=args.epochs, max_steps=args.max_steps, max_examples=args.max_examples,
         max_grad_norm=args.max_grad_norm,
         seed=args.seed, save_steps=args.save_steps, threads=args.threads,
-        adapter_dtype=args.adapter_dtype)
-    print(f"training {model!r}\n  data {args.data}, output {args.output}", file=sys.stderr)
-    result = train(model, args.data, args.output, targs, resume=not args.no_resume)
+        adapter_dtype=args.adapter_dtype, keep_checkpoints=args.keep_checkpoints,
+        pair_loss_weights={"cosent": args.pair_cosent_weight, "angle": args.pair_angle_weight},
+        micro_batch_size=args.micro_batch_size, eval_steps=args.eval_steps,
+        eval_max_pairs=args.eval_max_pairs, early_stopping_patience=args.early_stopping_patience,
+        early_stopping_threshold=args.early_stopping_threshold)
+    print(f"training {model!r}\n  data {' '.join(args.data)}, output {args.output}",
+          file=sys.stderr)
+    log = None
+    if args.eval_data:
+        def log(entry):
+            if "dev_score" in entry:
+                print(f"step {entry['step']}: dev {entry['dev_score']:.2f}", file=sys.stderr)
+    result = train(model, args.data, args.output, targs, resume=not args.no_resume,
+                   eval_data=args.eval_data, log=log)
+    if result.best_step is not None:
+        print(f"best dev score {result.best_score:.2f} at step {result.best_step}")
     print(f"\n{result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} "
           f"tokens/s); final loss {result.history[-1]['loss']:.4f}" if result.history else
           "\nnothing to do: the run had already finished")
@@ -294,8 +307,10 @@ def main(argv=None):
     p = sub.add_parser("train", help="DeeLM: contrastive LoRA fine-tuning of the layers above "
                        "the turning point (writes a PEFT-format adapter)")
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="JSONL of triplets (text, positive, negative) "
-                   "or scored pairs (sentence1, sentence2, score)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="JSONL files of triplets (text, positive, negative) or scored pairs "
+                        "(sentence1, sentence2, score); several files are mixed: triplet files "
+                        "batched together, pair files in batches of their own")
     p.add_argument("--output", required=True, help="folder for checkpoints and adapter/")
     p.add_argument("--train-from", type=int, default=None,
                    help="first trained layer; lower ones are frozen and cached (default: "
@@ -307,21 +322,40 @@ def main(argv=None):
                    help="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (default: all)")
     p.add_argument("--contrastive-weight", type=float, default=1.0,
                    help="in-batch negatives + hard negative loss (InfoNCE)")
-    p.add_argument("--cosent-weight", type=float, default=0.0)
-    p.add_argument("--angle-weight", type=float, default=0.0)
+    p.add_argument("--cosent-weight", type=float, default=0.0, help="(triplet batches)")
+    p.add_argument("--angle-weight", type=float, default=0.0, help="(triplet batches)")
+    p.add_argument("--pair-cosent-weight", type=float, default=1.0,
+                   help="CoSENT on scored-pair batches")
+    p.add_argument("--pair-angle-weight", type=float, default=0.0,
+                   help="AnglE on scored-pair batches")
     p.add_argument("--loss-scale", type=float, default=20.0)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=32, help="examples per in-batch loss")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="GradCache: sentences per forward/backward pass, so large --batch-size "
+                        "fits in memory (same gradient, one extra forward pass)")
     p.add_argument("--gradient-accumulation", type=int, default=1)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-examples", type=int, default=None,
-                   help="train on the first N examples of --data only")
+                   help="train on the first N examples of each kind of --data only")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--eval-data", default=None,
+                   help="scored pairs to select on, e.g. ../shared/data/sts/STSBenchmark/dev.jsonl"
+                        " (never a test set): scored at the start and every --eval-steps; "
+                        "adapter/ is then the best one")
+    p.add_argument("--eval-steps", type=int, default=0)
+    p.add_argument("--eval-max-pairs", type=int, default=None,
+                   help="score a seeded sample of this many pairs")
+    p.add_argument("--early-stopping-patience", type=int, default=None,
+                   help="stop after N evaluations without a gain")
+    p.add_argument("--early-stopping-threshold", type=float, default=0.0,
+                   help="the gain that counts (Spearman x 100 points)")
     p.add_argument("--adapter-dtype", default="float32", choices=["float32", "float16"],
                    help="dtype of the final adapter file (float16 halves it)")
     p.add_argument("--no-resume", action="store_true",

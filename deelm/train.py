@@ -26,7 +26,7 @@ from .lora import LoraConfig, LoraLayout, atomic_directory, init_params, write_a
 from .losses import DEFAULT_WEIGHTS, LOSS_NAMES, combined_loss
 from .model import pack_ids
 from .optim import AdamW, LinearWarmupDecay, clip_grad_norm
-from .train_data import Pairs, Triplets, iter_batches, load_training_data
+from .train_data import MixedBatches, Pairs, Triplets, group_sources, load_training_data
 
 DEELM_CONFIG_FILE = "deelm_config.json"
 
@@ -56,6 +56,20 @@ class TrainingArguments:
     cache_bytes: int = 2 << 30      # cap on the frozen-layer cache
     adapter_dtype: str = "float32"  # the final adapter's file dtype ("float16" halves it)
     threads: int | None = None
+    # losses of scored-pair batches (loss_weights apply to triplet batches)
+    pair_loss_weights: dict = field(default_factory=lambda: {"cosent": 1.0})
+    # GradCache: embed a batch in chunks of this many sentences without keeping
+    # activations, take the loss on the whole batch, then recompute and
+    # backpropagate chunk by chunk; memory follows the chunk, not the batch.
+    # None: the whole batch in one pass.
+    micro_batch_size: int | None = None
+    # dev evaluation (train(eval_data=...)): every eval_steps steps, the best
+    # adapter so far kept; stop after early_stopping_patience evaluations
+    # without a gain above early_stopping_threshold (points of Spearman x 100)
+    eval_steps: int = 0
+    eval_max_pairs: int | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
 
     def check(self, n_layers):
         k = self.bidirectional_from
@@ -67,7 +81,8 @@ class TrainingArguments:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("max_steps", "max_examples"):
+        for name in ("max_steps", "max_examples", "micro_batch_size", "eval_max_pairs",
+                     "early_stopping_patience"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
@@ -79,6 +94,16 @@ class TrainingArguments:
         if unknown or not any(w > 0 for w in self.loss_weights.values()):
             raise ValueError(f"loss_weights must weigh at least one of {LOSS_NAMES} above 0, "
                              f"got {self.loss_weights}")
+        pw = self.pair_loss_weights
+        if (set(pw) - {"cosent", "angle"} or not any(w > 0 for w in pw.values())
+                or any(not math.isfinite(w) or w < 0 for w in pw.values())):
+            raise ValueError("pair_loss_weights must weigh cosent and/or angle (scored pairs have "
+                             f"no in-batch positives for the contrastive loss), got {pw}")
+        if isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) \
+                or self.eval_steps < 0:
+            raise ValueError(f"eval_steps must be an int >= 0, got {self.eval_steps!r}")
+        if not (math.isfinite(self.early_stopping_threshold) and self.early_stopping_threshold >= 0):
+            raise ValueError("early_stopping_threshold must be finite and >= 0")
 
     def to_json(self):
         d = asdict(self)
@@ -93,6 +118,9 @@ class TrainResult:
     seconds: float
     tokens: int
     history: list  # per step: step, loss, lr, grad_norm, tokens, seconds
+    evals: list = field(default_factory=list)  # per dev evaluation: step, score
+    best_step: int | None = None
+    best_score: float | None = None
 
     @property
     def tokens_per_second(self):
@@ -128,30 +156,75 @@ class _FrozenCache:
 
 
 def _read_data(data):
-    if isinstance(data, (Triplets, Pairs)):
-        return data
-    return load_training_data(data)
+    """Data sets to batch: a path, a loaded Triplets/Pairs, or a list of
+    those, grouped by kind (deelm.train_data.group_sources)."""
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not items:
+        raise ValueError("no training data given")
+    loaded = [d if isinstance(d, (Triplets, Pairs)) else load_training_data(d) for d in items]
+    return group_sources(loaded)
+
+
+class _DevEval:
+    """Scores the model on scored pairs (STS-B dev) during training and keeps
+    the best adapter: Spearman x 100 of the cosines, as deelm.evaluation."""
+
+    def __init__(self, eval_data, max_pairs, seed):
+        from .evaluation import STSData, load_sts_file
+
+        if isinstance(eval_data, STSData):
+            data = eval_data
+        else:
+            data = load_sts_file(eval_data)
+        if max_pairs is not None and max_pairs < len(data.scores):
+            keep = np.sort(np.random.default_rng(seed).choice(len(data.scores), max_pairs,
+                                                              replace=False))
+            data = STSData(data.task, data.path, [data.sentence1[i] for i in keep],
+                           [data.sentence2[i] for i in keep], data.scores[keep])
+        self.data = data
+
+    def score(self, model):
+        from .evaluation import encode_unique, sts_scores
+
+        d = self.data
+        emb, where = encode_unique(model, d.sentence1 + d.sentence2, batch_size=64,
+                                   show_progress_bar=False)
+        n = len(d.scores)
+        return 100.0 * sts_scores(emb[where[:n]], emb[where[n:]], d.scores)["cosine_spearman"]
 
 
 def train(model, data, output_dir, args: TrainingArguments | None = None, *, resume=True,
-          show_progress_bar=True, log=None):
+          show_progress_bar=True, log=None, eval_data=None):
     """Trains a LoRA adapter on `model` (a DeeLM) and writes it to
     ``output_dir/adapter`` (PEFT's format plus deelm_config.json).
 
     data: a JSONL path of triplets (text, positive, negative) or scored pairs
-    (sentence1, sentence2, score), or what deelm.train_data loads.
+    (sentence1, sentence2, score), what deelm.train_data loads, or a list of
+    those. Triplet files are batched together (in-batch negatives from every
+    file) and train with ``args.loss_weights``; scored-pair files form their
+    own batches and train with ``args.pair_loss_weights``; the two kinds of
+    batches are interleaved at random over each epoch.
+    eval_data: scored pairs (an STS JSONL path such as STS-B dev, or an
+    evaluation.STSData) scored every ``args.eval_steps`` steps and at the
+    start; ``adapter`` is then the best-scoring one (``last_adapter`` the
+    final one) and training stops early after ``args.early_stopping_patience``
+    evaluations without a gain.
     resume: continue from the newest checkpoint in output_dir, if any.
-    The model keeps the trained adapter applied when this returns.
+    The model keeps the returned adapter applied when this returns.
     """
     args = args or TrainingArguments()
     L = model.num_layers
     args.check(L)
-    data = _read_data(data)
+    sources = _read_data(data)
     if args.max_examples is not None:
-        data = data.head(args.max_examples)
-    if isinstance(data, Pairs) and args.loss_weights.get("contrastive", 0) > 0:
-        raise TrainingDataError(data.path, "scored pairs have no in-batch positives: set the "
-                                "contrastive weight to 0 and use cosent and/or angle")
+        sources = [d.head(args.max_examples) for d in sources]
+    dev = None
+    if eval_data is not None:
+        if not args.eval_steps:
+            raise ValueError("eval_data needs eval_steps > 0 (how often to evaluate)")
+        dev = _DevEval(eval_data, args.eval_max_pairs, args.seed)
+    elif args.eval_steps or args.early_stopping_patience:
+        raise ValueError("eval_steps and early_stopping_patience need eval_data")
     k = model.bidirectional_from if args.bidirectional_from is None else args.bidirectional_from
     model.bidirectional_from = k
     train_from = args.train_from if args.train_from is not None else max(k, 0)
@@ -167,9 +240,9 @@ def train(model, data, output_dir, args: TrainingArguments | None = None, *, res
     grad = np.zeros_like(params)
     threads = args.threads or model.threads
 
-    batches_per_epoch = len(iter_batches(data, args.batch_size, seed=args.seed, epoch=0))
+    batches_per_epoch = len(MixedBatches(sources, args.batch_size, seed=args.seed, epoch=0))
     if batches_per_epoch == 0:
-        raise TrainingDataError(data.path, "no batch could be formed from the data")
+        raise TrainingDataError(sources[0].path, "no batch could be formed from the data")
     total = args.max_steps or math.ceil(batches_per_epoch * args.epochs / args.gradient_accumulation)
     schedule = LinearWarmupDecay(int(args.warmup_ratio * total), total)
     opt = AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, schedule=schedule)
@@ -179,7 +252,7 @@ def train(model, data, output_dir, args: TrainingArguments | None = None, *, res
     # a single writer per output folder is assumed: what a killed run left
     # half-written is garbage now
     ckpt.clean_leftovers(out)
-    step, history = 0, []
+    step, history, evals = 0, [], []
     latest = ckpt.latest_checkpoint(out) if resume else None
     if latest is not None:
         c = ckpt.load_checkpoint(latest, model._core.config)
@@ -189,7 +262,30 @@ def train(model, data, output_dir, args: TrainingArguments | None = None, *, res
         params[:] = c.params
         opt.load_state_dict(c.optimizer_state)
         step, history = c.step, list(c.extra.get("history", []))
+        evals = list(c.extra.get("evals", []))
     model.set_adapter(layout, params)
+
+    def save_adapter(directory, extra=None):
+        return save_trained_adapter(directory, model, layout, params, args, train_from, history,
+                                    extra)
+
+    def evaluate():
+        """Scores the model now; True when training should stop early."""
+        score = dev.score(model)
+        best = max((e["score"] for e in evals), default=-math.inf)
+        evals.append({"step": step, "score": score})
+        if log:
+            log({"step": step, "dev_score": score})
+        if score > best:
+            save_adapter(out / "best_adapter", {"best_step": step, "dev_score": score,
+                                                "dev_data": str(dev.data.path)})
+        if not args.early_stopping_patience:
+            return False
+        stale = len(evals) - 1 - _last_gain(evals, args.early_stopping_threshold)
+        return stale >= args.early_stopping_patience
+
+    if dev is not None and not evals:
+        evaluate()
 
     cache = _FrozenCache(model, train_from, k, args.cache_bytes)
     from tqdm.auto import tqdm
@@ -198,15 +294,16 @@ def train(model, data, output_dir, args: TrainingArguments | None = None, *, res
     t_start, tokens_total, micro = time.perf_counter(), 0, 0
     skip = step * args.gradient_accumulation  # batches the resumed steps consumed
     step_loss, step_tokens, t_step = 0.0, 0, time.perf_counter()
+    stop = False
     try:
         for epoch in range(10 ** 9):
-            if step >= total:
+            if step >= total or stop:
                 break
-            for batch in iter_batches(data, args.batch_size, seed=args.seed, epoch=epoch):
+            for _, batch in MixedBatches(sources, args.batch_size, seed=args.seed, epoch=epoch):
                 if skip:
                     skip -= 1
                     continue
-                if step >= total:
+                if step >= total or stop:
                     break
                 # dropout masks depend on (seed, step, batch within the step) only, so a
                 # resumed run draws what the uninterrupted one would have
@@ -234,38 +331,108 @@ def train(model, data, output_dir, args: TrainingArguments | None = None, *, res
                 bar.update(1)
                 if log:
                     log(history[-1])
-                step_loss, step_tokens, t_step = 0.0, 0, now
-                if args.save_steps and step % args.save_steps == 0 and step < total:
+                if dev is not None and step % args.eval_steps == 0:
+                    stop = evaluate()
+                step_loss, step_tokens, t_step = 0.0, 0, time.perf_counter()
+                if args.save_steps and step % args.save_steps == 0 and step < total and not stop:
                     ckpt.save_checkpoint(ckpt.checkpoint_path(out, step), step, layout, params,
-                                         opt.state_dict(), extra={"history": history})
+                                         opt.state_dict(),
+                                         extra={"history": history, "evals": evals})
                     ckpt.remove_old_checkpoints(out, args.keep_checkpoints)
     finally:
         bar.close()
+    if dev is not None and evals[-1]["step"] != step:
+        evaluate()
     seconds = time.perf_counter() - t_start
-    adapter = save_trained_adapter(out / "adapter", model, layout, params, args, train_from,
-                                   history)
-    return TrainResult(adapter, step, seconds, tokens_total, history)
+    if dev is None:
+        adapter = save_adapter(out / "adapter")
+        best_step = best_score = None
+    else:
+        save_adapter(out / "last_adapter")
+        best = evals[_best_eval(evals)]
+        best_step, best_score = best["step"], best["score"]
+        adapter = _publish_best(out)
+        model.load_adapter(adapter)
+    return TrainResult(adapter, step, seconds, tokens_total, history, evals, best_step, best_score)
+
+
+def _best_eval(evals):
+    """Index of the best evaluation (the earliest of equal scores)."""
+    return max(range(len(evals)), key=lambda i: (evals[i]["score"], -i))
+
+
+def _last_gain(evals, threshold):
+    """Index of the last evaluation that beat every earlier one by more than `threshold`."""
+    best, at = evals[0]["score"], 0
+    for i in range(1, len(evals)):
+        if evals[i]["score"] > best + threshold:
+            at = i
+        best = max(best, evals[i]["score"])
+    return at
+
+
+def _publish_best(out):
+    """Copies best_adapter/ to adapter/ (atomically): the adapter a run hands over."""
+    import shutil
+
+    target = out / "adapter"
+    with atomic_directory(target) as tmp:
+        for f in (out / "best_adapter").iterdir():
+            shutil.copy2(f, Path(tmp) / f.name)
+    return target
 
 
 def _mask_seed(seed, step, micro):
     return (seed * 1_000_003 + step * 1_009 + micro) & (2 ** 64 - 1)
 
 
+def _chunk_seed(seed, chunk):
+    return seed if chunk == 0 else (seed * 6_364_136_223_846_793_005 + chunk) & (2 ** 64 - 1)
+
+
 def _micro_step(model, batch, cache, train_from, k, args, grad, threads, seed):
-    """Forward, loss and backward of one batch; adds its gradient to `grad`."""
+    """Forward, loss and backward of one batch; adds its gradient to `grad`.
+
+    With args.micro_batch_size below the batch's sentence count this is a
+    GradCache step: a forward pass per chunk of sentences gives the pooled
+    embeddings (each chunk's activations are overwritten by the next), the
+    loss and its gradient w.r.t. every embedding come from the whole batch,
+    then each chunk is run forward again (same dropout masks: same seed) and
+    backward with its rows of that gradient. The gradient equals the
+    one-pass step's up to float summation order; the cost is one extra
+    forward pass.
+    """
     encoded = model.tokenize(batch.sentences)
     ids = [e.ids for e in encoded]
-    _, offsets = pack_ids(ids)
     pool = np.array([model._pool_range(e, model.pooling) for e in encoded], dtype=np.int64)
-    x_in = cache.gather(batch.sentences, ids, threads)
-    pooled = model._core.train_forward(x_in, offsets, pool, train_from, k, threads,
-                                       args.lora.dropout, seed)
-    loss, g = combined_loss(pooled, batch, args.loss_weights, args.loss_scale)
-    model._core.train_backward((g / args.gradient_accumulation).astype(np.float32), grad)
-    return loss, int(offsets[-1])
+    n = len(ids)
+    size = args.micro_batch_size or n
+    chunks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+    def forward(c):
+        lo, hi = chunks[c]
+        _, offsets = pack_ids(ids[lo:hi])
+        x_in = cache.gather(batch.sentences[lo:hi], ids[lo:hi], threads)
+        return model._core.train_forward(x_in, offsets, pool[lo:hi], train_from, k, threads,
+                                         args.lora.dropout, _chunk_seed(seed, c))
+
+    weights = args.loss_weights if batch.kind == "triplet" else args.pair_loss_weights
+    scale = 1.0 / args.gradient_accumulation
+    if len(chunks) == 1:
+        pooled = forward(0)
+        loss, g = combined_loss(pooled, batch, weights, args.loss_scale)
+        model._core.train_backward((g * scale).astype(np.float32), grad)
+    else:
+        pooled = np.concatenate([forward(c) for c in range(len(chunks))])
+        loss, g = combined_loss(pooled, batch, weights, args.loss_scale)
+        g = (g * scale).astype(np.float32)
+        for c, (lo, hi) in enumerate(chunks):
+            forward(c)
+            model._core.train_backward(np.ascontiguousarray(g[lo:hi]), grad)
+    return loss, sum(len(x) for x in ids)
 
 
-def save_trained_adapter(directory, model, layout, params, args, train_from, history):
+def save_trained_adapter(directory, model, layout, params, args, train_from, history, extra=None):
     """The adapter in PEFT's format, plus deelm_config.json: the attention
     setting and pooling it was trained with, so loading restores them."""
     settings = {
@@ -277,6 +444,7 @@ def save_trained_adapter(directory, model, layout, params, args, train_from, his
         "training": args.to_json(),
         "steps": len(history),
         "final_loss": history[-1]["loss"] if history else None,
+        **(extra or {}),
     }
     directory = Path(directory)
     with atomic_directory(directory) as tmp:

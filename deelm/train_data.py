@@ -384,6 +384,88 @@ def _plan_unique(ids, order, batch_size):
     return plan, n_deferred, dropped
 
 
+def concat_examples(parts):
+    """One Triplets or Pairs holding the rows of several loaded files in order.
+
+    The parts must be of one kind (and, for triplets, either all with or all
+    without negatives): their rows are then batched together, so in-batch
+    negatives come from every file. ``lines`` keeps each row's line number in
+    its own file; ``path`` lists the files.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no data to concatenate")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for p in parts[1:]:
+        if type(p) is not type(first) or [c is None for c in p.text_columns()] != \
+                [c is None for c in first.text_columns()] or \
+                (isinstance(p, Triplets) and (p.negative is None) != (first.negative is None)):
+            raise TrainingDataError(p.path, f"cannot be batched with {first.path}: one holds "
+                                    "triplets with negatives, the other not, or scored pairs")
+    import dataclasses
+
+    merged = {}
+    for f in dataclasses.fields(first):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "path":
+            merged[f.name] = " + ".join(str(v) for v in values)
+        elif values[0] is None:
+            merged[f.name] = None
+        elif isinstance(values[0], np.ndarray):
+            merged[f.name] = np.concatenate(values)
+        else:
+            merged[f.name] = [x for v in values for x in v]
+    return type(first)(**merged)
+
+
+def group_sources(parts):
+    """Loaded files grouped for batching: all triplet files with negatives
+    together, those without together, all scored-pair files together, each
+    group concatenated (:func:`concat_examples`). Order: first appearance."""
+    groups = {}
+    for p in parts:
+        key = (p.kind, isinstance(p, Triplets) and p.negative is None)
+        groups.setdefault(key, []).append(p)
+    return [concat_examples(g) for g in groups.values()]
+
+
+class MixedBatches:
+    """The batches of one epoch over several data sets.
+
+    Each batch comes from one set (a triplet batch and a scored-pair batch
+    train with different losses); the sets' batches are interleaved in a
+    random order fixed by (seed, epoch), each set keeping its own order, so
+    every set is spread over the whole epoch. With one set this is exactly
+    that set's :class:`EpochBatches`. Iterating yields (set index, Batch).
+    """
+
+    def __init__(self, datasets, batch_size, seed=0, epoch=0, unique_texts=True):
+        self.parts = [EpochBatches(d, batch_size, seed=seed, epoch=epoch, unique_texts=unique_texts)
+                      for d in datasets]
+        tags = np.concatenate([np.full(len(p), j, dtype=np.int64) for j, p in enumerate(self.parts)])
+        if len(self.parts) > 1:
+            np.random.default_rng([int(seed), int(epoch), len(self.parts)]).shuffle(tags)
+        self.order = tags
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        plans = [iter(p) for p in self.parts]
+        for j in self.order:
+            yield int(j), next(plans[j])
+
+    @property
+    def n_dropped(self):
+        return sum(p.n_dropped for p in self.parts)
+
+    @property
+    def n_deferred(self):
+        return sum(p.n_deferred for p in self.parts)
+
+
 def iter_batches(examples, batch_size, seed=0, epoch=0, unique_texts=True):
     """The batches of one epoch of `examples` (Triplets or Pairs) as an EpochBatches.
 

@@ -18,6 +18,24 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("DEELM_DATA", REPO.parent / "shared" / "data"))
 
 
+def fresh_tiny(tiny_path, k=1):
+    """The tiny LLaMA of `tiny_path` as a DeeLM, bidirectional from layer k."""
+    import deelm
+
+    return deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=k, threads=2)
+
+
+def quick_args(**kw):
+    """TrainingArguments of a few quick steps on the tiny models."""
+    from deelm.lora import LoraConfig
+    from deelm.train import TrainingArguments
+
+    base = dict(max_steps=6, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0,
+                lora=LoraConfig(r=4, alpha=8, dropout=0.1))
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
 def data_file(*parts):
     """A file of the shared data set, or skip the test saying where it looked."""
     p = DATA_DIR.joinpath(*parts)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import deelm
-from conftest import bidirectional_layers, padded_batch, sts_sentences
+from conftest import bidirectional_layers, fresh_tiny, padded_batch, quick_args, sts_sentences
 from deelm.errors import AdapterError, TrainingDataError
 from deelm.lora import LoraConfig, LoraLayout, adapter_tensors, init_params, save_adapter
 from deelm.model import pack_ids
-from deelm.train import TrainingArguments, train
+from deelm.train import train
 from tiny_gguf import TINY
 
 torch = pytest.importorskip("torch")
@@ -287,17 +287,6 @@ def triplets(tmp_path_factory):
     return path
 
 
-def fresh_tiny(tiny_path, k=1):
-    return deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=k, threads=2)
-
-
-def quick_args(**kw):
-    base = dict(max_steps=6, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0,
-                lora=LoraConfig(r=4, alpha=8, dropout=0.1))
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
 def test_training_lowers_the_loss(tiny_path, triplets, tmp_path):
     model = fresh_tiny(tiny_path)
     result = train(model, triplets, tmp_path / "run",
@@ -365,8 +354,9 @@ def test_trainer_bad_input(tiny_path, triplets, tmp_path):
               show_progress_bar=False)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"sentence1": "a b", "sentence2": "a c", "score": 4.0}\n' * 3)
-    with pytest.raises(TrainingDataError, match="contrastive"):
-        train(model, pairs, tmp_path / "o6", quick_args(), show_progress_bar=False)
+    with pytest.raises(ValueError, match="no in-batch positives"):
+        train(model, pairs, tmp_path / "o6", quick_args(pair_loss_weights={"contrastive": 1.0}),
+              show_progress_bar=False)
 
 
 def test_corrupt_adapter_is_a_clear_error(tiny_path, triplets, tmp_path):

@@ -15,13 +15,16 @@ EXAMPLE_PAIRS = [
 
 
 def _k_arg(value):
-    """A layer index, or "auto" (the turning point, see deelm.analysis)."""
-    if value == "auto":
+    """A layer index, or the name of a rule that measures one (deelm.analysis)."""
+    from .model import K_RULES
+
+    if value in K_RULES:
         return value
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an int or one of {', '.join(K_RULES)}, "
+                                         f"got {value!r}") from None
 
 
 def _add_model_args(p, bidirectional=True):
@@ -31,7 +34,8 @@ def _add_model_args(p, bidirectional=True):
     if bidirectional:
         p.add_argument("--bidirectional-from", type=_k_arg, default=None,
                        help="first bidirectional layer; -1 causal, 0 fully bidirectional, 'auto' "
-                            "the turning point measured on STS Benchmark dev (see the "
+                            "(= 'degradation') the k whose untrained model scores best on STS "
+                            "Benchmark dev, 'turning_point' the paper's rule (see the "
                             "turning-point command) (default: the last layer)")
     p.add_argument("--pooling", default=None, choices=["mean", "last", "text_mean"],
                    help="default: mean, or what --adapter was trained with")
@@ -52,18 +56,20 @@ def _load(args):
     from . import DeeLM
 
     k = getattr(args, "bidirectional_from", None)
-    model = DeeLM.from_pretrained(args.model, bidirectional_from=-1 if k == "auto" else k,
+    rule = k if isinstance(k, str) else None
+    model = DeeLM.from_pretrained(args.model, bidirectional_from=-1 if rule else k,
                                   pooling=args.pooling, prompt=args.prompt,
                                   max_seq_length=args.max_seq_length, threads=args.threads,
                                   precision=args.precision,
                                   adapter=None if args.adapter == "none" else args.adapter)
-    if k == "auto":
+    if rule:
         from .analysis import auto_bidirectional_from
 
         t0 = time.perf_counter()
-        model.bidirectional_from = auto_bidirectional_from(model, data_dir=getattr(args, "data", None))
-        print(f"bidirectional_from=auto: turning point k = {model.bidirectional_from} on STS "
-              f"Benchmark dev ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        model.bidirectional_from = auto_bidirectional_from(model, rule,
+                                                           data_dir=getattr(args, "data", None))
+        print(f"bidirectional_from={rule}: k = {model.bidirectional_from} on STS Benchmark dev "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return model
 
 
@@ -212,7 +218,7 @@ def cmd_probe(args):
                 print(f"auto: turning point k = {c} from {args.turning_point_json}")
             else:
                 t0 = time.perf_counter()
-                c = an.auto_bidirectional_from(model, data_dir=args.data)
+                c = an.auto_bidirectional_from(model, "turning_point", data_dir=args.data)
                 print(f"auto: turning point k = {c} ({time.perf_counter() - t0:.0f} s)")
         if c not in configs:
             configs.append(c)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluation as ev
+from .model import K_RULES
 
 TURNING_POINT_RULE = (
     "the curve's layer outputs are l = 0..L (0 = embedding output, l >= 1 = output of transformer "
@@ -148,19 +149,49 @@ def _file_identity(path):
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def auto_bidirectional_from(model, use_cache=True, **kw):
-    """The turning point k of `model` (see turning_point), measured with
-    layer_sts(model, **kw) -- by default on STS Benchmark dev, causal model.
+# Names bidirectional_from accepts for a measured choice of k. "auto" is the
+# degradation rule: on both packaged models it picks the k that also trains
+# best (docs/training.md), where the paper's turning point picks far too few
+# bidirectional layers (Gemma-3-270M: 17 against 4).
+DEGRADATION_RULE = (
+    "k is the setting j in {-1 (causal), 0, ..., L-1} whose untrained model (layers >= j "
+    "bidirectional, the model's pooling and prompt) scores best on the dev pairs: the argmax of "
+    "the degradation curve, the earliest j on ties.")
+DEGRADATION_PAIRS = 500  # a seeded sample of STS-B dev: L+1 encodes of it stay affordable
+
+
+def degradation_k(curve):
+    """The best j of a degradation curve {j: score} (the earliest on ties, NaN ignored)."""
+    scored = {j: v for j, v in curve.items() if v == v}
+    if not scored:
+        raise ValueError("the degradation curve is all NaN")
+    return min(scored, key=lambda j: (-scored[j], j))
+
+
+def auto_bidirectional_from(model, rule="auto", use_cache=True, **kw):
+    """k for `model` measured on STS Benchmark dev by `rule`:
+
+    * "auto" / "degradation": the argmax of the untrained degradation curve
+      (see degradation_curve; DEGRADATION_RULE), on a seeded sample of
+      DEGRADATION_PAIRS dev pairs unless kw gives max_pairs;
+    * "turning_point": the paper's rule on the causal model's layer curve
+      (layer_sts(model, **kw), see turning_point).
 
     Measuring takes minutes, so the result is cached in
     $DEELM_CACHE_DIR/turning_points.json (default ~/.cache/deelm), keyed by
-    the model file and data file (path, size, mtime) and every setting that
-    changes the curve; use_cache=False measures again."""
+    the rule, the model file and data file (path, size, mtime) and every
+    setting that changes the curve; use_cache=False measures again."""
+    if rule not in K_RULES:
+        raise ValueError(f"rule must be one of {K_RULES}, got {rule!r}")
+    rule = "degradation" if rule == "auto" else rule
+    if rule == "degradation":
+        kw.setdefault("max_pairs", DEGRADATION_PAIRS)
     task, split = kw.get("task", "STSBenchmark"), kw.get("split", "dev")
     data_file = ev.task_file(ev.resolve_data_dir(kw.get("data_dir")), task, "mteb", split)
     key = "|".join(str(x) for x in (
         _file_identity(model.path), _file_identity(data_file), kw.get("max_pairs"), kw.get("seed", 0),
-        kw.get("bidirectional_from", -1), model.pooling, model.prompt, model.max_seq_length))
+        kw.get("bidirectional_from", -1), model.pooling, model.prompt, model.max_seq_length)) + \
+        ("" if rule == "turning_point" else f"|{rule}")
     cache = _cache_path()
     entries = {}
     if use_cache and cache.is_file():
@@ -170,12 +201,19 @@ def auto_bidirectional_from(model, use_cache=True, **kw):
             entries = {}  # an unreadable cache is only a cache: measure again
         if key in entries:
             return int(entries[key]["k"])
-    curve = layer_sts(model, **kw)
-    k = turning_point(curve)[0]
+    if rule == "turning_point":
+        curve = layer_sts(model, **kw)
+        k = turning_point(curve)[0]
+        entry = {"k": k, "curve": curve, "rule": TURNING_POINT_RULE}
+    else:
+        curve = degradation_curve(model, **{n: v for n, v in kw.items() if n != "bidirectional_from"})
+        k = degradation_k(curve)
+        entry = {"k": k, "degradation": {str(j): v for j, v in curve.items()},
+                 "rule": DEGRADATION_RULE}
     if use_cache:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            entries[key] = {"k": k, "curve": curve, "rule": TURNING_POINT_RULE}
+            entries[key] = entry
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(entries, indent=1))
             tmp.replace(cache)

@@ -14,6 +14,8 @@ POOLINGS = ("mean", "last", "text_mean")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", "layer_embeddings")
 # The prompt of the DeeLM/BeLLM paper; pass it as prompt=PAPER_PROMPT.
 PAPER_PROMPT = 'The representative word for sentence {text} is:"'
+# bidirectional_from names of a k measured on STS-B dev (deelm.analysis owns the rules)
+K_RULES = ("auto", "degradation", "turning_point")
 DEFAULT_MAX_SEQ_LENGTH = 512
 
 
@@ -131,9 +133,11 @@ class DeeLM:
         bidirectional_from: layers with 0-based index >= this attend in both
             directions; -1 keeps the model causal, 0 makes it fully
             bidirectional. None: the last layer only (the paper's choice for
-            LLaMA-2-7B, k = L-1). "auto": the turning point measured on STS
-            Benchmark dev (deelm.analysis; needs the data, cached per model
-            file, minutes the first time).
+            LLaMA-2-7B, k = L-1). "auto" (= "degradation"): the k whose
+            untrained model scores best on STS Benchmark dev (the argmax of
+            the degradation curve); "turning_point": the paper's rule on the
+            causal model's layer curve (deelm.analysis; both need the data,
+            are cached per model file, minutes the first time).
         pooling: "mean" over all tokens, "last" token, or "text_mean" (mean
             over the sentence's own tokens, leaving out the prompt template);
             None: "mean" (or the adapter's).
@@ -193,17 +197,19 @@ class DeeLM:
                                   else bidirectional_from)
             pooling = trained.get("pooling") if pooling is None else pooling
             prompt = trained.get("prompt") if prompt is None else prompt
-        auto = isinstance(bidirectional_from, str) and bidirectional_from == "auto"
-        model = cls(gm, core, tok, bidirectional_from=-1 if auto else bidirectional_from,
+        rule = bidirectional_from if isinstance(bidirectional_from, str) else None
+        if rule is not None and rule not in K_RULES:
+            raise ValueError(f"bidirectional_from must be an int or one of {K_RULES}, got {rule!r}")
+        model = cls(gm, core, tok, bidirectional_from=-1 if rule else bidirectional_from,
                     pooling=pooling or "mean", prompt=prompt, max_seq_length=max_seq_length,
                     threads=threads)
         model._isa = isa
         if adapter is not None:
             model.load_adapter(adapter)
-        if auto:
+        if rule:
             from .analysis import auto_bidirectional_from
 
-            model.bidirectional_from = auto_bidirectional_from(model)
+            model.bidirectional_from = auto_bidirectional_from(model, rule)
         return model
 
     # ---- LoRA adapters ---------------------------------------------------------

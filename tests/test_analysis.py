@@ -96,7 +96,8 @@ def test_layer_sts_equals_slices_of_layer_embeddings(tiny_isa, sts_dir):
     emb = tiny.encode(every)
     final = ev.sts_scores(emb[:n], emb[n:], data.scores)["cosine_spearman"]
     assert curve[-1] == pytest.approx(final, abs=1e-9)
-    assert an.auto_bidirectional_from(tiny, data_dir=sts_dir) == an.turning_point(curve)[0]
+    assert an.auto_bidirectional_from(tiny, "turning_point", data_dir=sts_dir) == \
+        an.turning_point(curve)[0]
 
 
 def test_max_pairs_is_a_fixed_seeded_subset(sts_dir):
@@ -253,7 +254,10 @@ def test_cli_bidirectional_from_auto(tiny_path, sts_dir, capsys):
     rc = main(["eval", "--model", str(tiny_path[0]), "--data", str(sts_dir), "--tasks",
                "STSBenchmark", "--bidirectional-from", "auto"])
     captured = capsys.readouterr()
-    assert rc == 0 and "bidirectional_from=auto: turning point k =" in captured.err
+    assert rc == 0 and "bidirectional_from=auto: k =" in captured.err
+    rc = main(["eval", "--model", str(tiny_path[0]), "--data", str(sts_dir), "--tasks",
+               "STSBenchmark", "--bidirectional-from", "turning_point"])
+    assert rc == 0 and "bidirectional_from=turning_point: k =" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--bidirectional-from", "sometimes"])
 
@@ -268,18 +272,38 @@ def test_real_data_subset_and_probe(tiny):
     assert r["max"] == [0.0] * (tiny.num_layers + 1) and r["n_pairs"] > 8
 
 
-def test_from_pretrained_auto_uses_the_turning_point_and_caches_it(tiny_path, sts_dir, tmp_path,
-                                                                   monkeypatch):
+def test_from_pretrained_auto_uses_the_degradation_rule_and_caches_it(tiny_path, sts_dir, tmp_path,
+                                                                     monkeypatch):
     import deelm
 
     monkeypatch.setenv("DEELM_DATA", str(sts_dir))
     monkeypatch.setenv("DEELM_CACHE_DIR", str(tmp_path / "cache"))
     causal = deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=-1)
-    expect = an.turning_point(an.layer_sts(causal))[0]
+    curve = an.degradation_curve(causal, max_pairs=an.DEGRADATION_PAIRS)
+    expect = an.degradation_k(curve)
+    assert curve[expect] == max(curve.values())
     m = deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from="auto")
     assert m.bidirectional_from == expect
+    assert deelm.DeeLM.from_pretrained(tiny_path[0],
+                                       bidirectional_from="degradation").bidirectional_from == expect
+    tp = an.turning_point(an.layer_sts(causal))[0]
+    assert deelm.DeeLM.from_pretrained(tiny_path[0],
+                                       bidirectional_from="turning_point").bidirectional_from == tp
     cache = json.loads((tmp_path / "cache" / "turning_points.json").read_text())
-    assert [e["k"] for e in cache.values()] == [expect]
-    # a second load reads the cache instead of measuring
+    assert sorted(e["k"] for e in cache.values()) == sorted([expect, tp])
+    # later loads read the cache instead of measuring
     monkeypatch.setattr(an, "layer_sts", lambda *a, **k: pytest.fail("measured again"))
-    assert deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from="auto").bidirectional_from == expect
+    monkeypatch.setattr(an, "degradation_curve", lambda *a, **k: pytest.fail("measured again"))
+    for rule, k in (("auto", expect), ("turning_point", tp)):
+        assert deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=rule).bidirectional_from == k
+    with pytest.raises(ValueError, match="turning_point"):
+        deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from="best")
+
+
+def test_degradation_k_takes_the_earliest_best():
+    assert an.degradation_k({-1: 0.5, 0: 0.7, 1: 0.7, 2: float("nan")}) == 0
+    assert an.degradation_k({-1: 0.9, 0: 0.1}) == -1
+    with pytest.raises(ValueError, match="NaN"):
+        an.degradation_k({0: float("nan")})
+
+

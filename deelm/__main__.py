@@ -265,13 +265,12 @@ def cmd_train(args):
         early_stopping_threshold=args.early_stopping_threshold)
     print(f"training {model!r}\n  data {' '.join(args.data)}, output {args.output}",
           file=sys.stderr)
-    log = None
-    if args.eval_data:
-        def log(entry):
-            if "dev_score" in entry:
-                print(f"step {entry['step']}: dev {entry['dev_score']:.2f}", file=sys.stderr)
+    def log_dev(entry):
+        if "dev_score" in entry:
+            print(f"step {entry['step']}: dev {entry['dev_score']:.2f}", file=sys.stderr)
+
     result = train(model, args.data, args.output, targs, resume=not args.no_resume,
-                   eval_data=args.eval_data, log=log)
+                   eval_data=args.eval_data, log=log_dev)
     if result.best_step is not None:
         print(f"best dev score {result.best_score:.2f} at step {result.best_step}")
     print(f"\n{result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} "

@@ -164,13 +164,15 @@ class DeeLM:
             or PEFT saves), applied unmerged; None for the bare model. The
             bidirectional_from, pooling and prompt it was trained with
             (deelm_config.json) apply unless given here. "auto": the DeeLM
-            adapter shipped with deelm when the default model is loaded
-            (model=None, $DEELM_MODEL unset), none otherwise.
+            adapter shipped with deelm for these weights, recognised by
+            content (deelm.default_model.model_fingerprint) wherever the file
+            lives -- SmolLM2-135M-Instruct Q4_1 (the default model) and
+            Gemma-3-270M Q4_K_M -- none for other models.
         """
         path = resolve_model_path(model)
-        if isinstance(adapter, str) and adapter == "auto":
-            adapter = default_adapter(model)
         gm = read_model(path)
+        if isinstance(adapter, str) and adapter == "auto":
+            adapter = default_adapter(gm.tensors)
         if precision is None:
             precision = default_precision(gm.tensors)
         if precision not in PRECISIONS:
@@ -199,7 +201,7 @@ class DeeLM:
             prompt = trained.get("prompt") if prompt is None else prompt
         rule = bidirectional_from if isinstance(bidirectional_from, str) else None
         if rule is not None and rule not in K_RULES:
-            raise ValueError(f"bidirectional_from must be an int or one of {K_RULES}, got {rule!r}")
+            raise TypeError(f"bidirectional_from must be an int or one of {K_RULES}, got {rule!r}")
         model = cls(gm, core, tok, bidirectional_from=-1 if rule else bidirectional_from,
                     pooling=pooling or "mean", prompt=prompt, max_seq_length=max_seq_length,
                     threads=threads)
@@ -306,6 +308,16 @@ class DeeLM:
         self._threads = int(n)
 
     # ---- information ----------------------------------------------------
+    @property
+    def fingerprint(self):
+        """A content hash of the weights (deelm.default_model.model_fingerprint):
+        adapters record the one they were trained on."""
+        if getattr(self, "_fingerprint", None) is None:
+            from .default_model import model_fingerprint
+
+            self._fingerprint = model_fingerprint(self._file.tensors)
+        return self._fingerprint
+
     @property
     def load_options(self):
         """Keyword arguments of :meth:`from_pretrained` that rebuild this model

@@ -441,6 +441,7 @@ def save_trained_adapter(directory, model, layout, params, args, train_from, his
         "pooling": model.pooling,
         "prompt": model.prompt,
         "base_model": Path(str(model.path)).name,
+        "base_model_fingerprint": model.fingerprint,
         "training": args.to_json(),
         "steps": len(history),
         "final_loss": history[-1]["loss"] if history else None,

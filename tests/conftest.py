@@ -107,15 +107,16 @@ def default_model(default_path):
     """The default model as users get it: int8 GEMMs on the fastest ISA path."""
     import deelm
 
-    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1)
+    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1, adapter=None)
 
 
 @pytest.fixture(scope="session")
 def default_f32(default_path):
-    """The default model computed in float32 (OpenBLAS): the exact path."""
+    """The default model computed in float32 (deelm's own GEMM): the exact path."""
     import deelm
 
-    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1, precision="float32")
+    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1, precision="float32",
+                                       adapter=None)
 
 
 @pytest.fixture(scope="session")

@@ -296,7 +296,7 @@ def test_from_pretrained_auto_uses_the_degradation_rule_and_caches_it(tiny_path,
     monkeypatch.setattr(an, "degradation_curve", lambda *a, **k: pytest.fail("measured again"))
     for rule, k in (("auto", expect), ("turning_point", tp)):
         assert deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=rule).bidirectional_from == k
-    with pytest.raises(ValueError, match="turning_point"):
+    with pytest.raises(TypeError, match="turning_point"):
         deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from="best")
 
 

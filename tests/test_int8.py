@@ -292,7 +292,7 @@ def test_isa_paths_bitwise_equal_on_default_model(default_path):
     sents = ["A man is playing a guitar.", "x", "Café naïve — 日本語のテキスト 12345!"]
     out = {}
     for isa in ISAS:
-        m = deelm.DeeLM.from_pretrained(default_path, bidirectional_from=0, isa=isa)
+        m = deelm.DeeLM.from_pretrained(default_path, bidirectional_from=0, isa=isa, adapter=None)
         assert m.config["precision"] == "int8" and m.config["isa"] == isa
         out[isa] = m.encode(sents, output_value="layer_embeddings")
     for isa in ISAS[1:]:

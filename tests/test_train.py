@@ -123,7 +123,7 @@ def test_lora_gradients_match_torch_tiny(tiny_f32, hf_tiny, tmp_path, k, train_f
 
 def test_lora_gradients_match_torch_default(default_path, hf_default, tmp_path):
     """The default model, float32 path, DeeLM-style: k = 29, layers 27-29 trained."""
-    model = deelm.DeeLM.from_pretrained(default_path, precision="float32", threads=2)
+    model = deelm.DeeLM.from_pretrained(default_path, precision="float32", threads=2, adapter=None)
     hf, _ = hf_default
     k, train_from = 29, 27
     layout, params = random_adapter(model, range(train_from, model.num_layers), r=8)
@@ -391,7 +391,7 @@ def test_train_cli(tiny_path, triplets, tmp_path):
     assert deelm.DeeLM.from_pretrained(tiny_path[0], adapter=out / "adapter").adapter is not None
 
 
-def test_default_model_carries_the_bundled_deelm_adapter(default_path, monkeypatch):
+def test_default_model_carries_the_bundled_deelm_adapter(default_path, monkeypatch, tmp_path):
     from deelm.default_model import MODEL_ENV, bundled_adapter_path
 
     if bundled_adapter_path() is None:
@@ -405,10 +405,14 @@ def test_default_model_carries_the_bundled_deelm_adapter(default_path, monkeypat
     bare = deelm.DeeLM.from_pretrained(adapter=None, threads=2)
     assert bare.adapter is None
     assert np.abs(shipped.encode(SENTENCES) - bare.encode(SENTENCES)).max() > 1e-2
-    # an explicit model path (or $DEELM_MODEL) means "this file as it is"
-    assert deelm.DeeLM.from_pretrained(default_path).adapter is None
+    # the weights are recognised by content: by path, through $DEELM_MODEL, or as a copy
+    # under another name, the default model gets its adapter
+    assert deelm.DeeLM.from_pretrained(default_path).adapter is not None
     monkeypatch.setenv(MODEL_ENV, str(default_path))
-    assert deelm.DeeLM.from_pretrained().adapter is None
+    assert deelm.DeeLM.from_pretrained().adapter is not None
+    copy = tmp_path / "renamed.gguf"
+    shutil.copyfile(default_path, copy)
+    assert deelm.DeeLM.from_pretrained(copy).load_options["adapter"] == str(bundled_adapter_path())
 
 
 def test_max_examples_takes_the_first_rows(tiny_path, triplets, tmp_path):

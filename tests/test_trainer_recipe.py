@@ -264,3 +264,29 @@ def test_train_cli_with_several_files_gradcache_and_dev_eval(tiny_path, files, t
     t = cfg["training"]
     assert t["micro_batch_size"] == 5 and t["pair_loss_weights"] == {"cosent": 1.0, "angle": 0.5}
     assert "best_step" in cfg and len(list(out.glob("checkpoint-*"))) == 3
+
+
+def test_auto_adapter_is_recognised_by_content(tiny_path, gemma_tiny_path, files, tmp_path,
+                                               monkeypatch):
+    """A bundled adapter applies to the weights it was trained on, under any file name."""
+    import shutil
+
+    import deelm
+    from deelm import default_model
+
+    r = train(tiny(tiny_path), files["t1"], tmp_path / "run", args(max_steps=1),
+              show_progress_bar=False)
+    cfg = read_deelm_config(r.adapter)
+    assert cfg["base_model_fingerprint"] == tiny(tiny_path).fingerprint
+    shutil.copytree(r.adapter, tmp_path / "bundle" / "tiny-deelm")
+    monkeypatch.setattr(default_model, "ADAPTERS_DIR", tmp_path / "bundle")
+    renamed = tmp_path / "another-name.gguf"
+    shutil.copyfile(tiny_path[0], renamed)
+    m = deelm.DeeLM.from_pretrained(renamed)
+    assert m.load_options["adapter"] == str(tmp_path / "bundle" / "tiny-deelm")
+    assert deelm.DeeLM.from_pretrained(renamed, adapter=None).adapter is None
+    # other weights (the tiny Gemma-3) get none
+    assert deelm.DeeLM.from_pretrained(gemma_tiny_path[0]).adapter is None
+    # a damaged bundled config means no automatic adapter, not a failure
+    (tmp_path / "bundle" / "tiny-deelm" / "deelm_config.json").write_text("{oops")
+    assert deelm.DeeLM.from_pretrained(renamed).adapter is None

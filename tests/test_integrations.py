@@ -180,6 +180,7 @@ def test_chroma_collection_add_and_query(tiny_model):
     client = chromadb.EphemeralClient(chromadb.config.Settings(anonymized_telemetry=False))
     fn = DeeLMEmbeddingFunction(tiny_model)
     collection = client.create_collection("deelm_docs", embedding_function=fn)
+    assert collection.configuration["hnsw"]["space"] == "cosine"  # the function's default
     collection.add(ids=[f"doc{i}" for i in range(len(DOCS))], documents=DOCS)
     got = collection.get(ids=["doc1"], include=["embeddings"])
     np.testing.assert_allclose(got["embeddings"][0], expected(tiny_model, [DOCS[1]])[0], atol=1e-7)
@@ -189,8 +190,8 @@ def test_chroma_collection_add_and_query(tiny_model):
     client.delete_collection("deelm_docs")
 
 
-def test_chroma_config_rebuilds_the_function(tiny_path):
-    pytest.importorskip("chromadb")
+def test_chroma_config_rebuilds_the_function(tiny_path, tmp_path):
+    chromadb = pytest.importorskip("chromadb")
     from deelm.integrations.chroma import DeeLMEmbeddingFunction
 
     fn = DeeLMEmbeddingFunction(tiny_path[0], bidirectional_from=1, pooling="last",
@@ -202,3 +203,10 @@ def test_chroma_config_rebuilds_the_function(tiny_path):
     assert rebuilt.model.bidirectional_from == 1 and rebuilt.model.pooling == "last"
     np.testing.assert_array_equal(np.float32(rebuilt.embed_query(DOCS[:2])),
                                   np.float32(fn.embed_query(DOCS[:2])))
+    # a persisted collection, opened again without the function, rebuilds it
+    settings = chromadb.config.Settings(anonymized_telemetry=False)
+    chromadb.PersistentClient(str(tmp_path), settings=settings).create_collection(
+        "deelm_saved", embedding_function=fn).add(ids=["a", "b"], documents=DOCS[:2])
+    reopened = chromadb.PersistentClient(str(tmp_path), settings=settings).get_collection("deelm_saved")
+    assert isinstance(reopened.configuration["embedding_function"], DeeLMEmbeddingFunction)
+    assert reopened.query(query_texts=[DOCS[1]], n_results=1)["ids"] == [["b"]]

@@ -38,7 +38,7 @@ class RoleModel:
 
 def test_import_deelm_imports_no_integration_library():
     code = ("import sys, deelm, deelm.integrations; "
-            "print(sorted(m for m in ('langchain_core', 'llama_index', 'chromadb', 'pydantic') "
+            "print(sorted(m for m in ('langchain_core', 'llama_index', 'chromadb') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -44,6 +44,17 @@ def test_import_deelm_imports_no_integration_library():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("module, library, extra", [
+    ("langchain", "langchain_core", "langchain"), ("llama_index", "llama_index", "llamaindex"),
+    ("chroma", "chromadb", "chroma")])
+def test_a_missing_library_names_its_extra(module, library, extra):
+    code = (f"import sys; sys.modules[{library!r}] = None\n"  # as if it were not installed
+            f"try:\n    import deelm.integrations.{module}\n"
+            "except ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert f'pip install "deelm[{extra}]"' in out.stdout
+
+
 # ---- LangChain ------------------------------------------------------------------
 lc = pytest.importorskip("langchain_core.embeddings")
 

@@ -3,7 +3,17 @@
 Vector stores compare embeddings by L2 distance or inner product; the
 integrations return unit vectors by default, so every store ranks by cosine.
 """
+import importlib
 import os
+
+
+def import_for(module, extra):
+    """Imports a library an integration needs, saying which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"this deelm integration needs {module}: "
+                          f'pip install "deelm[{extra}]"') from e
 
 
 def resolve_model(model, load_kwargs):

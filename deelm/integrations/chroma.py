@@ -10,10 +10,11 @@
 Chroma calls the function for documents and ``embed_query`` for query texts,
 so each side gets its own prompt.
 """
-from chromadb.api.types import EmbeddingFunction
-from chromadb.utils.embedding_functions import register_embedding_function
+from ._shared import as_text_list, embed, import_for, resolve_model
 
-from ._shared import as_text_list, embed, resolve_model
+EmbeddingFunction = import_for("chromadb.api.types", "chroma").EmbeddingFunction
+register_embedding_function = import_for("chromadb.utils.embedding_functions",
+                                         "chroma").register_embedding_function
 
 
 @register_embedding_function

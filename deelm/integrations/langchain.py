@@ -5,9 +5,9 @@
     vectors = embeddings.embed_documents(["first text", "second text"])
     query = embeddings.embed_query("what is in the texts?")
 """
-from langchain_core.embeddings import Embeddings
+from ._shared import as_text, as_text_list, embed, import_for, resolve_model
 
-from ._shared import as_text, as_text_list, embed, resolve_model
+Embeddings = import_for("langchain_core.embeddings", "langchain").Embeddings
 
 
 class DeeLMEmbeddings(Embeddings):

@@ -7,10 +7,10 @@
 import asyncio
 from typing import Any, List, Optional
 
-from llama_index.core.base.embeddings.base import BaseEmbedding
-from pydantic import Field, PrivateAttr
+from ._shared import as_text, as_text_list, embed, import_for, resolve_model
 
-from ._shared import as_text, as_text_list, embed, resolve_model
+BaseEmbedding = import_for("llama_index.core.base.embeddings.base", "llamaindex").BaseEmbedding
+from pydantic import Field, PrivateAttr  # noqa: E402  (a dependency of llama-index-core)
 
 
 class DeeLMEmbedding(BaseEmbedding):

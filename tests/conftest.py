@@ -97,7 +97,7 @@ def default_f32(default_path):
     """The default model computed in float32 (OpenBLAS): the exact path."""
     import deelm
 
-    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1, precision="float32")
+    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1, compute_precision="float32")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ def _slug(text):
 
 def configuration_name(model):
     """mteb model name of a DeeLM configuration, e.g.
-    ``deelm/SmolLM2-135M-Instruct-Q4_1-k21-mean-adapter-smollm2-deelm``."""
+    ``deelm/SmolLM2-135M-Instruct.Q4_1-k21-mean-adapter-smollm2-135m-deelm``."""
     from .saved_model import adapter_sha256
 
     path = Path(str(model.path))

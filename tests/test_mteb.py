@@ -211,3 +211,10 @@ def test_deelm_eval_json_reads_with_mteb_task_result(tiny_path, sts_dir, tmp_pat
     from deelm.saved_model import file_sha256
 
     assert theirs.dataset_revision == file_sha256(sts_dir / "sts" / "STSBenchmark" / "test.jsonl")
+
+
+def test_rows_must_not_be_empty():
+    from deelm import mteb_tasks
+
+    with pytest.raises(ev.DataError, match="split 'test' has no rows"):
+        mteb_tasks.with_rows("STSBenchmark", {"test": []})

@@ -370,3 +370,29 @@ def test_compute_precision_and_its_deprecated_name(tiny_path):
         deelm.DeeLM.from_pretrained(tiny_path[0], precision="int8", compute_precision="float32")
     with pytest.raises(ValueError, match="compute_precision must be"):
         deelm.DeeLM.from_pretrained(tiny_path[0], compute_precision="int4")
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(similarity_fn_name="maxsim"), ValueError, "similarity_fn_name"),
+    (dict(truncate_dim=0), ValueError, "truncate_dim"),
+    (dict(truncate_dim=65), ValueError, "truncate_dim"),
+    (dict(prompts={"q": 3}), TypeError, r"prompts\['q'\]"),
+    (dict(prompts={1: "x"}), TypeError, "prompt names"),
+])
+def test_bad_st_settings_at_load(tiny_path, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        deelm.DeeLM.from_pretrained(tiny_path[0], threads=1, **kwargs)
+
+
+def test_saved_folder_missing_its_adapter_or_a_setting(tiny_path, tmp_path):
+    m = deelm.DeeLM.from_pretrained(tiny_path[0], threads=1)
+    _adapter(m)
+    m.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(tmp_path / "saved" / "adapter")
+    with pytest.raises(SavedModelError, match="adapter folder .* is missing"):
+        deelm.DeeLM.from_pretrained(tmp_path / "saved")
+    record = json.loads((tmp_path / "saved" / "deelm_model.json").read_text())
+    del record["pooling"], record["truncate_dim"]
+    (tmp_path / "saved" / "deelm_model.json").write_text(json.dumps(record))
+    with pytest.raises(SavedModelError, match="lacks the setting.*pooling, truncate_dim"):
+        deelm.DeeLM.from_pretrained(tmp_path / "saved")

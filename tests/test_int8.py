@@ -407,7 +407,7 @@ def test_q6_k_rounding_is_a_small_part_of_int8_error(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"precision": "int4"}, "precision"), ({"precision": 8}, "precision"),
+    ({"compute_precision": "int4"}, "compute_precision"), ({"compute_precision": 8}, "compute_precision"),
     ({"isa": "neon"}, "isa"), ({"isa": 2}, "isa"), ({"isa": None}, "isa")])
 def test_bad_precision_or_isa(tiny_path, kw, match):
     with pytest.raises(ValueError, match=match):

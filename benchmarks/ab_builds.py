@@ -32,9 +32,12 @@ opts = json.loads(sys.argv[1])
 sents = json.loads(open(opts["texts"]).read())
 kw = {"bidirectional_from": -1, "adapter": None, "threads": opts["threads"]}
 accepted = inspect.signature(deelm.DeeLM.from_pretrained).parameters
-for k in ("precision", "isa"):
-    if opts.get(k) and k in accepted:
-        kw[k] = opts[k]
+for k in ("compute_precision", "precision"):  # the compute precision's new and old names
+    if opts.get("precision") and k in accepted:
+        kw[k] = opts["precision"]
+        break
+if opts.get("isa") and "isa" in accepted:
+    kw["isa"] = opts["isa"]
 m = deelm.DeeLM.from_pretrained(opts["model"], **kw)
 m.pooling = "mean"
 tokens = sum(len(e.ids) for e in m.tokenize(sents))

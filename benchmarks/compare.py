@@ -195,10 +195,12 @@ class DeelmEngine:
         self.encode_kw = {"batch_size": opts["batch_size"], "show_progress_bar": False}
         precision = opts.get("deelm_precision")
         if precision is not None:
-            # compute precision: a from_pretrained keyword once it exists there,
-            # else encode's own `precision`
-            if "precision" in inspect.signature(deelm.DeeLM.from_pretrained).parameters:
-                kw["precision"] = precision
+            # compute precision: from_pretrained's compute_precision (its
+            # `precision` in older versions), else encode's own `precision`
+            # in the oldest (today encode's precision quantizes the output)
+            accepted = inspect.signature(deelm.DeeLM.from_pretrained).parameters
+            if "compute_precision" in accepted or "precision" in accepted:
+                kw["compute_precision" if "compute_precision" in accepted else "precision"] = precision
                 where = "from_pretrained"
             else:
                 self.encode_kw["precision"] = precision

@@ -74,7 +74,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     sents = unique_sentences(STSB_TEST)[:args.sentences]
-    kw = {} if args.precision is None else {"precision": args.precision}
+    kw = {} if args.precision is None else {"compute_precision": args.precision}
     model = deelm.DeeLM.from_pretrained(args.model, bidirectional_from=-1, adapter=None,
                                         isa=args.isa, **kw)
     cfg = model.config

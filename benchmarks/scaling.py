@@ -37,7 +37,7 @@ warm-up; within the batch and length parts the settings alternate round-robin
 so drift in machine load affects all of them alike. The load average is recorded
 at the start and end: on a shared machine, compare figures of one run.
 
---precision is passed to DeeLM.from_pretrained only when given.
+--precision is passed to DeeLM.from_pretrained(compute_precision=...) only when given.
 --quick: a smoke run (small samples, few settings, the default model and the
 random 135M only; 3 repeats).
 
@@ -107,7 +107,7 @@ def load_model(path, args):
     kw = dict(bidirectional_from=args["bidirectional_from"], pooling=args["pooling"],
               threads=args["threads"], adapter=None)
     if args.get("precision") is not None:
-        kw["precision"] = args["precision"]
+        kw["compute_precision"] = args["precision"]
     return deelm.DeeLM.from_pretrained(path, **kw)
 
 
@@ -442,7 +442,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (>= 3)")
     p.add_argument("--precision", default=None,
-                   help="passed to DeeLM.from_pretrained(precision=...) when given")
+                   help="passed to DeeLM.from_pretrained(compute_precision=...) when given")
     p.add_argument("--model", default=None, help="GGUF for the batch and length parts (default: "
                                                  "the packaged default model)")
     p.add_argument("--bidirectional-from", type=int, default=None,

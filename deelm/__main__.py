@@ -1,4 +1,4 @@
-"""Command line: python -m deelm {demo,encode,eval,train,info,turning-point,probe} ..."""
+"""Command line: deelm {demo,encode,eval,train,info,turning-point,probe} ... (also python -m deelm)."""
 import argparse
 import sys
 import time
@@ -47,9 +47,20 @@ def _add_model_args(p, bidirectional=True):
                    help="LoRA adapter folder (PEFT format, e.g. from `deelm train`); 'none' for "
                         "the bare model; 'auto' (the default, except for the analyses of the "
                         "pretrained model): deelm's bundled DeeLM adapter with the default model")
-    p.add_argument("--precision", default=None, choices=["int8", "float32"],
+    p.add_argument("--compute-precision", "--precision", dest="compute_precision", default=None,
+                   choices=["int8", "float32"], action=_CompatAlias,
                    help="linear layers in int8 (default for block-quantized files: Q4_0/Q4_1/Q5_0/"
-                   "Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) or float32 (default for F32/F16/BF16 files)")
+                   "Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) or float32 (default for F32/F16/BF16 files); "
+                   "--precision is its former name")
+
+
+class _CompatAlias(argparse.Action):
+    """Stores the value; a former option name still works, with a notice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            print(f"note: {option_string} is now {self.option_strings[0]}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _load(args):
@@ -60,7 +71,7 @@ def _load(args):
     model = DeeLM.from_pretrained(args.model, bidirectional_from=-1 if rule else k,
                                   pooling=args.pooling, prompt=args.prompt,
                                   max_seq_length=args.max_seq_length, threads=args.threads,
-                                  precision=args.precision,
+                                  compute_precision=args.compute_precision,
                                   adapter=None if args.adapter == "none" else args.adapter)
     if rule:
         from .analysis import auto_bidirectional_from
@@ -131,7 +142,7 @@ def cmd_eval(args):
 
     model = _load(args)
     tasks = args.tasks or list(ev.TASKS)
-    title = (f"{Path(str(model.path)).stem} {model.precision} k={model.bidirectional_from} "
+    title = (f"{Path(str(model.path)).stem} {model.compute_precision} k={model.bidirectional_from} "
              f"{model.pooling}" + (" prompt" if model.prompt else ""))
     out = Path(args.output) if args.output else None
     t0 = time.perf_counter()
@@ -280,8 +291,39 @@ def cmd_train(args):
     return 0
 
 
+def check_inputs(args):
+    """The files and names the command will need, checked before the model
+    loads (which takes seconds to minutes): a DataError, ModelFileError or
+    FileNotFoundError names what is missing."""
+    from . import evaluation as ev
+    from .default_model import resolve_model_path
+    from .errors import ModelFileError
+    from .saved_model import is_saved_model
+
+    if getattr(args, "model", None) is not None and args.command != "info":
+        if not is_saved_model(args.model) and not Path(resolve_model_path(args.model)).exists():
+            raise ModelFileError(args.model, "no such model file or folder")
+    adapter = getattr(args, "adapter", None)
+    if adapter not in (None, "auto", "none") and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter} does not exist")
+    if args.command == "eval":
+        root = ev.resolve_data_dir(args.data)
+        for task in args.tasks or ev.TASKS:
+            ev.task_file(root, task, args.protocol)
+    elif args.command in ("turning-point", "probe"):
+        ev.task_file(ev.resolve_data_dir(args.data), args.task, "mteb", args.split)
+    elif args.command == "train" and not Path(args.data).is_file():
+        raise FileNotFoundError(f"training data {args.data} does not exist")
+    elif args.command == "encode" and args.input not in (None, "-") and not Path(args.input).is_file():
+        raise FileNotFoundError(f"input file {args.input} does not exist")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m deelm", description=__doc__)
+    from . import __version__
+    from .evaluation import TASKS
+
+    parser = argparse.ArgumentParser(prog="deelm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"deelm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="embed examples and score STS Benchmark test (the main job)")
     _add_model_args(p)
@@ -299,7 +341,7 @@ def main(argv=None):
     p.set_defaults(func=cmd_encode)
     p = sub.add_parser("eval", help="STS evaluation (MTEB's metrics) on local data")
     _add_model_args(p)
-    p.add_argument("--tasks", nargs="+", default=None,
+    p.add_argument("--tasks", nargs="+", default=None, choices=TASKS, metavar="TASK",
                    help="STS12 STS13 STS14 STS15 STS16 STSBenchmark SICK-R (default: all)")
     p.add_argument("--protocol", default="mteb", choices=["mteb", "senteval"])
     p.add_argument("--normalize-punctuation", action="store_true",
@@ -366,8 +408,6 @@ def main(argv=None):
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if --output holds checkpoints")
     p.set_defaults(func=cmd_train, adapter="none")  # training starts from the bare model
-    from .evaluation import TASKS
-
     p = sub.add_parser("turning-point", help="STS of every layer output of the causal model, the "
                        "turning point k, and the untrained degradation curve")
     _add_model_args(p, bidirectional=False)
@@ -413,6 +453,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from .errors import DeeLMError
 
+    try:
+        check_inputs(args)
+    except (DeeLMError, ValueError, OSError) as e:
+        sub.choices[args.command].error(str(e))  # exits with status 2, before any loading
     try:
         return args.func(args)
     except (DeeLMError, ValueError, TypeError, OSError) as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AdapterError, CheckpointError
+from .errors import AdapterError, CheckpointError, read_json
 from .lora import (CONFIG_FILE, WEIGHTS_FILE, LoraLayout, _write_json, atomic_directory,
                    load_adapter, write_adapter_files)
 
@@ -89,10 +89,7 @@ def _read_state(directory):
     path = directory / STATE_FILE
     if not path.is_file():
         raise CheckpointError(path, "missing: not a complete checkpoint")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"not valid JSON: {e}") from None
+    state = read_json(path, CheckpointError)
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(path, f"not a deelm checkpoint state of format {FORMAT_VERSION}")
     return state

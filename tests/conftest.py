@@ -115,8 +115,8 @@ def default_f32(default_path):
     """The default model computed in float32 (deelm's own GEMM): the exact path."""
     import deelm
 
-    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1, precision="float32",
-                                       adapter=None)
+    return deelm.DeeLM.from_pretrained(default_path, bidirectional_from=-1,
+                                       compute_precision="float32", adapter=None)
 
 
 @pytest.fixture(scope="session")

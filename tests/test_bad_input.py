@@ -197,12 +197,13 @@ def test_prompt_template_too_long(short_model, prompt):
     (dict(batch_size=True), ValueError, "batch_size"),
     (dict(batch_size=None), ValueError, "batch_size"),
     (dict(output_value="embeddings"), ValueError, "output_value"),
-    (dict(output_value=None), ValueError, "output_value"),
-    (dict(precision="int8"), ValueError, "precision"),
+    (dict(output_value=3), ValueError, "output_value"),
+    (dict(precision="int4"), ValueError, "precision"),  # output quantisation: int8/uint8/binary/ubinary
     (dict(device="cuda"), ValueError, "device"),
     (dict(prompt=5), TypeError, "prompt"),
     (dict(prompt="{text} and {text}"), ValueError, "prompt"),
-    (dict(bidirectional_from=0), TypeError, "bidirectional_from"),  # not an encode() argument
+    # not an encode() argument: a ValueError naming it, as in sentence-transformers
+    (dict(bidirectional_from=0), ValueError, "bidirectional_from"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else (v.__name__ if isinstance(v, type) else v))
 def test_encode_invalid_argument(tiny_model, kwargs, exc, name):
     with pytest.raises(exc, match=name):
@@ -411,7 +412,7 @@ def test_non_finite_f16_scale(tmp_path, weight_type, field, precision):
     data = bytearray(path.read_bytes())
     data[at:at + 2] = np.float16(np.inf).tobytes()
     path = _write(tmp_path, data, "inf.gguf")
-    _load_fails(path, r"'blk\.1\.ffn_gate.*non-finite", precision=precision)
+    _load_fails(path, r"'blk\.1\.ffn_gate.*non-finite", compute_precision=precision)
 
 
 def test_huge_finite_weights_raise_instead_of_nan(tmp_path):

@@ -41,7 +41,7 @@ def _run_threads(targets, seconds_guard=120):
 def test_encode_while_adapters_are_swapped(tiny_path, precision):
     """Used to crash (the forward read LoRA tables that set/clear had freed)."""
     m = deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=1, threads=2,
-                                    precision=precision)
+                                    compute_precision=precision)
     adapters = [_layout_and_params(m, s) for s in (1, 2)]
     # every state an encode can see, computed serially
     expected = [m.encode(SENTS)]

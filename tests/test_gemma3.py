@@ -99,7 +99,7 @@ class Tiny:
         self.hf.eval()
         self.windows = hf_windows(config)
         self.model = deelm.DeeLM.from_pretrained(self.path, bidirectional_from=-1,
-                                                 precision="float32")
+                                                 compute_precision="float32")
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +185,8 @@ def test_int8_vs_transformers(tiny):
     """The int8 path (weights packed from Q8_0 exactly, activations int8) on
     the mixed-direction model: pooled cosine to transformers."""
     t = tiny("defaults", "Q8_0")
-    model = deelm.DeeLM.from_pretrained(t.path, precision="int8")
-    assert model.precision == "int8"
+    model = deelm.DeeLM.from_pretrained(t.path, compute_precision="int8")
+    assert model.compute_precision == "int8"
     ids, k = _ids(), 4
     pooled = model.forward_ids(ids, bidirectional_from=k)[0]
     ref = hf_hidden_states(t.hf.model, ids, k, t.windows)
@@ -272,7 +272,7 @@ def test_lora_gradients_and_adapter_match_peft(tiny, tmp_path, k, train_from):
     report(f"gemma3 LoRA k={k}: pooled max |deelm - torch+PEFT|", np.abs(pooled - ref_pooled).max())
     assert np.abs(pooled - ref_pooled).max() < 1e-4
     assert compare(layout, grad, ref, f"gemma3 k={k} train_from={train_from}") < 1e-4
-    adapted = deelm.DeeLM.from_pretrained(t.path, precision="float32", adapter=tmp_path / "a")
+    adapted = deelm.DeeLM.from_pretrained(t.path, compute_precision="float32", adapter=tmp_path / "a")
     loaded = adapted.forward_ids(ids, bidirectional_from=k)[0]
     report(f"gemma3 adapter loaded from disk k={k}: pooled max |deelm - PEFT|",
            np.abs(loaded - ref_pooled).max())

@@ -83,7 +83,7 @@ def test_architectures_match_transformers(tiny_dirs, arch):
                "qwen2": dict(tie_word_embeddings=True)}
     directory, ref = tiny_dirs(arch, **options.get(arch, {}))
     model = compare(directory, ref, arch)
-    assert model.precision == "float32" and model.config["architecture"] == arch
+    assert model.compute_precision == "float32" and model.config["architecture"] == arch
     assert model.config["rope_style"] == 1  # rotate-half: HF rows are used as stored
     assert model.config["head_dim"] == (32 if arch == "llama" else 16)
     expected_context = 64 if arch == "mistral" else TINY["context_length"]
@@ -124,7 +124,7 @@ def test_half_precision_checkpoints(tiny_dirs, dtype):
     model = compare(directory, ref, f"llama {dtype}", ks=[-1, 1])
     name = {"float16": "F16", "bfloat16": "BF16"}[dtype]
     assert model._file.tensor_types == {name: 2 + 9 * L}
-    assert model.precision == "float32"
+    assert model.compute_precision == "float32"
 
 
 def test_sharded_checkpoint(tiny_dirs):

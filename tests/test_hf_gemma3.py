@@ -99,7 +99,7 @@ def test_gemma3_matches_transformers(gemma_dirs, dtype):
     assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["model_type"] == "gemma3_text"
     model = compare(directory, ref, f"HF gemma3 {dtype}")
     c = model._core.config
-    assert model.config["architecture"] == "gemma3" and model.precision == "float32"
+    assert model.config["architecture"] == "gemma3" and model.compute_precision == "float32"
     assert (c["ffn_act"], c["qk_norm"], c["post_norms"], c["rope_style"], c["head_dim"]) == \
         ("gelu_tanh", 1, 1, 1, 24)
     assert c["attn_scale"] == pytest.approx(GEMMA3_HF["query_pre_attn_scalar"] ** -0.5, rel=1e-7)

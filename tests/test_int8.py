@@ -337,7 +337,7 @@ def test_int8_against_transformers(default_model, hf_default, sentences):
 def test_precision_defaults_follow_the_weights(tiny_path, default_path):
     assert deelm.DeeLM.from_pretrained(default_path).config["precision"] == "int8"
     assert deelm.DeeLM.from_pretrained(tiny_path[0]).config["precision"] == "float32"  # F32 file
-    f32 = deelm.DeeLM.from_pretrained(default_path, precision="float32").config
+    f32 = deelm.DeeLM.from_pretrained(default_path, compute_precision="float32").config
     assert f32["precision"] == "float32" and f32["isa"] == _core.isa_info()["best"]
 
 
@@ -367,7 +367,7 @@ def test_int8_against_float32_tiny_models_of_new_types(tmp_path, weight_type):
     within the default model's int8 tolerance, causal and bidirectional."""
     path, _ = write_tiny_gguf(tmp_path / "t.gguf", weight_type=weight_type, cfg=tiny_cfg(weight_type))
     q = deelm.DeeLM.from_pretrained(path, threads=1)
-    f = deelm.DeeLM.from_pretrained(path, threads=1, precision="float32")
+    f = deelm.DeeLM.from_pretrained(path, threads=1, compute_precision="float32")
     assert q.config["precision"] == "int8"
     for k in (-1, 0):
         a = q.forward_ids(q.tokenizer.encode_ids(TINY_SENTENCES), bidirectional_from=k)[0]
@@ -395,7 +395,7 @@ def test_q6_k_rounding_is_a_small_part_of_int8_error(tmp_path):
     emb = {}
     for key, w in (("exact", stored), ("q6k-rounded", rounded)):
         p, _ = write_tiny_gguf(tmp_path / f"{key}.gguf", weights=w, cfg=tiny_cfg("Q4_K_M"))
-        m = deelm.DeeLM.from_pretrained(p, threads=1, precision="float32")
+        m = deelm.DeeLM.from_pretrained(p, threads=1, compute_precision="float32")
         emb[key] = m.forward_ids(m.tokenizer.encode_ids(TINY_SENTENCES))[0]
     m = deelm.DeeLM.from_pretrained(path, threads=1)
     emb["int8"] = m.forward_ids(m.tokenizer.encode_ids(TINY_SENTENCES))[0]
@@ -407,7 +407,7 @@ def test_q6_k_rounding_is_a_small_part_of_int8_error(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"precision": "int4"}, "precision"), ({"precision": 8}, "precision"),
+    ({"compute_precision": "int4"}, "compute_precision"), ({"compute_precision": 8}, "compute_precision"),
     ({"isa": "neon"}, "isa"), ({"isa": 2}, "isa"), ({"isa": None}, "isa")])
 def test_bad_precision_or_isa(tiny_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -34,7 +34,7 @@ def model(request):
         pytest.skip(f"this CPU cannot run the {isa} path")
     path = request.getfixturevalue(where)
     path = path[0] if isinstance(path, tuple) else path
-    m = deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, precision=precision, isa=isa)
+    m = deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, compute_precision=precision, isa=isa)
     saved = (m.bidirectional_from, m.pooling, m.threads, m.prompt)
     yield m
     m.bidirectional_from, m.pooling, m.threads, m.prompt = saved
@@ -88,7 +88,7 @@ def test_isa_paths_give_the_same_bits(request, where, precision):
             if not (where == "default_path" and precision == "float32" and i == "scalar")]
     out = {}
     for isa in isas:
-        m = deelm.DeeLM.from_pretrained(path, bidirectional_from=1, precision=precision, isa=isa,
+        m = deelm.DeeLM.from_pretrained(path, bidirectional_from=1, compute_precision=precision, isa=isa,
                                         adapter=None)
         out[isa] = m.encode(MIXED, output_value="layer_embeddings")
     print(f"\n{where} {precision}: {isas} bitwise equal")

@@ -61,7 +61,7 @@ def tiny(tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"tiny_{weight_type}")
             path, stored = write_tiny_gguf(folder / f"tiny-{weight_type}.gguf", weight_type=weight_type,
                                            cfg=tiny_cfg(weight_type))
-            model = deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, precision="float32")
+            model = deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, compute_precision="float32")
             cache[weight_type] = (folder, path.name, stored, model)
         return cache[weight_type]
 

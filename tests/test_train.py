@@ -90,7 +90,7 @@ def compare(layout, grad, ref, label):
 
 @pytest.fixture(scope="module")
 def tiny_f32(tiny_path):
-    return deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=-1, precision="float32")
+    return deelm.DeeLM.from_pretrained(tiny_path[0], bidirectional_from=-1, compute_precision="float32")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,8 @@ def test_lora_gradients_match_torch_tiny(tiny_f32, hf_tiny, tmp_path, k, train_f
 
 def test_lora_gradients_match_torch_default(default_path, hf_default, tmp_path):
     """The default model, float32 path, DeeLM-style: k = 29, layers 27-29 trained."""
-    model = deelm.DeeLM.from_pretrained(default_path, precision="float32", threads=2, adapter=None)
+    model = deelm.DeeLM.from_pretrained(default_path, compute_precision="float32", threads=2,
+                                        adapter=None)
     hf, _ = hf_default
     k, train_from = 29, 27
     layout, params = random_adapter(model, range(train_from, model.num_layers), r=8)
@@ -146,14 +147,14 @@ BLOCKS = {"llama-f32": ("tiny_path", "float32"), "gemma3-f32": ("gemma_tiny_path
 def block_model(request):
     where, precision = BLOCKS[request.param]
     path = request.getfixturevalue(where)[0]
-    return deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, precision=precision)
+    return deelm.DeeLM.from_pretrained(path, bidirectional_from=-1, compute_precision=precision)
 
 
 @pytest.fixture(scope="module", params=["llama-f32", "gemma3-f32"])
 def block_f32(request):
     where, precision = BLOCKS[request.param]
     return deelm.DeeLM.from_pretrained(request.getfixturevalue(where)[0], bidirectional_from=-1,
-                                       precision=precision)
+                                       compute_precision=precision)
 
 
 def test_train_forward_equals_inference(block_model):

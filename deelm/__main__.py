@@ -312,8 +312,12 @@ def check_inputs(args):
             ev.task_file(root, task, args.protocol)
     elif args.command in ("turning-point", "probe"):
         ev.task_file(ev.resolve_data_dir(args.data), args.task, "mteb", args.split)
-    elif args.command == "train" and not Path(args.data).is_file():
-        raise FileNotFoundError(f"training data {args.data} does not exist")
+    elif args.command == "train":
+        for f in args.data:
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"training data {f} does not exist")
+        if args.eval_data and not Path(args.eval_data).is_file():
+            raise FileNotFoundError(f"evaluation data {args.eval_data} does not exist")
     elif args.command == "encode" and args.input not in (None, "-") and not Path(args.input).is_file():
         raise FileNotFoundError(f"input file {args.input} does not exist")
 

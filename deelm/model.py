@@ -602,7 +602,10 @@ def _unpickle(cls, options, adapter):
     model = cls.from_pretrained(**options)
     model.prompt = options["prompt"]  # from_pretrained reads None as "the adapter's prompt"
     if adapter is not None:
-        model.set_adapter(*adapter)
+        layout, params = adapter
+        # Ray hands arrays out of its object store read-only; the model's own
+        # copy must be writable (training updates it in place)
+        model.set_adapter(layout, np.require(params, np.float32, ["C", "W"]))
     return model
 
 

@@ -339,8 +339,8 @@ class DeeLM:
 
     def __reduce__(self):
         """Pickles (and deep-copies) as the way to load the model again, not
-        its weights: the other side maps the same file, which the page cache
-        shares between processes of one machine. An adapter set from memory
+        its weights: the other side loads the same file (from the page cache
+        on one machine) and packs its own weights. An adapter set from memory
         (set_adapter, e.g. right after training) travels as its layout and
         parameters; one loaded from a folder is loaded from there again.
         threads left to the default are read again on the other side."""

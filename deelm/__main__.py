@@ -37,7 +37,8 @@ def _add_model_args(p, bidirectional=True):
                    help="default: mean, or what --adapter was trained with")
     p.add_argument("--prompt", default=None, help='template with one {text}, e.g. the paper\'s '
                    '\'The representative word for sentence {text} is:"\'')
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="default: $DEELM_NUM_THREADS, else $OMP_NUM_THREADS, else all usable cores")
     p.add_argument("--max-seq-length", type=int, default=None)
     p.add_argument("--adapter", default="auto" if bidirectional else "none",
                    help="LoRA adapter folder (PEFT format, e.g. from `deelm train`); 'none' for "

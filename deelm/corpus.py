@@ -171,13 +171,13 @@ def input_identity(path):
     return {"input": str(Path(path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def embed_to_shards(model, records, output, settings, *, shard_size=DEFAULT_SHARD_SIZE,
+def embed_to_shards(model, records, output, source, *, shard_size=DEFAULT_SHARD_SIZE,
                     batch_size=32, normalize_embeddings=False, total=None,
                     show_progress_bar=True):
     """Embeds (id, text) records into Parquet shards in the folder `output`,
-    resuming a run that stopped. `settings` (a JSON-able dict) identifies the
-    input; with the model's settings, the shard size and normalisation it
-    must match the folder's manifest. Returns a dict: rows, shards, written
+    resuming a run that stopped. `source` (a JSON-able dict, such as
+    input_identity gives) identifies the input; it, the model's settings,
+    the shard size and normalisation must match the folder's manifest. Returns a dict: rows, shards, written
     (shards this call wrote), kept (shards found from an earlier run)."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
@@ -186,7 +186,7 @@ def embed_to_shards(model, records, output, settings, *, shard_size=DEFAULT_SHAR
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     options = {k: v for k, v in model.load_options.items() if k != "threads"}
-    run = {"settings": settings, "model": options, "shard_size": shard_size,
+    run = {"input": source, "model": options, "shard_size": shard_size,
            "normalize_embeddings": bool(normalize_embeddings),
            "dim": model.get_sentence_embedding_dimension()}
     manifest_path = out / MANIFEST

@@ -194,4 +194,4 @@ def test_bad_arguments_and_folders_are_refused(tiny_path, tmp_path, capsys):
     # an input changed since the shards were written is another input
     txt.write_text("a\nb\nc\n")
     assert main(_args(tiny_path, "--input", txt, "--output", out)) == 1
-    assert "(different settings)" in capsys.readouterr().err
+    assert "(different input)" in capsys.readouterr().err

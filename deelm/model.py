@@ -348,7 +348,7 @@ class DeeLM:
         if self._threads_from_env:
             options["threads"] = None
         from_memory = self._adapter if self._adapter_path is None else None
-        return _unpickle, (type(self), options, from_memory)
+        return _unpickle, (type(self), options, from_memory, _packaged_files(options))
 
     @property
     def path(self):
@@ -597,8 +597,34 @@ class DeeLM:
                 bar.update(len(batch))
 
 
-def _unpickle(cls, options, adapter):
+def _packaged_files(options):
+    """Which of the model file and the adapter folder are the ones packages
+    carry (the default model, deelm's bundled adapter): the unpickling side
+    finds those in its own installation, which may live at another path."""
+    from .default_model import bundled_adapter_path, packaged_model_path
+    from .errors import ModelNotFoundError
+
+    try:
+        model = options["model"] == str(packaged_model_path())
+    except ModelNotFoundError:
+        model = False
+    bundled = bundled_adapter_path()
+    return model, bundled is not None and options["adapter"] == str(bundled)
+
+
+def _unpickle(cls, options, adapter, packaged=(False, False)):
     """The other side of DeeLM.__reduce__."""
+    from .default_model import bundled_adapter_path, packaged_model_path
+    from .errors import ModelNotFoundError
+
+    options = dict(options)
+    if packaged[0]:
+        options["model"] = packaged_model_path()
+    if packaged[1]:
+        options["adapter"] = bundled_adapter_path()
+        if options["adapter"] is None:
+            raise ModelNotFoundError("the model was pickled with deelm's bundled adapter, "
+                                     "which this installation of deelm lacks")
     model = cls.from_pretrained(**options)
     model.prompt = options["prompt"]  # from_pretrained reads None as "the adapter's prompt"
     if adapter is not None:

@@ -58,6 +58,25 @@ def test_an_adapter_loaded_from_a_folder_is_loaded_again(tiny_path, tmp_path):
     assert np.array_equal(other.encode(TEXTS), m.encode(TEXTS))
 
 
+def test_the_default_model_is_found_in_the_receiving_installation(default_path, tmp_path,
+                                                                   monkeypatch):
+    """The default model and the bundled adapter live inside installed
+    packages, whose paths differ between machines: the unpickling side looks
+    them up in its own installation."""
+    monkeypatch.delenv("DEELM_MODEL", raising=False)
+    m = deelm.DeeLM.from_pretrained(threads=1)
+    assert m.load_options["adapter"] is not None  # the bundled adapter
+    blob = pickle.dumps(m)
+    elsewhere = tmp_path / "site-packages" / default_path.name
+    elsewhere.parent.mkdir()
+    elsewhere.symlink_to(default_path)
+    monkeypatch.setattr(deelm.default_model, "packaged_model_path", lambda: elsewhere)
+    other = pickle.loads(blob)
+    assert other.path == elsewhere
+    assert other.load_options["adapter"] == m.load_options["adapter"]
+    assert np.array_equal(other.encode(TEXTS[:4]), m.encode(TEXTS[:4]))
+
+
 # ---- threads from the environment ---------------------------------------------------
 
 def test_threads_default_to_the_environment(tiny_path, monkeypatch):

@@ -141,7 +141,9 @@ def cmd_encode(args):
                                   shard_size=args.shard_size, batch_size=args.batch_size,
                                   normalize_embeddings=args.normalize, total=total)
     where = f"{args.output}{'' if args.output.endswith('/') else '/'}"
-    if not done["written"]:
+    if not done["rows"]:
+        print(f"the input holds no records: no shards written to {where}", file=sys.stderr)
+    elif not done["written"]:
         print(f"nothing to do: {where} already holds all {done['shards']} shards "
               f"({done['rows']} rows)", file=sys.stderr)
     else:

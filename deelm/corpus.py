@@ -76,8 +76,14 @@ def read_records(path, text_field="text", id_field=None):
 def _text_records(path):
     import sys
 
-    with sys.stdin if path == "-" else open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    # bytes decoded line by line, so a decoding error names its line
+    with sys.stdin.buffer if path == "-" else open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{'stdin' if path == '-' else path}, line {i + 1}: not UTF-8 "
+                                 f"text ({e.reason})") from None
             yield i, line.rstrip("\r\n")
 
 
@@ -177,8 +183,9 @@ def embed_to_shards(model, records, output, source, *, shard_size=DEFAULT_SHARD_
     """Embeds (id, text) records into Parquet shards in the folder `output`,
     resuming a run that stopped. `source` (a JSON-able dict, such as
     input_identity gives) identifies the input; it, the model's settings,
-    the shard size and normalisation must match the folder's manifest. Returns a dict: rows, shards, written
-    (shards this call wrote), kept (shards found from an earlier run)."""
+    the shard size and normalisation must match the folder's manifest.
+    Returns a dict: rows, shards, written (shards this call wrote), kept
+    (shards found from an earlier run)."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     _pyarrow()
@@ -190,17 +197,22 @@ def embed_to_shards(model, records, output, source, *, shard_size=DEFAULT_SHARD_
            "normalize_embeddings": bool(normalize_embeddings),
            "dim": model.get_sentence_embedding_dimension()}
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        earlier = json.loads(manifest_path.read_text())
+    # a folder without shards holds nothing to keep, whatever its manifest says
+    if out.is_dir() and any(out.glob("part-*.parquet")):
+        if not manifest_path.is_file():
+            raise ValueError(f"{out} holds shards but no {MANIFEST}; use a new folder")
+        try:
+            earlier = json.loads(manifest_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{manifest_path}: not a readable manifest ({e})") from None
         differ = sorted(k for k in run if earlier.get(k) != run[k])
         if differ:
             raise ValueError(f"{out} holds shards of another run (different "
                              f"{', '.join(differ)}); use a new folder or remove it")
         if earlier.get("complete"):
-            return {"rows": earlier["rows"], "shards": earlier["shards"], "written": 0,
-                    "kept": earlier["shards"]}
-    elif out.is_dir() and any(out.glob("part-*.parquet")):
-        raise ValueError(f"{out} holds shards but no {MANIFEST}; use a new folder")
+            shards = earlier.get("shards", 0)
+            return {"rows": earlier.get("rows", 0), "shards": shards, "written": 0,
+                    "kept": shards}
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".part-*.tmp-*"):  # left by a killed run
         stale.unlink()

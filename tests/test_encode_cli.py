@@ -163,7 +163,14 @@ def test_bad_arguments_and_folders_are_refused(tiny_path, tmp_path, capsys):
     txt = tmp_path / "in.txt"
     txt.write_text("a\nb\n")
     pq.write_table(pa.table({"body": ["x"], "n": [1]}), tmp_path / "in.parquet")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("one\ntwo\ncaf\u00e9\n".encode("latin-1"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(_args(tiny_path, "--input", empty, "--output", tmp_path / "none")) == 0
+    assert "the input holds no records: no shards written" in capsys.readouterr().err
     cases = [
+        (["--input", latin1, "--output", tmp_path / "o"], "latin1.txt, line 3: not UTF-8 text"),
         (["--input", txt, "--id-field", "key"], "plain text has no fields"),
         (["some text", "--input", txt], "not both"),
         (["--input", tmp_path / "in.parquet", "--output", tmp_path / "o"],
@@ -178,6 +185,11 @@ def test_bad_arguments_and_folders_are_refused(tiny_path, tmp_path, capsys):
     stray.mkdir()
     (stray / "part-000000.parquet").write_bytes(b"")
     cases.append((["--input", txt, "--output", stray], "no _deelm_manifest.json"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "part-000000.parquet").write_bytes(b"")
+    (broken / corpus.MANIFEST).write_text("{not json")
+    cases.append((["--input", txt, "--output", broken], "_deelm_manifest.json: not a readable"))
     out = tmp_path / "done"
     assert main(_args(tiny_path, "--input", txt, "--output", out)) == 0
     cases.append((["--input", txt, "--output", out, "--normalize"],
@@ -191,6 +203,12 @@ def test_bad_arguments_and_folders_are_refused(tiny_path, tmp_path, capsys):
         assert main(_args(tiny_path, *more)) == 1, more
         err = capsys.readouterr().err
         assert re.search(message, err), (more, err)
+    # a run that failed before its first shard left nothing to keep: a rerun
+    # with the input fixed starts afresh
+    assert (tmp_path / "o" / corpus.MANIFEST).is_file()
+    latin1.write_text("one\ntwo\ncaf\u00e9\n", encoding="utf-8")
+    assert main(_args(tiny_path, "--input", latin1, "--output", tmp_path / "o")) == 0
+    assert "wrote 1 Parquet shard to" in capsys.readouterr().err
     # an input changed since the shards were written is another input
     txt.write_text("a\nb\nc\n")
     assert main(_args(tiny_path, "--input", txt, "--output", out)) == 1

@@ -1802,6 +1802,10 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
+    if (dl_fork_safety_install() != DL_OK) {
+        PyErr_SetString(PyExc_RuntimeError, "could not register deelm's fork handler");
+        return NULL;
+    }
     if (PyType_Ready(&ModelType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;

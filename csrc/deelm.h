@@ -84,6 +84,13 @@ int64_t dl_dequantize(int type, const void *src, float *dst, int64_t n);
 int dl_block32(int type, const uint8_t *row, int64_t b, uint8_t q[32], float *d, float *m);
 float dl_fp16_to_fp32(uint16_t h);
 
+/* ---- fork.c ------------------------------------------------------------------ */
+
+/* Registers a pthread_atfork handler that lets the forking thread's OpenMP team
+ * go, so a forked child can run parallel passes (its copy of the team would
+ * wait for workers that fork did not copy). Call once, at module load. */
+int dl_fork_safety_install(void);
+
 /* ---- cpu.c: instruction-set paths ----------------------------------------- */
 
 /* The GEMM paths of qgemm.c and sgemm.c. All give bitwise identical results. */

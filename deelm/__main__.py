@@ -41,7 +41,8 @@ def _add_model_args(p, bidirectional=True):
                    help="default: mean, or what --adapter was trained with")
     p.add_argument("--prompt", default=None, help='template with one {text}, e.g. the paper\'s '
                    '\'The representative word for sentence {text} is:"\'')
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="default: $DEELM_NUM_THREADS, else $OMP_NUM_THREADS, else all usable cores")
     p.add_argument("--max-seq-length", type=int, default=None)
     p.add_argument("--adapter", default="auto" if bidirectional else "none",
                    help="LoRA adapter folder (PEFT format, e.g. from `deelm train`); 'none' for "
@@ -119,21 +120,53 @@ def cmd_demo(args):
 
 
 def cmd_encode(args):
-    model = _load(args)
+    from . import corpus
+
+    if args.sentences and args.input is not None:
+        raise ValueError("give sentences as arguments or --input, not both")
+    source = "-" if args.input is None else args.input
+    if not corpus.has_fields(source) and (args.text_field or args.id_field):
+        raise ValueError("plain text has no fields: --text-field and --id-field need a .jsonl, "
+                         ".csv, .tsv or .parquet file")
     if args.sentences:
-        sentences = args.sentences
+        records, total = enumerate(args.sentences), len(args.sentences)
+        import hashlib
+        import json
+
+        identity = {"input": "arguments", "sha256": hashlib.sha256(
+            json.dumps(args.sentences).encode()).hexdigest()}
     else:
-        src = sys.stdin if args.input in (None, "-") else open(args.input, encoding="utf-8")
-        with src:
-            sentences = [line.rstrip("\n") for line in src]
-    emb = model.encode(sentences, batch_size=args.batch_size, normalize_embeddings=args.normalize,
-                       show_progress_bar=None)
-    if args.output:
-        np.save(args.output, emb)
+        records = corpus.read_records(source, args.text_field or "text", args.id_field)
+        total = corpus.count_records(source)
+        identity = corpus.input_identity(source)
+    model = _load(args)
+    texts = (text for _, text in records)
+    if args.output is None:  # text on stdout, one embedding per line, as it goes
+        for emb in model.encode_iter(texts, batch_size=args.batch_size,
+                                     normalize_embeddings=args.normalize):
+            np.savetxt(sys.stdout, emb, fmt="%.6g")
+        return 0
+    if args.output.endswith(".npy"):  # one array, so the whole input in memory
+        emb = model.encode(list(texts), batch_size=args.batch_size,
+                           normalize_embeddings=args.normalize, show_progress_bar=None)
+        with open(args.output, "wb") as f:
+            np.save(f, emb)
         print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output}",
               file=sys.stderr)
+        return 0
+    done = corpus.embed_to_shards(model, records, args.output, identity,
+                                  shard_size=args.shard_size, batch_size=args.batch_size,
+                                  normalize_embeddings=args.normalize, total=total)
+    where = f"{args.output}{'' if args.output.endswith('/') else '/'}"
+    if not done["rows"]:
+        print(f"the input holds no records: no shards written to {where}", file=sys.stderr)
+    elif not done["written"]:
+        print(f"nothing to do: {where} already holds all {done['shards']} shards "
+              f"({done['rows']} rows)", file=sys.stderr)
     else:
-        np.savetxt(sys.stdout, emb, fmt="%.6g")
+        kept = f", {done['kept']} kept from an earlier run" if done["kept"] else ""
+        print(f"wrote {done['written']} Parquet shard{'s' if done['written'] > 1 else ''} to {where} ({done['shards']} in all"
+              f"{kept}; {done['rows']} rows of id and embedding)", file=sys.stderr)
     return 0
 
 
@@ -335,11 +368,22 @@ def main(argv=None):
                    "or ../shared/data)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("encode", help="embed sentences (arguments, a file or stdin, one per line)")
+    p = sub.add_parser("encode", help="embed sentences (arguments, or a text, JSONL, CSV or "
+                       "Parquet file or stdin), into Parquet shards that a killed run resumes")
     _add_model_args(p)
     p.add_argument("sentences", nargs="*")
-    p.add_argument("--input", default=None, help="text file, one sentence per line ('-': stdin)")
-    p.add_argument("--output", default=None, help=".npy file (default: text on stdout)")
+    p.add_argument("--input", default=None, help="a .jsonl, .csv, .tsv or .parquet file of "
+                   "records, or any other file as plain text (one sentence per line); '-' or "
+                   "none: plain text on stdin")
+    p.add_argument("--text-field", default=None,
+                   help="field or column holding the text (default: text)")
+    p.add_argument("--id-field", default=None, help="field or column copied to the output's id "
+                   "column (default: the record's 0-based position)")
+    p.add_argument("--output", default=None,
+                   help="a folder of Parquet shards (id, embedding) with a manifest: a rerun "
+                   "with the same input and settings resumes; or a .npy file (one array, the "
+                   "input held in memory); default: text on stdout")
+    p.add_argument("--shard-size", type=int, default=10_000, help="records per Parquet shard")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--normalize", action="store_true")
     p.set_defaults(func=cmd_encode)

@@ -35,6 +35,27 @@ def available_cores():
         return os.cpu_count() or 1
 
 
+# Read in this order when threads=None. Ray, Dask and most schedulers set
+# OMP_NUM_THREADS to the CPUs they gave a worker.
+THREADS_ENV = ("DEELM_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def default_threads():
+    """Threads of the C core when none are given: $DEELM_NUM_THREADS, else
+    $OMP_NUM_THREADS (its first level, as OpenMP reads "4,2"), else the
+    usable cores. A set but invalid value is a ValueError naming it."""
+    for name in THREADS_ENV:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        first = value.split(",")[0].strip() if name == "OMP_NUM_THREADS" else value
+        if not (first.isascii() and first.isdigit()) or not 1 <= int(first) <= _core.MAX_THREADS:
+            raise ValueError(f"${name}={value!r}: expected a number of threads in "
+                             f"[1, {_core.MAX_THREADS}]")
+        return int(first)
+    return available_cores()
+
+
 def _check_trained_settings(trained, path, n_layers):
     """The settings an adapter's deelm_config.json carries, checked before they
     reach the model's setters, so a bad value is an AdapterError naming the
@@ -166,7 +187,9 @@ class DeeLM:
         max_seq_length: longer inputs are truncated to this many tokens
             (prompt tokens are kept, the sentence is cut at its end). None:
             512, or the model's context length if that is shorter.
-        threads: threads of the C core; None means all available cores.
+        threads: threads of the C core; None means $DEELM_NUM_THREADS, else
+            $OMP_NUM_THREADS, else all usable cores (read again wherever
+            the model is unpickled).
         compute_precision: how the linear layers compute. "int8": weights packed once
             at load as 4/5/8-bit integers with a float scale and offset per 32
             columns (GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K blocks
@@ -366,8 +389,9 @@ class DeeLM:
 
     @threads.setter
     def threads(self, n):
+        self._threads_from_env = n is None  # re-read where the model is unpickled
         if n is None:
-            n = available_cores()
+            n = default_threads()
         if (isinstance(n, bool) or not isinstance(n, (int, np.integer))
                 or not 1 <= n <= _core.MAX_THREADS):
             raise ValueError(f"threads must be an int in [1, {_core.MAX_THREADS}] or None, "
@@ -453,6 +477,19 @@ class DeeLM:
                 "adapter": None if self._adapter_path is None else str(self._adapter_path),
                 "prompts": dict(self.prompts), "default_prompt_name": self.default_prompt_name,
                 "similarity_fn_name": self._similarity_fn_name, "truncate_dim": self._truncate_dim}
+
+    def __reduce__(self):
+        """Pickles (and deep-copies) as the way to load the model again, not
+        its weights: the other side loads the same file (from the page cache
+        on one machine) and packs its own weights. An adapter set from memory
+        (set_adapter, e.g. right after training) travels as its layout and
+        parameters; one loaded from a folder is loaded from there again.
+        threads left to the default are read again on the other side."""
+        options = self.load_options
+        if self._threads_from_env:
+            options["threads"] = None
+        from_memory = self._adapter if self._adapter_path is None else None
+        return _unpickle, (type(self), options, from_memory, _packaged_files(options))
 
     @property
     def path(self):
@@ -759,6 +796,85 @@ def _check_device(device):
     for dev in devices:
         if dev is not None and str(dev) != "cpu":
             raise ValueError(f"deelm runs on the CPU; device={device!r} is not available")
+
+    def encode_iter(self, sentences, batch_size=32, show_progress_bar=False, **kwargs):
+        """Embeds an iterable of strings of any length (a generator, a file's
+        lines) in bounded memory: yields one result per `batch_size`
+        sentences, in input order, as :meth:`encode` returns it for that
+        batch (a float32 array [batch, d] by default; the last batch may be
+        shorter). Only one batch is held at a time. The other keyword
+        arguments go to :meth:`encode`; the embeddings equal what one
+        :meth:`encode` call over everything gives (a sentence's embedding
+        never depends on its batch). For one array per sentence, flatten:
+        ``for batch in model.encode_iter(texts): yield from batch``.
+
+        show_progress_bar: one bar for the whole stream (sized when the
+        iterable has a length)."""
+        if isinstance(sentences, (str, bytes, bytearray)) or not hasattr(sentences, "__iter__"):
+            raise TypeError(f"sentences must be an iterable of strings, not "
+                            f"{type(sentences).__name__} (encode embeds a single string)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        # the arguments' errors now, not at the first batch
+        self.encode([], batch_size=batch_size, **kwargs)
+        total = len(sentences) if hasattr(sentences, "__len__") else None
+        return self._encode_stream(iter(sentences), int(batch_size), show_progress_bar, total,
+                                   kwargs)
+
+    def _encode_stream(self, items, batch_size, show_progress_bar, total, kwargs):
+        from itertools import islice
+
+        from tqdm.auto import tqdm
+
+        done = 0
+        with tqdm(total=total, desc="encode", unit="sent", disable=not show_progress_bar,
+                  mininterval=0.5) as bar:
+            while batch := list(islice(items, batch_size)):
+                for i, s in enumerate(batch):
+                    if not isinstance(s, str):
+                        raise TypeError(f"item {done + i} of the stream is {type(s).__name__}, "
+                                        f"not str")
+                yield self.encode(batch, batch_size=batch_size, show_progress_bar=False, **kwargs)
+                done += len(batch)
+                bar.update(len(batch))
+
+
+def _packaged_files(options):
+    """Which of the model file and the adapter folder are the ones packages
+    carry (the default model, deelm's bundled adapter): the unpickling side
+    finds those in its own installation, which may live at another path."""
+    from .default_model import bundled_adapter_path, packaged_model_path
+    from .errors import ModelNotFoundError
+
+    try:
+        model = options["model"] == str(packaged_model_path())
+    except ModelNotFoundError:
+        model = False
+    bundled = bundled_adapter_path()
+    return model, bundled is not None and options["adapter"] == str(bundled)
+
+
+def _unpickle(cls, options, adapter, packaged=(False, False)):
+    """The other side of DeeLM.__reduce__."""
+    from .default_model import bundled_adapter_path, packaged_model_path
+    from .errors import ModelNotFoundError
+
+    options = dict(options)
+    if packaged[0]:
+        options["model"] = packaged_model_path()
+    if packaged[1]:
+        options["adapter"] = bundled_adapter_path()
+        if options["adapter"] is None:
+            raise ModelNotFoundError("the model was pickled with deelm's bundled adapter, "
+                                     "which this installation of deelm lacks")
+    model = cls.from_pretrained(**options)
+    model.prompt = options["prompt"]  # from_pretrained reads None as "the adapter's prompt"
+    if adapter is not None:
+        layout, params = adapter
+        # Ray hands arrays out of its object store read-only; the model's own
+        # copy must be writable (training updates it in place)
+        model.set_adapter(layout, np.require(params, np.float32, ["C", "W"]))
+    return model
 
 
 def _as_texts(sentences):

@@ -62,10 +62,10 @@ def _gemm(a, b):
     picks its kernel, and so its rounding, per CPU)."""
     if not a.shape[0] or not b.shape[0]:
         return np.zeros((a.shape[0], b.shape[0]), dtype=np.float32)
-    from .model import available_cores  # model imports this module
+    from .model import default_threads  # model imports this module
 
     work = a.shape[0] * b.shape[0] * a.shape[1]
-    threads = available_cores() if work > 1 << 22 else 1
+    threads = default_threads() if work > 1 << 22 else 1
     return _core.linear(np.ascontiguousarray(a), np.ascontiguousarray(b), threads)
 
 

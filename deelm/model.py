@@ -788,15 +788,7 @@ class DeeLM:
 
     save = save_pretrained  # sentence-transformers' other name
 
-
-def _check_device(device):
-    """deelm computes on the CPU: None, "cpu", torch.device("cpu") or a list
-    of them (sentence-transformers' multi-process form)."""
-    devices = list(device) if isinstance(device, (list, tuple)) else [device]
-    for dev in devices:
-        if dev is not None and str(dev) != "cpu":
-            raise ValueError(f"deelm runs on the CPU; device={device!r} is not available")
-
+    # ---- streaming -------------------------------------------------------------
     def encode_iter(self, sentences, batch_size=32, show_progress_bar=False, **kwargs):
         """Embeds an iterable of strings of any length (a generator, a file's
         lines) in bounded memory: yields one result per `batch_size`
@@ -837,6 +829,15 @@ def _check_device(device):
                 yield self.encode(batch, batch_size=batch_size, show_progress_bar=False, **kwargs)
                 done += len(batch)
                 bar.update(len(batch))
+
+
+def _check_device(device):
+    """deelm computes on the CPU: None, "cpu", torch.device("cpu") or a list
+    of them (sentence-transformers' multi-process form)."""
+    devices = list(device) if isinstance(device, (list, tuple)) else [device]
+    for dev in devices:
+        if dev is not None and str(dev) != "cpu":
+            raise ValueError(f"deelm runs on the CPU; device={device!r} is not available")
 
 
 def _packaged_files(options):

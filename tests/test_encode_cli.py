@@ -169,6 +169,10 @@ def test_bad_arguments_and_folders_are_refused(tiny_path, tmp_path, capsys):
     empty.write_text("")
     assert main(_args(tiny_path, "--input", empty, "--output", tmp_path / "none")) == 0
     assert "the input holds no records: no shards written" in capsys.readouterr().err
+    # a missing input is an argument error, reported before the model loads
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(tiny_path, "--input", tmp_path / "missing.jsonl", "--output", tmp_path / "o"))
+    assert exit_info.value.code == 2 and "missing.jsonl" in capsys.readouterr().err
     cases = [
         (["--input", latin1, "--output", tmp_path / "o"], "latin1.txt, line 3: not UTF-8 text"),
         (["--input", txt, "--id-field", "key"], "plain text has no fields"),
@@ -177,7 +181,6 @@ def test_bad_arguments_and_folders_are_refused(tiny_path, tmp_path, capsys):
          "no column 'text' \\(it has 'body', 'n'\\)"),
         (["--input", tmp_path / "in.parquet", "--text-field", "n", "--output", tmp_path / "o"],
          "column 'n' is int64, not text"),
-        (["--input", tmp_path / "missing.jsonl", "--output", tmp_path / "o"], "missing.jsonl"),
         (["--input", txt, "--text-field", "body"], "plain text has no fields"),
         (["--input", txt, "--output", txt], "is not a folder"),
     ]

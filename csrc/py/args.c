@@ -3,9 +3,10 @@
 #include "py/py.h" /* first: Python.h sets the feature macros */
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
-static int get_i64(PyObject *dict, const char *key, int64_t lo, int64_t hi, int64_t *out) {
+int dl_py_get_i64(PyObject *dict, const char *key, int64_t lo, int64_t hi, int64_t *out) {
     PyObject *v = PyDict_GetItemString(dict, key);
     if (!v) {
         PyErr_Format(PyExc_ValueError, "model config lacks '%s'", key);
@@ -47,12 +48,24 @@ static int get_f32(PyObject *dict, const char *key, float *out) {
 }
 
 
+/* "'a', 'b' or 'c'" from a table of n names, for messages. */
+static const char *choices(const char *const *names, int n, char *buf, size_t size) {
+    size_t len = 0;
+    buf[0] = 0;
+    for (int i = 0; i < n; i++)
+        len += (size_t)snprintf(buf + len, size - len, "%s'%s'", i == 0 ? "" : i == n - 1 ? " or " : ", ",
+                                names[i]);
+    return buf;
+}
+
 /* DL_PRECISION_* named by Python; -1 with an exception set if unknown. */
 static int parse_precision(const char *name) {
-    if (strcmp(name, "int8") == 0) return DL_PRECISION_INT8;
-    if (strcmp(name, "float32") == 0) return DL_PRECISION_F32;
-    PyErr_Format(PyExc_ValueError, "precision must be 'int8' or 'float32', got '%s'", name);
-    return -1;
+    const int p = dl_precision_from_name(name);
+    char buf[128];
+    if (p < 0)
+        PyErr_Format(PyExc_ValueError, "precision must be %s, got '%s'",
+                     choices(dl_precision_names, DL_N_PRECISIONS, buf, sizeof buf), name);
+    return p;
 }
 
 /* The ISA path named by Python ("auto" = the best this CPU runs); -1 with an
@@ -60,8 +73,9 @@ static int parse_precision(const char *name) {
 static int parse_isa(const char *name) {
     int isa = strcmp(name, "auto") == 0 ? dl_isa_best() : dl_isa_from_name(name);
     if (isa < 0) {
-        PyErr_Format(PyExc_ValueError, "isa must be 'auto', 'avx512vnni', 'avx2' or 'scalar', "
-                     "got '%s'", name);
+        char buf[128];
+        PyErr_Format(PyExc_ValueError, "isa must be 'auto' or one of %s, got '%s'",
+                     choices(dl_isa_names, DL_N_ISAS, buf, sizeof buf), name);
         return -1;
     }
     if (!dl_isa_supported(isa)) {
@@ -192,11 +206,11 @@ static int parse_features(PyObject *cfg, dl_config *c, dl_py_config_arrays *arr)
         }
     }
     if (has_key(cfg, "qk_norm")) {
-        if (get_i64(cfg, "qk_norm", 0, 1, &flag) < 0) return -1;
+        if (dl_py_get_i64(cfg, "qk_norm", 0, 1, &flag) < 0) return -1;
         c->qk_norm = (int)flag;
     }
     if (has_key(cfg, "post_norms")) {
-        if (get_i64(cfg, "post_norms", 0, 1, &flag) < 0) return -1;
+        if (dl_py_get_i64(cfg, "post_norms", 0, 1, &flag) < 0) return -1;
         c->post_norms = (int)flag;
     }
     if (has_key(cfg, "inv_freq_local")) {
@@ -226,14 +240,14 @@ static int parse_features(PyObject *cfg, dl_config *c, dl_py_config_arrays *arr)
 
 int dl_py_parse_config(PyObject *cfg, dl_config *c, dl_py_config_arrays *arr) {
     int64_t rope_style;
-    if (get_i64(cfg, "n_layers", 1, 4096, &c->n_layers) < 0 ||
-        get_i64(cfg, "dim", 1, DIM_LIMIT, &c->dim) < 0 ||
-        get_i64(cfg, "hidden_dim", 1, DIM_LIMIT, &c->hidden_dim) < 0 ||
-        get_i64(cfg, "n_heads", 1, 4096, &c->n_heads) < 0 ||
-        get_i64(cfg, "n_kv_heads", 1, 4096, &c->n_kv_heads) < 0 ||
-        get_i64(cfg, "head_dim", 2, 4096, &c->head_dim) < 0 ||
-        get_i64(cfg, "vocab_size", 1, INT32_MAX, &c->vocab_size) < 0 ||
-        get_i64(cfg, "rope_style", 0, 1, &rope_style) < 0 || get_f32(cfg, "rms_eps", &c->rms_eps) < 0)
+    if (dl_py_get_i64(cfg, "n_layers", 1, 4096, &c->n_layers) < 0 ||
+        dl_py_get_i64(cfg, "dim", 1, DIM_LIMIT, &c->dim) < 0 ||
+        dl_py_get_i64(cfg, "hidden_dim", 1, DIM_LIMIT, &c->hidden_dim) < 0 ||
+        dl_py_get_i64(cfg, "n_heads", 1, 4096, &c->n_heads) < 0 ||
+        dl_py_get_i64(cfg, "n_kv_heads", 1, 4096, &c->n_kv_heads) < 0 ||
+        dl_py_get_i64(cfg, "head_dim", 2, 4096, &c->head_dim) < 0 ||
+        dl_py_get_i64(cfg, "vocab_size", 1, INT32_MAX, &c->vocab_size) < 0 ||
+        dl_py_get_i64(cfg, "rope_style", 0, 1, &rope_style) < 0 || get_f32(cfg, "rms_eps", &c->rms_eps) < 0)
         return -1;
     c->rope_style = (int)rope_style;
     if (c->n_heads % c->n_kv_heads != 0) {

@@ -71,11 +71,12 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     dl_config c;
     memset(&c, 0, sizeof c);
     dl_py_config_arrays arr = {NULL, NULL, NULL};
-    if (dl_py_parse_config(cfg, &c, &arr) < 0 || dl_py_check_all_shapes(tensors, &c) < 0) {
+    int qkv_bias;
+    if (dl_py_parse_config(cfg, &c, &arr) < 0 || dl_py_check_all_shapes(tensors, &c, &qkv_bias) < 0) {
         dl_py_config_arrays_clear(&arr);
         return -1;
     }
-    dl_model *m = dl_model_alloc(&c, precision, isa);
+    dl_model *m = dl_model_alloc(&c, precision, isa, qkv_bias);
     if (!m) {
         dl_py_config_arrays_clear(&arr);
         PyErr_NoMemory();
@@ -89,7 +90,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         for (int64_t l = 0; l < c.n_layers; l++)
             m->layers[l].window = ((const int64_t *)PyArray_DATA((PyArrayObject *)arr.window))[l];
     dl_py_config_arrays_clear(&arr);
-    if (dl_py_bind_weights(m, tensors, &self->embd_view, &self->has_embd_view) < 0) {
+    if (dl_py_bind_weights(m, tensors, qkv_bias, &self->embd_view, &self->has_embd_view) < 0) {
         dl_model_free(m);
         if (self->has_embd_view) {
             PyBuffer_Release(&self->embd_view);
@@ -250,11 +251,17 @@ static PyObject *Model_get_config(ModelObject *self, void *closure) {
         (long long)c->n_kv_heads, "head_dim", (long long)c->head_dim, "vocab_size",
         (long long)c->vocab_size, "rms_eps", (double)c->rms_eps, "rope_style", c->rope_style,
         "token_embd_type", dl_type_name(m->tok_embd_type), "precision",
-        m->precision == DL_PRECISION_INT8 ? "int8" : "float32", "isa",
+        dl_precision_names[m->precision], "isa",
         dl_isa_name(m->isa), "embed_scale",
         (double)c->embed_scale, "attn_scale", (double)c->attn_scale, "ffn_act",
         c->ffn_act == DL_ACT_GELU_TANH ? "gelu_tanh" : "silu", "qk_norm", c->qk_norm,
         "post_norms", c->post_norms, "rope_local", c->rope_local, "sliding_window", window);
+}
+
+static PyObject *Model_get_weight_bytes(ModelObject *self, void *closure) {
+    (void)closure;
+    if (dl_py_check_ready(self) < 0) return NULL;
+    return PyLong_FromLongLong((long long)self->model->owned_bytes);
 }
 
 static PyMethodDef Model_methods[] = {
@@ -287,6 +294,9 @@ static PyMethodDef Model_methods[] = {
 
 static PyGetSetDef Model_getset[] = {
     {"config", (getter)Model_get_config, NULL, "model dimensions as a dict", NULL},
+    {"weight_bytes", (getter)Model_get_weight_bytes, NULL,
+     "bytes of the arrays the model allocated (memory_estimate's 'weights' counts the same)",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -133,6 +133,86 @@ static PyObject *op_type_info(PyObject *mod, PyObject *args) {
                          (long long)dl_type_block_bytes(type));
 }
 
+static const char *const feature_names[] = {
+    [DL_FEAT_BASE] = "base", [DL_FEAT_QK_NORM] = "qk_norm", [DL_FEAT_POST_NORMS] = "post_norms",
+    [DL_FEAT_QKV_BIAS] = "qkv_bias",
+};
+
+/* A shape entry: the width's size for config c, or its name without one. */
+static PyObject *width(const dl_config *c, int w) {
+    return c ? PyLong_FromLongLong((long long)dl_width(c, w)) : PyUnicode_FromString(dl_width_name(w));
+}
+
+/* One schema entry as a dict: name, feature, shape ([out, in] or [n], as
+ * Hugging Face orders it), module (PEFT name or None). */
+static PyObject *tensor_entry(const dl_config *c, const dl_tensor_spec *t) {
+    const int lin = t->module >= 0 && t->feature == DL_FEAT_BASE;
+    const int first = t->module >= 0 ? dl_modules[t->module].out : t->width;
+    PyObject *shape = lin ? Py_BuildValue("(NN)", width(c, first), width(c, dl_modules[t->module].in))
+                          : Py_BuildValue("(N)", width(c, first));
+    if (!shape) return NULL;
+    return Py_BuildValue("{s:s,s:s,s:N,s:s}", "name", dl_tensor_name(t), "feature",
+                         feature_names[t->feature], "shape", shape, "module",
+                         lin ? dl_modules[t->module].peft : NULL);
+}
+
+/* layer_schema(config=None): the layer's tensors from csrc/schema.c. */
+static PyObject *op_layer_schema(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *cfg = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &cfg)) return NULL;
+    dl_config c;
+    memset(&c, 0, sizeof c);
+    if (cfg != Py_None) {
+        if (!PyDict_Check(cfg)) {
+            PyErr_SetString(PyExc_TypeError, "layer_schema(config): config must be a dict or None");
+            return NULL;
+        }
+        /* only the widths: the sizes, not the arrays, of a config */
+        const char *keys[] = {"dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size"};
+        int64_t *dst[] = {&c.dim, &c.hidden_dim, &c.n_heads, &c.n_kv_heads, &c.head_dim, &c.vocab_size};
+        for (int i = 0; i < 6; i++)
+            if (dl_py_get_i64(cfg, keys[i], 0, INT32_MAX, dst[i]) < 0) return NULL;
+    }
+    PyObject *out = PyTuple_New(DL_N_LAYER_TENSORS);
+    for (int i = 0; out && i < DL_N_LAYER_TENSORS; i++) {
+        PyObject *e = tensor_entry(cfg != Py_None ? &c : NULL, &dl_layer_tensors[i]);
+        if (!e) Py_CLEAR(out);
+        else PyTuple_SET_ITEM(out, i, e);
+    }
+    return out;
+}
+
+/* A tuple of n C strings. */
+static PyObject *names(const char *const *table, int n) {
+    PyObject *t = PyTuple_New(n);
+    for (int i = 0; t && i < n; i++) {
+        PyObject *s = PyUnicode_FromString(table[i]);
+        if (!s) Py_CLEAR(t);
+        else PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
+
+/* The name tables the package reads instead of restating them. */
+static int add_names(PyObject *m) {
+    const char *modules[DL_N_MODULES];
+    for (int i = 0; i < DL_N_MODULES; i++) modules[i] = dl_modules[i].peft;
+    struct { const char *attr; PyObject *value; } t[] = {
+        {"OP_NAMES", names(dl_op_names, DL_N_OPS)},
+        {"ISA_NAMES", names(dl_isa_names, DL_N_ISAS)},
+        {"PRECISION_NAMES", names(dl_precision_names, DL_N_PRECISIONS)},
+        {"LORA_MODULES", names(modules, DL_N_MODULES)},
+    };
+    int err = 0;
+    for (size_t i = 0; i < sizeof t / sizeof *t; i++) {
+        if (!err && t[i].value && PyModule_AddObject(m, t[i].attr, t[i].value) == 0) continue;
+        err = 1; /* AddObject steals the reference only when it succeeds */
+        Py_XDECREF(t[i].value);
+    }
+    return err ? -1 : 0;
+}
+
 static PyMethodDef module_methods[] = {
     {"linear", op_linear, METH_VARARGS,
      "linear(x[n, in], w[out, in], threads=1, isa=\"auto\") -> x w^T (float32 GEMM, dl_sgemm)"},
@@ -142,6 +222,10 @@ static PyMethodDef module_methods[] = {
      "memory_estimate(config, precision, n_tokens, max_len, threads=1, lora_rank=0, qkv_bias=False)"
      " -> {'weights': bytes, 'forward': bytes}"},
     {"isa_info", op_isa_info, METH_NOARGS, "isa_info() -> {'best': name, 'supported': [names], 'features': {name: 'cpu,features'}}"},
+    {"layer_schema", op_layer_schema, METH_VARARGS,
+     "layer_schema(config=None) -> ({'name', 'feature', 'shape', 'module'}, ...): a layer's "
+     "tensors (csrc/schema.c); shapes as [out, in] or [n], in sizes for a config dict or in "
+     "width names ('d', 'dq', ...) without one; module: the PEFT name of a projection"},
     {"type_info", op_type_info, METH_VARARGS,
      "type_info(type) -> (name, block_elems, block_bytes), or None if unsupported"},
     {NULL, NULL, 0, NULL},
@@ -161,15 +245,11 @@ PyMODINIT_FUNC PyInit__core(void) {
         Py_DECREF(m);
         return NULL;
     }
-    Py_INCREF(&dl_py_model_type);
-    PyObject *ops = Py_BuildValue("(sssssssss)", "qkv", "attn_output", "gate_up", "down",
-                                  "attention", "rmsnorm", "rope", "glu", "embed_pool");
-    if (PyModule_AddIntConstant(m, "MAX_THREADS", DL_MAX_THREADS) < 0 || !ops ||
-        PyModule_AddObject(m, "OP_NAMES", ops) < 0) {
-        Py_XDECREF(ops);
+    if (PyModule_AddIntConstant(m, "MAX_THREADS", DL_MAX_THREADS) < 0 || add_names(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
+    Py_INCREF(&dl_py_model_type);
     if (PyModule_AddObject(m, "Model", (PyObject *)&dl_py_model_type) < 0) {
         Py_DECREF(&dl_py_model_type);
         Py_DECREF(m);

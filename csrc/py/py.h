@@ -5,7 +5,8 @@
  *                 module functions (isa_info, memory_estimate, linear, ...)
  *   args.c        argument checks every entry point shares (threads, isa,
  *                 precision, bidirectional_from) and the model config dict
- *   weights.c     binding a file's tensors to a dl_model
+ *   weights.c     binding a file's tensors to a dl_model, as the layer
+ *                 schema (csrc/schema.c) places them
  *   model_type.c  the Model type: lifetime, forward, config
  *   training.c    Model's LoRA and training methods
  *   test_ops.c    single kernels for tests and benchmarks (rmsnorm, rope,
@@ -79,11 +80,12 @@ PyObject *dl_py_train_backward(ModelObject *self, PyObject *args, PyObject *kwds
 
 /* ---- weights.c ---- */
 /* Checks every tensor the config needs (type, shape, bytes) before anything
- * is allocated from it. */
-int dl_py_check_all_shapes(PyObject *tensors, const dl_config *c);
+ * is allocated from it; *qkv_bias: whether the file has q/k/v biases. */
+int dl_py_check_all_shapes(PyObject *tensors, const dl_config *c, int *qkv_bias);
 /* Binds the token embedding table (its view kept in *embd_view, *has_view set),
  * the output norm and every layer's weights into m. */
-int dl_py_bind_weights(dl_model *m, PyObject *tensors, Py_buffer *embd_view, int *has_view);
+int dl_py_bind_weights(dl_model *m, PyObject *tensors, int qkv_bias, Py_buffer *embd_view,
+                       int *has_view);
 
 /* ---- args.c ---- */
 /* PyArg_Parse converters ("O&"): an int thread count in [1, DL_MAX_THREADS]
@@ -95,6 +97,8 @@ int dl_py_precision(PyObject *o, void *out);
 /* bidirectional_from k for config c: -1 (causal) or a layer index; the one
  * check of it. */
 int dl_py_check_k(const dl_config *c, long long k);
+/* dict[key] as an integer in [lo, hi]; -1 with an exception naming the key. */
+int dl_py_get_i64(PyObject *dict, const char *key, int64_t lo, int64_t hi, int64_t *out);
 /* The exception for a DL_ERR_* code; always -1. */
 int dl_py_raise(int err, const char *what);
 PyObject *dl_py_new_f32(int nd, npy_intp *dims);

@@ -8,16 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Input and output width of a module in this model. */
-static void module_dims(const dl_config *c, int module, int64_t *in, int64_t *out) {
-    const int64_t d = c->dim, f = c->hidden_dim, dq = c->n_heads * c->head_dim;
-    const int64_t dkv = c->n_kv_heads * c->head_dim;
-    const int64_t ins[DL_N_MODULES] = {d, d, d, dq, d, d, f};
-    const int64_t outs[DL_N_MODULES] = {dq, dkv, dkv, d, f, f, d};
-    *in = ins[module];
-    *out = outs[module];
-}
-
 /* Checks a LoRA table against the model and the parameter buffer: every
  * entry's matrices must lie inside params, entries sorted by (layer, module)
  * without repeats, dimensions those of the module. */
@@ -33,8 +23,8 @@ static int check_lora_table(const dl_config *c, const int64_t *t, const float *s
                          (long long)module, (long long)c->n_layers, DL_N_MODULES);
             return -1;
         }
-        int64_t want_in, want_out;
-        module_dims(c, (int)module, &want_in, &want_out);
+        const int64_t want_in = dl_width(c, dl_modules[module].in);
+        const int64_t want_out = dl_width(c, dl_modules[module].out);
         if (in != want_in || out != want_out || rank < 1 || rank > DL_LORA_MAX_RANK) {
             PyErr_Format(PyExc_ValueError, "LoRA entry %lld (layer %lld module %lld): rank %lld "
                          "in %lld out %lld, but the module is %lld -> %lld and the rank must be "

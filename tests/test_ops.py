@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from deelm import _core
-from tiny_gguf import F16_FIELDS, _permute_for_gguf, random_blocks
+from support.gguf_builder import F16_FIELDS, _permute_for_gguf, random_blocks
 
 torch = pytest.importorskip("torch")
 

@@ -77,7 +77,7 @@ def test_tiny_model_ids_equal_transformers(tiny_path):
 def test_bos_is_added_when_the_file_says_so(tmp_path):
     transformers = pytest.importorskip("transformers")
     import deelm
-    from tiny_gguf import write_tiny_gguf
+    from support.gguf_builder import write_tiny_gguf
 
     path, _ = write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True)
     tok = deelm.DeeLM.from_pretrained(path).tokenizer

@@ -16,7 +16,7 @@ from deelm.errors import AdapterError, TrainingDataError
 from deelm.lora import LoraConfig, LoraLayout, adapter_tensors, init_params, save_adapter
 from deelm.model import pack_ids
 from deelm.train import TrainingArguments, train
-from tiny_gguf import TINY
+from support.gguf_builder import TINY
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

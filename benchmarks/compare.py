@@ -1,5 +1,7 @@
 """Side-by-side encode throughput: deelm, llama.cpp (llama-cpp-python) and
 transformers + torch on the same GGUF file, the same texts and mean pooling.
+(One script past ~600 lines: three engines' workers, their tuning and the
+report have to agree on one protocol, which is easier to keep in one file.)
 
     python -m benchmarks.compare [--model PATH [PATH ...]] [--requantize Q4_0 Q8_0]
                                  [--deelm-isa auto|avx512vnni|avx2|scalar] [--threads 1 2] [--repeats 5]

@@ -27,6 +27,7 @@ from support.gguf_builder import GEMMA3_TINY, random_gemma3_weights, tiny_vocab,
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 
 L = GEMMA3_TINY["n_layers"]
 V = len(tiny_vocab()[0])

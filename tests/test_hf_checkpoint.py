@@ -21,6 +21,7 @@ from support.gguf_builder import TINY, write_tiny_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 from support.hf_builder import build  # noqa: E402  (needs torch and transformers)
 
 L = TINY["n_layers"]

@@ -26,6 +26,7 @@ from support.gguf_builder import tiny_vocab, write_gemma3_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 from support.hf_builder import GEMMA3_HF, build  # noqa: E402  (needs torch and transformers)
 from test_hf_checkpoint import assert_same_embeddings  # noqa: E402
 

@@ -194,6 +194,7 @@ def test_memory_estimate_counts_the_lora_scratch(tiny_path):
                 == 4 * (rows + rank * widest_out))
 
 
+@pytest.mark.reference
 def test_hf_directory_is_described(tmp_path, capsys):
     tiny_hf = pytest.importorskip("support.hf_builder", reason="transformers is not installed")
     tiny_hf.build(tmp_path, "qwen2", dtype="bfloat16")
@@ -206,6 +207,7 @@ def test_hf_directory_is_described(tmp_path, capsys):
     assert "qwen2" in _info(capsys, tmp_path)
 
 
+@pytest.mark.reference
 def test_hf_gemma3_directory_is_described(tmp_path, capsys):
     """A Gemma-3 directory: its tensors as stored (BF16, norms included,
     which deelm holds as float32 1 + w), the global and local rope, the

@@ -323,6 +323,7 @@ def test_int8_against_float32_default_model(default_model, default_f32, sentence
     assert cos.min() >= lo and np.median(cos) >= med
 
 
+@pytest.mark.reference
 def test_int8_against_transformers(default_model, hf_default, sentences):
     hf, _ = hf_default
     ids = default_model.tokenizer.encode_ids(sentences[:20])

@@ -158,6 +158,7 @@ def test_thread_count_does_not_change_results(tiny):
     assert np.array_equal(one[2], two[2]) and np.array_equal(one[0], two[0])
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("weight_type, k", _cases(HF_WEIGHT_TYPES, [1]))
 def test_hidden_states_vs_transformers(tiny, hf_tiny, weight_type, k):
     _, _, stored, model = tiny(weight_type)

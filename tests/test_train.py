@@ -21,6 +21,7 @@ from support.gguf_builder import TINY
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 
 L = TINY["n_layers"]
 SENTENCES = ["A cat sat on the mat.", "x", "the heat in the station was rather oppressive today",

@@ -4,6 +4,10 @@ The files are real GGUF (written by the `gguf` package), with a small
 byte-level BPE vocabulary (or any vocabulary given, such as a SentencePiece
 model's, see sentencepiece_vocab), so every part of deelm's loading path runs
 on them and transformers can load them as the reference.
+
+One file, past ~600 lines on purpose: it is the project's one GGUF writer, the
+tiny test models and (at the end) the random models of real shapes the
+benchmarks use share its metadata and encoding helpers.
 """
 import os
 import sys

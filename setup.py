@@ -20,8 +20,9 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
 
 core = Extension(
     "deelm._core",
-    sources=sorted(glob.glob("csrc/*.c")),
-    depends=glob.glob("csrc/*.h"),
+    # every C file under csrc/, so a new file needs no edit here
+    sources=sorted(glob.glob("csrc/**/*.c", recursive=True)),
+    depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
     include_dirs=[numpy.get_include(), "csrc"],
     extra_compile_args=["-O3", "-fopenmp", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers", "-Wno-cast-function-type",

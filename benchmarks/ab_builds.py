@@ -1,6 +1,6 @@
 """Encode throughput of two or more deelm builds (source trees), side by side.
 
-    python benchmarks/ab_builds.py --build new=. --build old=/path/to/old/checkout \\
+    python -m benchmarks.ab_builds --build new=. --build old=/path/to/old/checkout \\
         [--build old-haswell=/path/to/old:OPENBLAS_CORETYPE=Haswell] \\
         [--precision float32] [--isa avx2] [--threads 2] [--sentences 1000] [--rounds 5]
 
@@ -21,9 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from encode_throughput import STSB_TEST, cpu_model, unique_sentences  # noqa: E402
+from benchmarks.common import STSB_TEST, cpu_model, unique_sentences
 
 CHILD = r"""
 import inspect, json, sys, time

@@ -1,7 +1,7 @@
 """What the bundled DeeLM adapter (LoRA on every projection of every layer)
 costs over the bare default model, encoding the same STS-B test sentences.
 
-    python benchmarks/adapter_cost.py [--sentences 256] [--threads 1] [--repeats 15]
+    python -m benchmarks.adapter_cost [--sentences 256] [--threads 1] [--repeats 15]
 
 Both models are loaded once and timed alternately, so drift in machine load
 hits both alike. The minimum of the runs is the least disturbed time of each;
@@ -9,14 +9,10 @@ the medians are printed too.
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encode_throughput import STSB_TEST, cpu_model, unique_sentences  # noqa: E402
-
-import deelm  # noqa: E402
+import deelm
+from benchmarks.common import STSB_TEST, cpu_model, unique_sentences
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """The attention op alone (deelm._core.attention), causal and bidirectional.
 
-    python benchmarks/attention_bench.py [--lengths 13 48 300] [--sentences 8] [--threads 1]
+    python -m benchmarks.attention_bench [--lengths 13 48 300] [--sentences 8] [--threads 1]
 
 Random q/k/v in the default model's head layout (9 query heads, 3 key/value
 heads of 64). Prints the best of --repeats calls per setting and the useful

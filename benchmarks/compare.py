@@ -1,14 +1,16 @@
 """Side-by-side encode throughput: deelm, llama.cpp (llama-cpp-python) and
 transformers + torch on the same GGUF file, the same texts and mean pooling.
+(One script past ~600 lines: three engines' workers, their tuning and the
+report have to agree on one protocol, which is easier to keep in one file.)
 
-    python benchmarks/compare.py [--model PATH [PATH ...]] [--requantize Q4_0 Q8_0]
+    python -m benchmarks.compare [--model PATH [PATH ...]] [--requantize Q4_0 Q8_0]
                                  [--deelm-isa auto|avx512vnni|avx2|scalar] [--threads 1 2] [--repeats 5]
                                  [--sets stsb long] [--batch-size 32] [--stsb-sentences N]
                                  [--engines deelm llamacpp transformers transformers-bf16]
                                  [--deelm-precision int8|float32] [--quick]
                                  [--output results/bench/compare]
 
-    python benchmarks/compare.py --quick --repeats 3      # smoke run, a few dozen texts
+    python -m benchmarks.compare --quick --repeats 3      # smoke run, a few dozen texts
 
 Several files (--model A B, and --requantize T adding copies of the first file
 with its layer weights in block format T, made by benchmarks/requantize.py) are
@@ -71,7 +73,6 @@ import os
 import platform
 import random
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -82,11 +83,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from encode_throughput import REPO, TransformersPeer, cpu_model, unique_sentences  # noqa: E402
-
-import deelm  # noqa: E402  (encode_throughput put the repository on sys.path)
+import deelm
+from benchmarks.common import REPO, cpu_model, peak_rss_mb, unique_sentences
+from benchmarks.encode_throughput import TransformersPeer
 
 DATA_DIR = Path(os.environ.get("DEELM_DATA", REPO.parent / "shared" / "data"))
 ENGINES = ("deelm", "llamacpp", "transformers", "transformers-bf16")
@@ -120,10 +119,6 @@ CHECKS = [("llamacpp", "deelm-bidir"), ("llamacpp", "deelm-bidir-f32"),
 
 def label(config):
     return CONFIGS[config][2] if config in CONFIGS else CHECK_LABELS[config]
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 # ---------------------------------------------------------------------------
@@ -374,7 +369,7 @@ class Worker:
     def __init__(self, engine, log):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.engine = engine
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.compare",
                                       "--_worker", engine],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                      text=True, env=env, cwd=str(REPO))
@@ -783,8 +778,7 @@ def main(argv=None):
         return worker_main(args._worker)
     paths = [Path(deelm.default_model.resolve_model_path(m)) for m in args.model]
     if args.requantize:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from requantize import requantized
+        from benchmarks.requantize import requantized
 
         paths += [requantized(paths[0], t) for t in args.requantize]
     machine = machine_info()

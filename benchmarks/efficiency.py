@@ -1,6 +1,6 @@
 """Arithmetic efficiency of deelm's forward pass, per kind of op.
 
-    python benchmarks/efficiency.py [--model PATH] [--threads 1 2] [--repeats 5]
+    python -m benchmarks.efficiency [--model PATH] [--threads 1 2] [--repeats 5]
                                     [--precision int8|float32] [--sentences N]
                                     [--isa auto|avx512vnni|avx2]
 
@@ -24,11 +24,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-import deelm  # noqa: E402
-from deelm import _core  # noqa: E402
-from encode_throughput import STSB_TEST, cpu_model, unique_sentences  # noqa: E402
+import deelm
+from deelm import _core
+from benchmarks.common import STSB_TEST, cpu_model, unique_sentences
 
 LINEAR = ("qkv", "attn_output", "gate_up", "down")
 

@@ -1,6 +1,6 @@
 """Encode throughput of deelm on the unique sentences of STS Benchmark test.
 
-    python benchmarks/encode_throughput.py [--model PATH] [--threads 1 2] [--repeats 5]
+    python -m benchmarks.encode_throughput [--model PATH] [--threads 1 2] [--repeats 5]
                                            [--peer transformers]
 
 Each thread setting is timed after one warm-up run, the settings alternating
@@ -17,42 +17,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import deelm  # noqa: E402
-
-DATA_DIR = Path(os.environ.get("DEELM_DATA", REPO.parent / "shared" / "data"))
-STSB_TEST = DATA_DIR / "sts" / "STSBenchmark" / "test.jsonl"
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def unique_sentences(path):
-    seen = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            seen.setdefault(row["sentence1"], None)
-            seen.setdefault(row["sentence2"], None)
-    return list(seen)
+import deelm
+from benchmarks.common import REPO, STSB_TEST, cpu_model, peak_rss_mb, unique_sentences  # noqa: F401
 
 
 def parse_args(argv=None):

@@ -2,7 +2,7 @@
 docs/throughput.png: deelm against llama.cpp and transformers + torch, in
 tokens per second, on the default model's file and its requantized copies.
 
-    python benchmarks/plot_throughput.py [--output docs/throughput.png]
+    python -m benchmarks.plot_throughput [--output docs/throughput.png]
 
 It draws the figures recorded in docs/performance.md (AMD EPYC Zen 4, 2
 threads, 1,000 STS-B test sentences); it measures nothing. To measure anew,

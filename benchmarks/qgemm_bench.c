@@ -2,10 +2,8 @@
  * four linear-layer shapes, with random Q4_1-like weights, to separate the
  * kernel from the rest of the forward pass. Best of 20 calls each.
  *
- *   gcc -O3 -fopenmp -std=c11 -D_POSIX_C_SOURCE=199309L -Icsrc benchmarks/qgemm_bench.c \
- *       csrc/qgemm.c csrc/qweight.c csrc/qactivation.c csrc/tensor_types.c csrc/cpu.c -lm \
- *       -o qgemm_bench
- *   ./qgemm_bench [rows=270] [threads=1] [outliers per row=0] [isa=best] [max_q=15]
+ *   make -C benchmarks build/qgemm_bench       (benchmarks/Makefile)
+ *   benchmarks/build/qgemm_bench [rows=270] [threads=1] [outliers per row=0] [isa=best] [max_q=15]
  *
  * isa: scalar, avx2 or avx512vnni (forced, as DeeLM's isa= does); max_q: the
  * largest weight byte, 15 for 4-bit types (Q4_0, Q4_1), 31 for 5-bit ones,

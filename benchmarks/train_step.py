@@ -1,6 +1,6 @@
 """One LoRA training step, deelm against PyTorch + PEFT, side by side.
 
-    python benchmarks/train_step.py [--model PATH] [--data FILE] [--triplets 32]
+    python -m benchmarks.train_step [--model PATH] [--data FILE] [--triplets 32]
                                     [--bidirectional-from 29] [--train-from K]
                                     [--lora-r 8] [--threads 2] [--repeats 5]
                                     [--output results/bench/train_step]
@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import REPO
 
 ENGINES = ("deelm", "deelm-nocache", "torch+peft")
 
@@ -97,7 +99,7 @@ def torch_worker(opts):
     import transformers
     import peft
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    sys.path.insert(0, str(REPO / "tests"))  # the test suite's torch reference helpers
     from conftest import bidirectional_layers, padded_batch
 
     torch.set_num_threads(opts["threads"])
@@ -156,8 +158,9 @@ def worker_main():
 class Worker:
     def __init__(self, engine, opts, log):
         self.engine = engine
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.train_step", "--worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                     text=True, cwd=REPO)
         self.proc.stdin.write(json.dumps(dict(opts, engine=engine)) + "\n")
         self.proc.stdin.flush()
         self._read()

@@ -17,10 +17,10 @@
  *             with a scale per 32-column block of the activations needs
  *   5 ops     add, cvt, mul (weight scale x activation scale), fma, and the
  *             fma of the block's offset m times the activation sum: exact
- *             Q4_1, as deelm's kernel (csrc/qgemm.c) does it
+ *             Q4_1, as deelm's kernel (csrc/quant/qgemm.c) does it
  *
- *   gcc -O3 -std=c11 -D_POSIX_C_SOURCE=199309L benchmarks/vnni_ceiling.c -o vnni_ceiling
- *   ./vnni_ceiling [repeats=7]
+ *   make -C benchmarks build/vnni_ceiling      (benchmarks/Makefile)
+ *   benchmarks/build/vnni_ceiling [repeats=7]
  *
  * Prints the median G int8 ops/s of each loop and its share of the first.
  * Needs AVX-512 VNNI. */

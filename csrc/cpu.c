@@ -36,7 +36,9 @@ int dl_isa_best(void) {
     return DL_ISA_SCALAR;
 }
 
-static const char *const isa_names[] = {"scalar", "avx2", "avx512vnni"};
+const char *const dl_isa_names[DL_N_ISAS] = {
+    [DL_ISA_SCALAR] = "scalar", [DL_ISA_AVX2] = "avx2", [DL_ISA_AVX512VNNI] = "avx512vnni",
+};
 static const char *const isa_targets[] = {"", DL_TARGET_AVX2, DL_TARGET_AVX512};
 
 const char *dl_isa_features(int isa) {
@@ -44,12 +46,12 @@ const char *dl_isa_features(int isa) {
 }
 
 const char *dl_isa_name(int isa) {
-    return isa >= 0 && isa < (int)(sizeof isa_names / sizeof *isa_names) ? isa_names[isa] : "unknown";
+    return isa >= 0 && isa < DL_N_ISAS ? dl_isa_names[isa] : "unknown";
 }
 
 int dl_isa_from_name(const char *name) {
-    for (int i = 0; i < (int)(sizeof isa_names / sizeof *isa_names); i++)
-        if (strcmp(name, isa_names[i]) == 0) return i;
+    for (int i = 0; i < DL_N_ISAS; i++)
+        if (strcmp(name, dl_isa_names[i]) == 0) return i;
     return -1;
 }
 

@@ -1,5 +1,9 @@
 /* deelm C core: shared types and the functions each csrc/ file provides.
  *
+ * Longer than the ~600 lines a file is held to, on purpose: this header is
+ * the index of the core (every type, every function and its shapes, one
+ * section per source file), and splitting it would scatter that index.
+ *
  * Conventions used throughout:
  *  - A batch of sentences is "packed": the tokens of all sentences are laid
  *    end to end, with no padding. `seq_off[s] .. seq_off[s+1]` are the rows of
@@ -98,7 +102,10 @@ enum {
     DL_ISA_SCALAR = 0,     /* portable C */
     DL_ISA_AVX2 = 1,       /* AVX2 + FMA: vpmaddubsw integer dots */
     DL_ISA_AVX512VNNI = 2, /* AVX-512 VNNI: vpdpbusd integer dots */
+    DL_N_ISAS
 };
+/* Their names, indexed by DL_ISA_* ("scalar", "avx2", "avx512vnni"). */
+extern const char *const dl_isa_names[DL_N_ISAS];
 int dl_isa_supported(int isa);
 int dl_isa_best(void);
 const char *dl_isa_name(int isa);
@@ -255,7 +262,11 @@ enum {
 enum {
     DL_PRECISION_F32 = 0,  /* weights decoded to float32 (dl_fmat): dl_sgemm */
     DL_PRECISION_INT8 = 1, /* weights packed (dl_qmat), activations int8: qgemm */
+    DL_N_PRECISIONS
 };
+/* Their names, indexed by DL_PRECISION_* ("float32", "int8"). */
+extern const char *const dl_precision_names[DL_N_PRECISIONS];
+int dl_precision_from_name(const char *name); /* -1 if unknown */
 
 /* One linear layer y = x W^T, W: [out, in], in the model's precision. */
 typedef struct {
@@ -293,14 +304,16 @@ typedef struct {
     int precision;           /* DL_PRECISION_* */
     int isa;                 /* DL_ISA_* path of the int8 GEMM */
     const struct dl_lora *lora; /* LoRA adapters added to the linear layers, or NULL */
+    int64_t owned_bytes;     /* what dl_model_alloc allocated */
 } dl_model;
 
 /* Allocates the model's owned arrays (all zero) for cfg, the linear layers in
- * the given precision; NULL on no memory. */
-dl_model *dl_model_alloc(const dl_config *cfg, int precision, int isa);
-/* Bytes dl_model_alloc takes, plus the q/k/v biases the binding adds when the
- * file has them (qkv_bias). The token embedding table is not counted: it
- * stays in the caller's mapped file. */
+ * the given precision, q/k/v biases when the file has them (qkv_bias; a
+ * layer without them keeps zeros); NULL on no memory. */
+dl_model *dl_model_alloc(const dl_config *cfg, int precision, int isa, int qkv_bias);
+/* Bytes dl_model_alloc takes: the same walk over the layout, counting (the
+ * structs included). The token embedding table is not counted: it stays in
+ * the caller's mapped file. */
 int64_t dl_model_bytes(const dl_config *cfg, int precision, int qkv_bias);
 void dl_model_free(dl_model *m);
 /* Width of the fused q|k|v projection output. */
@@ -441,7 +454,8 @@ typedef struct dl_lora {
     int64_t max_rank;
 } dl_lora;
 
-/* Which fused layer a module belongs to and its first output row there. */
+/* Which fused layer a module belongs to and its first output row there
+ * (schema.c). */
 int dl_module_fused(int module);
 int64_t dl_module_row0(const dl_config *c, int module);
 
@@ -471,6 +485,48 @@ int64_t dl_lora_scratch_floats(const dl_config *c, int64_t n, int64_t widest, in
 /* Floats of t_save one layer's fused layer needs for n rows. */
 int64_t dl_lora_save_size(const dl_lora *lo, int64_t layer, int fused, int64_t n);
 
+/* ---- schema.c: what a layer is made of ----------------------------------- */
+
+/* The widths a tensor dimension can have, in terms of the config. */
+enum { DL_W_ONE, DL_W_D, DL_W_F, DL_W_HD, DL_W_DQ, DL_W_DKV, DL_W_VOCAB, DL_N_WIDTHS };
+int64_t dl_width(const dl_config *c, int w);
+const char *dl_width_name(int w); /* "d", "dq", ... */
+
+/* Which config a tensor belongs to: every model, cfg.qk_norm, cfg.post_norms,
+ * or files with q/k/v biases (optional per tensor; an absent one is zero). */
+enum { DL_FEAT_BASE, DL_FEAT_QK_NORM, DL_FEAT_POST_NORMS, DL_FEAT_QKV_BIAS };
+int dl_feature_on(const dl_config *c, int feature, int qkv_bias);
+
+/* A projection: its PEFT and file names, input and output widths (DL_W_*)
+ * and the fused linear layer it lives in, rows stacked in module order. */
+typedef struct {
+    const char *peft, *tensor;
+    int in, out;
+    int fused;
+} dl_module_spec;
+extern const dl_module_spec dl_modules[DL_N_MODULES];
+/* offsetof(dl_layer, the dl_linear of each DL_FUSED_*) */
+extern const size_t dl_fused_field[DL_N_FUSED];
+int64_t dl_fused_rows(const dl_config *c, int fused);
+int64_t dl_fused_cols(const dl_config *c, int fused);
+
+/* One tensor of a layer, blk.N.<name>: a projection (module >= 0, feature
+ * DL_FEAT_BASE: shape [out, in] of the module, rows row0.. of its fused
+ * layer), a vector (module < 0: [width], the float * at `field` of dl_layer)
+ * or a bias (module >= 0, DL_FEAT_QKV_BIAS: [out], at row0 of bqkv). */
+typedef struct {
+    const char *name; /* NULL for a projection: the module's tensor name */
+    int feature;
+    int width;
+    int module;
+    size_t field;
+} dl_tensor_spec;
+#define DL_N_LAYER_TENSORS 16
+extern const dl_tensor_spec dl_layer_tensors[DL_N_LAYER_TENSORS];
+const char *dl_tensor_name(const dl_tensor_spec *t);
+/* GGUF's order: cols (ne0) then rows (ne1); a vector has one row. */
+void dl_tensor_shape(const dl_config *c, const dl_tensor_spec *t, int64_t *cols, int64_t *rows);
+
 /* ---- forward.c ----------------------------------------------------------- */
 
 typedef struct {
@@ -496,6 +552,9 @@ enum {
     DL_OP_QKV, DL_OP_ATTN_OUT, DL_OP_GATE_UP, DL_OP_DOWN, /* linear layers */
     DL_OP_ATTENTION, DL_OP_RMSNORM, DL_OP_ROPE, DL_OP_GLU, DL_OP_EMBED_POOL, DL_N_OPS
 };
+/* Their names, indexed by DL_OP_* (forward.c; tests/test_names.py holds the
+ * table to the enum). */
+extern const char *const dl_op_names[DL_N_OPS];
 
 /* Runs the model over one packed batch. Inputs must have been validated
  * (token ids < V, offsets increasing, ranges inside their sentence). */

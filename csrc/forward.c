@@ -67,6 +67,12 @@ int dl_batch_init(dl_batch *b, const dl_model *m, const int64_t *seq_off, int64_
 /* Width of the q and k heads of a qkv row. */
 static int64_t qk_width(const dl_config *c) { return (c->n_heads + c->n_kv_heads) * c->head_dim; }
 
+const char *const dl_op_names[DL_N_OPS] = {
+    [DL_OP_QKV] = "qkv", [DL_OP_ATTN_OUT] = "attn_output", [DL_OP_GATE_UP] = "gate_up",
+    [DL_OP_DOWN] = "down", [DL_OP_ATTENTION] = "attention", [DL_OP_RMSNORM] = "rmsnorm",
+    [DL_OP_ROPE] = "rope", [DL_OP_GLU] = "glu", [DL_OP_EMBED_POOL] = "embed_pool",
+};
+
 int64_t dl_layer_acts_floats(const dl_config *c, int64_t R, int separate_residuals) {
     /* x and xb, or x_in, x_mid, x_out, xb1 and xb2 */
     const int64_t rows_of_d = separate_residuals ? 5 : 2;

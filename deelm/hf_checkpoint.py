@@ -566,13 +566,8 @@ def _deelm_name(name, path, arch):
 
 def _expected_shapes(c):
     """deelm name -> [out, in] (or [n]) in Hugging Face's order."""
-    d, f, hd = c["dim"], c["hidden_dim"], c["head_dim"]
-    dq, dkv = c["n_heads"] * hd, c["n_kv_heads"] * hd
-    per_layer = {"attn_norm": [d], "attn_q": [dq, d], "attn_k": [dkv, d], "attn_v": [dkv, d],
-                 "attn_output": [d, dq], "ffn_norm": [d], "ffn_gate": [f, d], "ffn_up": [f, d],
-                 "ffn_down": [d, f], "attn_q.bias": [dq], "attn_k.bias": [dkv], "attn_v.bias": [dkv],
-                 "attn_q_norm": [hd], "attn_k_norm": [hd], "post_attention_norm": [d],
-                 "post_ffw_norm": [d]}
+    per_layer = {t["name"]: list(t["shape"]) for t in _core.layer_schema(c)}
+    d = c["dim"]
     shapes = {"token_embd": [c["vocab_size"], d], "output_norm": [d]}
     for l in range(c["n_layers"]):
         for k, v in per_layer.items():

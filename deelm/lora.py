@@ -45,10 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _core
 from .errors import AdapterError, LoraConfigError
 from .model_file import ROPE_INTERLEAVED
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULES = _core.LORA_MODULES  # the C core's module table (csrc/schema.c) owns them
 MODULE_IDS = {name: i for i, name in enumerate(MODULES)}
 _SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
              "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -167,10 +168,8 @@ def _model_dims(model_cfg):
 def module_shapes(model_cfg):
     """(in_dim, out_dim) of each projection, by module name."""
     m = _model_dims(model_cfg)
-    d, f = m["dim"], m["hidden_dim"]
-    q, kv = m["n_heads"] * m["head_dim"], m["n_kv_heads"] * m["head_dim"]
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    return {t["module"]: (t["shape"][1], t["shape"][0])
+            for t in _core.layer_schema({**m, "vocab_size": 1}) if t["module"]}
 
 
 class LoraLayout:

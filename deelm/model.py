@@ -94,8 +94,9 @@ def _split_prompt(prompt):
     return prefix, suffix
 
 
-PRECISIONS = ("int8", "float32")
-ISAS = ("auto", "avx512vnni", "avx2", "scalar")
+# The C core's tables own these names; listed here default first, best first.
+PRECISIONS = tuple(reversed(_core.PRECISION_NAMES))
+ISAS = ("auto",) + tuple(reversed(_core.ISA_NAMES))
 # Block-quantized types whose 32-column blocks are d * q + m: packing them
 # for the int8 GEMM changes no weight.
 _EXACT_INT8_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"}
@@ -107,7 +108,7 @@ _EXACT_INT8_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"}
 # as Q4_K_M keep some ffn_down / attn_v weights in Q6_K: they still default to
 # int8.
 _INT8_TYPES = _EXACT_INT8_TYPES | {"Q6_K"}
-_LINEAR_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_LINEAR_WEIGHTS = tuple(t["name"] for t in _core.layer_schema() if t["module"])
 
 
 def default_precision(tensors):

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-# Names deelm gives the weights of a block (the GGUF names without ".weight").
-LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                 "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+from . import _core
+
+# Names deelm gives the weights of a block (the GGUF names without ".weight"),
+# from the C core's layer schema (csrc/schema.c), which owns them.
+_SCHEMA = _core.layer_schema()
+LAYER_TENSORS = tuple(t["name"] for t in _SCHEMA if t["feature"] == "base")
 
 # Gemma-3 adds RMSNorms on each q and k head and after the attention and the
 # MLP; its "ffn_norm" is the norm before the MLP, as in LLaMA.
-GEMMA3_LAYER_TENSORS = LAYER_TENSORS + ("attn_q_norm", "attn_k_norm", "post_attention_norm",
-                                        "post_ffw_norm")
+GEMMA3_LAYER_TENSORS = LAYER_TENSORS + tuple(
+    t["name"] for t in _SCHEMA if t["feature"] in ("qk_norm", "post_norms"))
 # Gemma-3's layers alternate local (sliding-window) and global attention:
 # every GEMMA3_PATTERN-th layer is global when the file does not say.
 GEMMA3_PATTERN = 6

@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from test_fuzz import CHILD, CORE_CHILD, _mutants  # noqa: E402
-from tiny_gguf import write_tiny_gguf  # noqa: E402
+from support.gguf_builder import write_tiny_gguf  # noqa: E402
 
 KINDS = ("gguf", "adapter", "train_data", "sts", "core")
 SANITIZER = ("AddressSanitizer", "runtime error:", "LeakSanitizer", "UndefinedBehaviorSanitizer")

@@ -2,7 +2,7 @@
 fresh venv): deelm comes from site-packages, its C core finds the libgomp
 bundled in the wheel, and a tiny model built here encodes.
 
-    python scripts/check_wheel.py TESTS_DIR     (TESTS_DIR holds tiny_gguf.py)
+    python scripts/check_wheel.py TESTS_DIR     (TESTS_DIR holds support/gguf_builder.py)
 """
 import subprocess
 import sys
@@ -25,7 +25,7 @@ if len(gomp) != 1 or "deelm.libs" not in gomp[0]:
     sys.exit(f"the C core does not load the bundled libgomp:\n{libs}")
 
 sys.path.insert(0, sys.argv[1])
-from tiny_gguf import write_tiny_gguf  # noqa: E402  (the tests' tiny model writer)
+from support.gguf_builder import write_tiny_gguf  # noqa: E402  (the tests' tiny model writer)
 
 with tempfile.TemporaryDirectory() as tmp:
     path, _ = write_tiny_gguf(Path(tmp) / "tiny.gguf")

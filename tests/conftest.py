@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_gguf import TINY, random_gemma3_weights, write_gemma3_gguf, write_tiny_gguf
+from support.gguf_builder import TINY, random_gemma3_weights, write_gemma3_gguf, write_tiny_gguf
 
 # There is no model hub here: transformers must only ever read local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,7 +76,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gemma_tiny_path(tmp_path_factory):
-    """A tiny random Gemma-3 GGUF (F32 weights, tiny_gguf.GEMMA3_TINY: local
+    """A tiny random Gemma-3 GGUF (F32 weights, gguf_builder.GEMMA3_TINY: local
     layers with a sliding window of 8 and one global layer) and its
     Gemma3ForCausalLM-named weights as stored."""
     path, stored = write_gemma3_gguf(tmp_path_factory.mktemp("gemma") / "tiny-gemma3.gguf",

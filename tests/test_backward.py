@@ -12,6 +12,7 @@ import pytest
 from deelm import _core
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 
 RNG = np.random.default_rng(7)
 

@@ -1,4 +1,6 @@
 """Bad input gives a clear Python exception: never a crash, a hang or silent garbage.
+(Past ~600 lines: one catalogue of bad inputs, each a short case, is easier to
+check for gaps than several.)
 
 Covers the encode() arguments, broken and corrupted model files (missing,
 empty, truncated, unsupported, non-finite, bit-flipped, fuzzed), the C core's
@@ -19,7 +21,7 @@ from gguf import GGMLQuantizationType as QT
 import deelm
 from deelm import _core
 from deelm.gguf_file import read_gguf
-from tiny_gguf import TINY, random_weights, tiny_cfg, tiny_vocab, write_tiny_gguf
+from support.gguf_builder import TINY, random_weights, tiny_cfg, tiny_vocab, write_tiny_gguf
 
 TEMPLATE = 'The representative word for sentence {text} is:"'
 LONG_TEXT = "the cat sat on the mat and looked at the other cat " * 20

@@ -186,6 +186,7 @@ def test_real_data_counts_match_mteb(tmp_path):
     assert len(ev.load_task("SICK-R", DATA_DIR, "senteval").scores) == 4927
 
 
+@pytest.mark.reference
 def test_mteb_cosine_spearman_equals_the_harness(default_model, tmp_path):
     """The real mteb STS evaluation, run offline on local data, scores the same
     model exactly as deelm's own harness does."""

@@ -23,10 +23,11 @@ import deelm
 from deelm import _core
 from deelm.lora import save_adapter
 from conftest import cosine, hf_hidden_states, sts_sentences
-from tiny_gguf import GEMMA3_TINY, random_gemma3_weights, tiny_vocab, write_gemma3_gguf
+from support.gguf_builder import GEMMA3_TINY, random_gemma3_weights, tiny_vocab, write_gemma3_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 
 L = GEMMA3_TINY["n_layers"]
 V = len(tiny_vocab()[0])
@@ -396,7 +397,7 @@ def _real_reference(path, ids):
     import gguf
     from gguf import GGMLQuantizationType as QT, quants
     from deelm.gguf_file import tensor_table
-    from tiny_gguf import GEMMA3_NAMES
+    from support.gguf_builder import GEMMA3_NAMES
 
     from transformers.initialization import no_init_weights
 

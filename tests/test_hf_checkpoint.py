@@ -17,11 +17,12 @@ import pytest
 import deelm
 from conftest import REPO, cosine, hf_hidden_states
 from test_tiny_parity import max_abs, report
-from tiny_gguf import TINY, write_tiny_gguf
+from support.gguf_builder import TINY, write_tiny_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from tiny_hf import build  # noqa: E402  (needs torch and transformers)
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
+from support.hf_builder import build  # noqa: E402  (needs torch and transformers)
 
 L = TINY["n_layers"]
 KS = [-1, 0, 1, L - 1]

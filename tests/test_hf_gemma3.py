@@ -4,7 +4,7 @@ deelm and compared with transformers layer by layer, causal and with
 bidirectional upper layers (local and global ones); config.json's older
 spellings; the same weights as a GGUF file; configs deelm refuses.
 
-The tiny model (tests/tiny_hf.py GEMMA3_HF): 7 layers, layers 2 and 5
+The tiny model (tests/support/hf_builder.py GEMMA3_HF): 7 layers, layers 2 and 5
 global, the others local with a sliding window of 8 shorter than the test
 sentences, head_dim 24 != hidden_size / heads = 12, 4 query heads on 2 key/
 value heads, random norm weights w around 0 (the model multiplies by 1 + w).
@@ -22,11 +22,12 @@ import deelm
 from deelm.errors import ModelFileError, UnsupportedModelError
 from conftest import cosine, hf_hidden_states
 from test_tiny_parity import max_abs, report
-from tiny_gguf import tiny_vocab, write_gemma3_gguf
+from support.gguf_builder import tiny_vocab, write_gemma3_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from tiny_hf import GEMMA3_HF, build  # noqa: E402  (needs torch and transformers)
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
+from support.hf_builder import GEMMA3_HF, build  # noqa: E402  (needs torch and transformers)
 from test_hf_checkpoint import assert_same_embeddings  # noqa: E402
 
 L = GEMMA3_HF["n_layers"]

@@ -15,6 +15,7 @@ from deelm.tokenizer import Tokenizer
 from test_tokenizer import NON_ASCII
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 
 WORDS = ("the cat sat on a mat dog runs fast over lazy fox and of to in is was were be "
          "café naïve résumé façade straße größe über Ångström déjà vu "

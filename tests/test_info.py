@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from deelm.__main__ import main
-from tiny_gguf import TINY, tiny_vocab, write_tiny_gguf
+from support.gguf_builder import TINY, tiny_vocab, write_tiny_gguf
 
 
 def _info(capsys, *args):
@@ -194,8 +194,9 @@ def test_memory_estimate_counts_the_lora_scratch(tiny_path):
                 == 4 * (rows + rank * widest_out))
 
 
+@pytest.mark.reference
 def test_hf_directory_is_described(tmp_path, capsys):
-    tiny_hf = pytest.importorskip("tiny_hf", reason="transformers is not installed")
+    tiny_hf = pytest.importorskip("support.hf_builder", reason="transformers is not installed")
     tiny_hf.build(tmp_path, "qwen2", dtype="bfloat16")
     s = _json(capsys, tmp_path, "--threads", 1)
     assert s["architecture"] == "qwen2" and s["runs"] and s["rope"]["style"].startswith("pairs (j,")
@@ -206,11 +207,12 @@ def test_hf_directory_is_described(tmp_path, capsys):
     assert "qwen2" in _info(capsys, tmp_path)
 
 
+@pytest.mark.reference
 def test_hf_gemma3_directory_is_described(tmp_path, capsys):
     """A Gemma-3 directory: its tensors as stored (BF16, norms included,
     which deelm holds as float32 1 + w), the global and local rope, the
     sliding-window layers."""
-    tiny_hf = pytest.importorskip("tiny_hf", reason="transformers is not installed")
+    tiny_hf = pytest.importorskip("support.hf_builder", reason="transformers is not installed")
     tiny_hf.build(tmp_path, "gemma3", dtype="bfloat16",
                   rope_scaling={"rope_type": "linear", "factor": 2.0})
     s = _json(capsys, tmp_path, "--threads", 1)

@@ -26,7 +26,7 @@ from gguf import quants
 import deelm
 from deelm import _core
 from conftest import cosine, hf_hidden_states, sts_sentences
-from tiny_gguf import K_QUANTS, encode_matrix, random_blocks, tiny_cfg, write_tiny_gguf
+from support.gguf_builder import K_QUANTS, encode_matrix, random_blocks, tiny_cfg, write_tiny_gguf
 
 ISAS = [isa for isa in ("avx512vnni", "avx2", "scalar") if isa in _core.isa_info()["supported"]]
 QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"]  # packed exactly
@@ -323,6 +323,7 @@ def test_int8_against_float32_default_model(default_model, default_f32, sentence
     assert cos.min() >= lo and np.median(cos) >= med
 
 
+@pytest.mark.reference
 def test_int8_against_transformers(default_model, hf_default, sentences):
     hf, _ = hf_default
     ids = default_model.tokenizer.encode_ids(sentences[:20])

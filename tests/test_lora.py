@@ -102,6 +102,7 @@ def test_init_params_like_peft():
         assert a.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
 
 
+@pytest.mark.reference
 def test_kaiming_bound_is_torchs():
     torch = pytest.importorskip("torch")
     w = torch.empty(8, 1536)
@@ -122,8 +123,9 @@ def test_permutation_round_trip_and_formula():
                 assert np.array_equal(g[h * hd + 2 * j + i], x[h * hd + i * (hd // 2) + j])
 
 
+@pytest.mark.reference
 def test_permutation_matches_the_converters():
-    from tiny_gguf import _permute_for_gguf    # the test suite's copy of llama.cpp's permute
+    from support.gguf_builder import _permute_for_gguf    # the test suite's copy of llama.cpp's permute
 
     rng = np.random.default_rng(0)
     for heads, rows in ((4, 32), (2, 16), (9, 576)):
@@ -203,6 +205,7 @@ def expected_b(layout, params, i):
     (True, LoraConfig(r=2, alpha=5, layers=(0, 2), target_modules=("q_proj", "k_proj", "up_proj"),
                       use_rslora=True)),
 ])
+@pytest.mark.reference
 def test_saved_adapter_loads_in_peft(tmp_path, hf, causal_lm, config):
     torch, hf_config = hf
     from peft import PeftModel
@@ -226,6 +229,7 @@ def test_saved_adapter_loads_in_peft(tmp_path, hf, causal_lm, config):
         assert mod.scaling["default"] == pytest.approx(float(layout.scales[i]))
 
 
+@pytest.mark.reference
 def test_peft_adapter_loads_in_deelm(tmp_path, hf):
     torch, hf_config = hf
     from peft import LoraConfig as PeftLoraConfig
@@ -276,6 +280,7 @@ def test_rope_style_half_keeps_rows(tmp_path):
     assert np.array_equal(load_adapter(tmp_path / "ad", half)[2], params)
 
 
+@pytest.mark.reference
 def test_bf16_and_f16_adapters(tmp_path, hf):
     torch, _ = hf
     from safetensors.torch import save_file

@@ -7,6 +7,7 @@ from deelm.losses import (ANGLE_NLI_WEIGHTS, DEFAULT_WEIGHTS, angle_loss, combin
 from deelm.train_data import Batch
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 F = torch.nn.functional
 
 

@@ -9,9 +9,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from deelm import _core
-from tiny_gguf import F16_FIELDS, _permute_for_gguf, random_blocks
+from support.gguf_builder import F16_FIELDS, _permute_for_gguf, random_blocks
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 
 BLOCK_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 SUPPORTED = [QT.F32, QT.F16, QT.BF16] + BLOCK_TYPES
@@ -219,7 +220,7 @@ def _hf_apply_rope(x, cos, sin):
 
 def _to_interleaved(x):
     """[n, heads, hd] vectors in HF order -> GGUF's interleaved order, using the
-    converter's own row permutation (tiny_gguf._permute_for_gguf)."""
+    converter's own row permutation (gguf_builder._permute_for_gguf)."""
     n, heads, hd = x.shape
     return np.ascontiguousarray(_permute_for_gguf(x.reshape(n, heads * hd).T, heads).T).reshape(n, heads, hd)
 

@@ -5,6 +5,7 @@ import pytest
 from deelm.optim import AdamW, GradientAccumulator, LinearWarmupDecay, clip_grad_norm
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 
 SHAPES = [(8, 24), (40, 8), (8, 16), (16, 8), (3,)]
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 
 # what the test suite needs besides the test files themselves
-TEST_HELPERS = ["tests/conftest.py", "tests/tiny_gguf.py", "tests/tiny_hf.py"]
+TEST_HELPERS = ["tests/conftest.py", "tests/support/gguf_builder.py", "tests/support/hf_builder.py"]
 FULL_BUILDS = os.environ.get("DEELM_TEST_BUILDS") == "1"
 
 

@@ -24,6 +24,7 @@ def sentences():
     return out
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("k", [-1, 0, 15], ids=["causal", "bidirectional", "mixed-k15"])
 def test_layers_and_pooled_match_transformers(default_f32, hf_default, sentences, k):
     hf, _ = hf_default
@@ -55,6 +56,7 @@ def test_layers_and_pooled_match_transformers(default_f32, hf_default, sentences
     assert worst_pooled_diff < 1e-3
 
 
+@pytest.mark.reference
 def test_last_token_pooling_matches_transformers(default_f32, hf_default, sentences):
     hf, _ = hf_default
     ids = default_f32.tokenizer.encode_ids(sentences[:10])

@@ -1,5 +1,5 @@
 """End to end on tiny random LLaMA GGUF files built at test time: deelm's hidden
-states after every layer against the NumPy float64 reference of tiny_gguf.py
+states after every layer against the NumPy float64 reference of support/gguf_builder.py
 and against transformers loading the same file, for every weight encoding and
 for causal, partly and fully bidirectional attention. Run with `pytest -s` to
 see the measured differences."""
@@ -8,7 +8,7 @@ import pytest
 
 import deelm
 from conftest import cosine, hf_hidden_states
-from tiny_gguf import TINY, reference_forward, tiny_cfg, write_tiny_gguf
+from support.gguf_builder import TINY, reference_forward, tiny_cfg, write_tiny_gguf
 
 L = TINY["n_layers"]
 # K-quants (and the Q4_K_M mix: Q4_K with attn_v and ffn_down in Q6_K) need
@@ -158,6 +158,7 @@ def test_thread_count_does_not_change_results(tiny):
     assert np.array_equal(one[2], two[2]) and np.array_equal(one[0], two[0])
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("weight_type, k", _cases(HF_WEIGHT_TYPES, [1]))
 def test_hidden_states_vs_transformers(tiny, hf_tiny, weight_type, k):
     _, _, stored, model = tiny(weight_type)

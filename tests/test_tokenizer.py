@@ -45,6 +45,7 @@ def _real_sentences(n):
     return non_ascii + out[: max(0, n - len(non_ascii))]
 
 
+@pytest.mark.reference
 def test_default_model_ids_equal_transformers(default_model, hf_default):
     _, hf_tok = hf_default
     sentences = _real_sentences(400) + NON_ASCII
@@ -63,6 +64,7 @@ def test_default_model_decodes_back(default_model):
         assert default_model.tokenizer.decode(default_model.tokenizer.encode_ids([s])[0]) == s
 
 
+@pytest.mark.reference
 def test_tiny_model_ids_equal_transformers(tiny_path):
     transformers = pytest.importorskip("transformers")
     import deelm
@@ -74,10 +76,11 @@ def test_tiny_model_ids_equal_transformers(tiny_path):
     assert tok.encode_ids(sentences) == hf_tok(sentences)["input_ids"]
 
 
+@pytest.mark.reference
 def test_bos_is_added_when_the_file_says_so(tmp_path):
     transformers = pytest.importorskip("transformers")
     import deelm
-    from tiny_gguf import write_tiny_gguf
+    from support.gguf_builder import write_tiny_gguf
 
     path, _ = write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True)
     tok = deelm.DeeLM.from_pretrained(path).tokenizer

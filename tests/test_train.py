@@ -16,11 +16,12 @@ from deelm.errors import AdapterError, TrainingDataError
 from deelm.lora import LoraConfig, LoraLayout, adapter_tensors, init_params, save_adapter
 from deelm.model import pack_ids
 from deelm.train import train
-from tiny_gguf import TINY
+from support.gguf_builder import TINY
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.reference  # the whole file compares against torch/transformers
 
 L = TINY["n_layers"]
 SENTENCES = ["A cat sat on the mat.", "x", "the heat in the station was rather oppressive today",

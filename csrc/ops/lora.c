@@ -14,23 +14,6 @@
 /* columns of dA one thread owns in the backward */
 #define COL_BLOCK 64
 
-int dl_module_fused(int module) {
-    static const int fused[DL_N_MODULES] = {DL_FUSED_QKV,     DL_FUSED_QKV,     DL_FUSED_QKV,
-                                            DL_FUSED_O,       DL_FUSED_GATE_UP, DL_FUSED_GATE_UP,
-                                            DL_FUSED_DOWN};
-    return fused[module];
-}
-
-int64_t dl_module_row0(const dl_config *c, int module) {
-    const int64_t dq = c->n_heads * c->head_dim, dkv = c->n_kv_heads * c->head_dim;
-    switch (module) {
-    case DL_MOD_K: return dq;
-    case DL_MOD_V: return dq + dkv;
-    case DL_MOD_UP: return c->hidden_dim;
-    default: return 0;
-    }
-}
-
 /* splitmix64: a counter-based generator, so element (row, col) of entry e's
  * mask is recomputed, not stored. */
 static inline uint64_t mix(uint64_t z) {

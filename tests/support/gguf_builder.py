@@ -4,7 +4,14 @@ The files are real GGUF (written by the `gguf` package), with a small
 byte-level BPE vocabulary (or any vocabulary given, such as a SentencePiece
 model's, see sentencepiece_vocab), so every part of deelm's loading path runs
 on them and transformers can load them as the reference.
+
+One file, past ~600 lines on purpose: it is the project's one GGUF writer, the
+tiny test models and (at the end) the random models of real shapes the
+benchmarks use share its metadata and encoding helpers.
 """
+import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -181,10 +188,8 @@ def random_weights(cfg, seed=0, n_vocab=None):
     return w
 
 
-def _new_writer(path, arch, cfg, name, add_bos=False, vocab=None):
-    """A GGUFWriter with the metadata every tiny model shares and a
-    vocabulary: `vocab` (see write_vocab), or the tiny byte-level BPE one."""
-    writer = gguf.GGUFWriter(str(path), arch)
+def add_llama_metadata(writer, cfg):
+    """The block shape keys every LLaMA-style model file carries."""
     writer.add_block_count(cfg["n_layers"])
     writer.add_context_length(cfg["context_length"])
     writer.add_embedding_length(cfg["dim"])
@@ -193,6 +198,13 @@ def _new_writer(path, arch, cfg, name, add_bos=False, vocab=None):
     writer.add_head_count_kv(cfg["n_kv_heads"])
     writer.add_rope_freq_base(cfg["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg["rms_eps"])
+
+
+def _new_writer(path, arch, cfg, name, add_bos=False, vocab=None):
+    """A GGUFWriter with the metadata every tiny model shares and a
+    vocabulary: `vocab` (see write_vocab), or the tiny byte-level BPE one."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    add_llama_metadata(writer, cfg)
     writer.add_name(name)
     if vocab is None:
         tokens, types, merges = tiny_vocab()
@@ -434,3 +446,163 @@ def reference_forward(stored, cfg, ids, bidirectional_from=-1):
         x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down"].T
         states.append(x.copy())
     return states, norm(x, W["output_norm"])
+
+
+# ---- random models of real shapes, for benchmarks (benchmarks/random_gguf.py) ----
+#
+# Layer shapes of real models with the default model's vocabulary; weights
+# normal with std 0.02 (RMSNorm weights 1 + N(0, 0.05)), each tensor from its
+# own generator seeded by (seed, tensor index), generated and quantised in row
+# chunks so memory stays at one tensor. benchmarks/random_gguf.py documents
+# the presets and caches the files.
+
+PRESETS = {
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                         real_vocab=49152, context_length=8192, rope_theta=100000.0, rms_eps=1e-5,
+                         shape_of="SmolLM2-135M"),
+    "0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, hidden_dim=4864,
+                 real_vocab=151936, context_length=32768, rope_theta=1000000.0, rms_eps=1e-6,
+                 shape_of="Qwen2.5-0.5B (without q/k/v biases)"),
+    "1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
+               real_vocab=32000, context_length=2048, rope_theta=10000.0, rms_eps=1e-5,
+               shape_of="TinyLlama-1.1B"),
+}
+WEIGHT_TYPES = ("Q4_1", "Q4_0", "Q8_0", "F16", "F32")
+FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+              "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+              "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+LINEAR_STD = 0.02
+EMBED_STD = 0.02
+NORM_STD = 0.05
+CHUNK_ELEMS = 1 << 22  # rows generated and quantised at a time: ~4M values (16 MB float32)
+
+
+def default_tokenizer_source():
+    from deelm.default_model import resolve_model_path
+
+    return resolve_model_path(None)
+
+
+def tokenizer_metadata(path):
+    """[(key, value, value type, item type)] of the tokenizer.ggml.* keys of a GGUF."""
+    reader = gguf.GGUFReader(str(path), "r")
+    out = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer.ggml."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        out.append((key, field.contents(), vtype, sub))
+    if not any(k == "tokenizer.ggml.tokens" for k, *_ in out):
+        raise ValueError(f"{path} holds no tokenizer.ggml.tokens")
+    return out
+
+
+def layer_shapes(cfg):
+    """(name, numpy shape [out, in]) of one block's tensors, in the default model's order."""
+    d, f = cfg["dim"], cfg["hidden_dim"]
+    hd = d // cfg["n_heads"]
+    q, kv = cfg["n_heads"] * hd, cfg["n_kv_heads"] * hd
+    return [("attn_norm", (d,)), ("ffn_down", (d, f)), ("ffn_gate", (f, d)), ("ffn_up", (f, d)),
+            ("ffn_norm", (d,)), ("attn_k", (kv, d)), ("attn_output", (d, q)), ("attn_q", (q, d)),
+            ("attn_v", (kv, d))]
+
+
+def param_counts(cfg, vocab):
+    """{'layers': non-embedding parameters (blocks + final norm), 'embedding': token_embd}."""
+    per_layer = sum(int(np.prod(s)) for _, s in layer_shapes(cfg))
+    return {"layers": cfg["n_layers"] * per_layer + cfg["dim"], "embedding": vocab * cfg["dim"]}
+
+
+def _nbytes(shape, qt):
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if shape[-1] % block:
+        raise ValueError(f"row length {shape[-1]} is not a multiple of the {qt.name} block {block}")
+    return rows * (shape[-1] // block) * size
+
+
+def _tensor_plan(cfg, vocab, weight_type, embd_type):
+    """[(GGUF name, numpy shape, GGML type, kind)] in file order."""
+    plan = [("token_embd.weight", (vocab, cfg["dim"]), embd_type, "embedding")]
+    for l in range(cfg["n_layers"]):
+        for name, shape in layer_shapes(cfg):
+            kind = "norm" if len(shape) == 1 else "linear"
+            plan.append((f"blk.{l}.{name}.weight", shape, QT.F32 if kind == "norm" else weight_type, kind))
+    plan.append(("output_norm.weight", (cfg["dim"],), QT.F32, "norm"))
+    return plan
+
+
+def _encode_tensor(shape, qt, kind, rng):
+    """Random values for one tensor, encoded as `qt`, generated and quantised in
+    row chunks (bounded memory). Returns the array to write (its bytes are the
+    tensor's data)."""
+    if kind == "norm":
+        return (1.0 + NORM_STD * rng.standard_normal(shape[0], dtype=np.float32)).astype(np.float32)
+    std = EMBED_STD if kind == "embedding" else LINEAR_STD
+    rows, cols = shape
+    out = np.empty(_nbytes(shape, qt), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMS // cols)
+    pos = 0
+    for r in range(0, rows, step):
+        x = rng.standard_normal((min(step, rows - r), cols), dtype=np.float32)
+        x *= np.float32(std)
+        enc = quants.quantize(x, qt)  # F32/F16 return float arrays, the others uint8 blocks
+        raw = enc.reshape(-1).view(np.uint8)
+        out[pos:pos + raw.nbytes] = raw
+        pos += raw.nbytes
+    assert pos == out.nbytes
+    return out
+
+
+def write_random_gguf(path, preset, *, weight_type="Q4_1", embd_type="Q8_0", seed=0,
+                      tokenizer_from=None, progress=True):
+    """Writes a random-weight LLaMA GGUF of the preset's shape to `path`.
+    Returns a dict describing it (sizes, parameter counts, seconds taken)."""
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    name = preset if isinstance(preset, str) else cfg.get("name", "custom")
+    wt, et = QT[weight_type], QT[embd_type]
+    tok_src = Path(tokenizer_from) if tokenizer_from else default_tokenizer_source()
+    tok = tokenizer_metadata(tok_src)
+    vocab = len(next(v for k, v, *_ in tok if k == "tokenizer.ggml.tokens"))
+    hd = cfg["dim"] // cfg["n_heads"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".part{os.getpid()}")
+
+    t0 = time.perf_counter()
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(f"random-llama-{name}")
+    w.add_description(f"random weights (seed {seed}, std {LINEAR_STD}) in the layer shape of "
+                      f"{cfg['shape_of']}; tokenizer and vocabulary ({vocab} tokens) copied from "
+                      f"{tok_src.name}; written by deelm benchmarks/random_gguf.py for benchmarks only")
+    add_llama_metadata(w, cfg)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(vocab)
+    w.add_file_type(FILE_TYPES[weight_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value, vtype, sub in tok:
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+    plan = _tensor_plan(cfg, vocab, wt, et)
+    for tname, shape, qt, _ in plan:
+        # the element shape with a non-uint8 dtype: the writer takes it as is
+        w.add_tensor_info(tname, shape, np.float32, _nbytes(shape, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    total = len(plan)
+    for i, (tname, shape, qt, kind) in enumerate(plan):
+        rng = np.random.default_rng([seed, i])
+        w.write_tensor_data(_encode_tensor(shape, qt, kind, rng))
+        if progress and (i % 20 == 0 or i == total - 1):
+            print(f"  [{i + 1}/{total}] {tname} {qt.name} {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
+    w.close()
+    os.replace(tmp, path)
+    seconds = time.perf_counter() - t0
+    counts = param_counts(cfg, vocab)
+    return {"path": str(path), "preset": name, "shape_of": cfg["shape_of"], "weight_type": weight_type,
+            "embd_type": embd_type, "seed": seed, "vocab": vocab, "real_vocab": cfg.get("real_vocab"),
+            "params_layers": counts["layers"], "params_embedding": counts["embedding"],
+            "file_bytes": path.stat().st_size, "seconds": seconds}

@@ -1,7 +1,7 @@
 """Builds tiny random-weight Hugging Face model directories at test time.
 
 transformers saves them (config.json + safetensors, as published checkpoints
-are), with tests/tiny_gguf.py's byte-level BPE vocabulary as tokenizer.json,
+are), with tests/support/gguf_builder.py's byte-level BPE vocabulary as tokenizer.json,
 so the same weights can also be written as GGUF and tokenize alike.
 """
 import copy
@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from deelm.tokenizer import Tokenizer
-from tiny_gguf import GEMMA3_TINY, TINY, random_gemma3_weights, tiny_vocab
+from support.gguf_builder import GEMMA3_TINY, TINY, random_gemma3_weights, tiny_vocab
 
 VOCAB = len(tiny_vocab()[0])
 ARCHS = {
@@ -19,7 +19,7 @@ ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
-# The tiny Gemma-3 of tests/tiny_gguf.py with hidden_size 48: sqrt(48) is not
+# The tiny Gemma-3 of tests/support/gguf_builder.py with hidden_size 48: sqrt(48) is not
 # a bfloat16 number, so the embedding scale's rounding would show. Every
 # third layer is global (layers 2 and 5), the local layers rotate with base
 # 100 and query_pre_attn_scalar is not head_dim.
@@ -62,7 +62,7 @@ def randomize(model, seed):
 
 
 def write_tokenizer(directory):
-    """tests/tiny_gguf.py's byte-level BPE vocabulary as tokenizer.json, so
+    """tests/support/gguf_builder.py's byte-level BPE vocabulary as tokenizer.json, so
     the directory and the tiny GGUF files tokenize alike."""
     tokens, types, merges = tiny_vocab()
     vocab = {"model": "gpt2", "tokens": tokens, "merges": merges, "token_type": types}

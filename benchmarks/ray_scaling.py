@@ -3,7 +3,7 @@
 
     python -m benchmarks.ray_scaling [--rows 20000] [--repeats 3] [--actors 1 2]
                                      [--threads 1 2] [--batch-size 256] [--model PATH]
-                                     [--precision int8|float32] [--output results/bench/ray]
+                                     [--compute-precision int8|float32] [--output results/bench/ray]
                                      [--quick]
 
 Rows are STS Benchmark test sentences ($DEELM_DATA or ../shared/data,
@@ -82,7 +82,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=256, help="rows per actor call")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--precision", default=None, choices=["int8", "float32"])
+    ap.add_argument("--compute-precision", default=None, choices=["int8", "float32"])
     ap.add_argument("--output", default=None, help="folder for ray_scaling-<time>.{md,json}")
     ap.add_argument("--quick", action="store_true", help="smoke run: 400 rows, 1 repeat")
     args = ap.parse_args()
@@ -95,7 +95,7 @@ def main():
 
     cores = deelm.model.available_cores()
     texts, source = sentences(args.rows)
-    load = {"precision": args.precision} if args.precision else {}
+    load = {"compute_precision": args.compute_precision} if args.compute_precision else {}
     model = deelm.DeeLM.from_pretrained(args.model, **load)
     load_options = {k: v for k, v in model.load_options.items() if k not in ("model", "threads")}
     path = model.load_options["model"]

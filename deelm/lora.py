@@ -622,3 +622,20 @@ def load_adapter(directory, model_cfg):
             heads = layout.q_k_heads(i) if ab == "B" else None
             dst[...] = arr if heads is None else hf_to_gguf_rows(arr, heads)
     return config, layout, params
+
+
+# the settings a DeeLM adapter was trained with (k, pooling, prompt, base model), beside PEFT's files
+DEELM_CONFIG_FILE = "deelm_config.json"
+
+
+def read_deelm_config(directory):
+    """deelm_config.json of an adapter folder, or {} (PEFT-made adapters have none)."""
+    path = Path(directory) / DEELM_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        from .errors import AdapterError
+
+        raise AdapterError(path, f"not valid JSON ({e})") from None

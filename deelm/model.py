@@ -275,7 +275,7 @@ class DeeLM:
         tok = gm.tokenizer()
         if adapter is not None:
             # what the adapter was trained with, unless the caller says otherwise
-            from .train import read_deelm_config
+            from .lora import read_deelm_config
 
             trained = read_deelm_config(adapter)
             _check_trained_settings(trained, Path(adapter) / "deelm_config.json",

@@ -22,13 +22,13 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .errors import TrainingDataError
-from .lora import LoraConfig, LoraLayout, atomic_directory, init_params, write_adapter_files
+from .lora import (DEELM_CONFIG_FILE, LoraConfig, LoraLayout, atomic_directory, init_params,
+                   read_deelm_config, write_adapter_files)  # noqa: F401 (read_deelm_config: re-exported)
 from .losses import DEFAULT_WEIGHTS, LOSS_NAMES, combined_loss
 from .model import pack_ids
 from .optim import AdamW, LinearWarmupDecay, clip_grad_norm
 from .train_data import MixedBatches, Pairs, Triplets, group_sources, load_training_data
 
-DEELM_CONFIG_FILE = "deelm_config.json"
 
 
 @dataclass
@@ -453,16 +453,3 @@ def save_trained_adapter(directory, model, layout, params, args, train_from, his
                             dtype=args.adapter_dtype)
         (Path(tmp) / DEELM_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return directory
-
-
-def read_deelm_config(directory):
-    """deelm_config.json of an adapter folder, or {} (PEFT-made adapters have none)."""
-    path = Path(directory) / DEELM_CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        from .errors import AdapterError
-
-        raise AdapterError(path, f"not valid JSON ({e})") from None

@@ -31,16 +31,13 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encode_throughput import STSB_TEST, unique_sentences  # noqa: E402 (puts the repo on the path)
-
-import deelm  # noqa: E402
+import deelm
+from benchmarks.common import STSB_TEST, unique_sentences
 
 
 def lscpu():

@@ -476,3 +476,16 @@ def test_real_gemma3_270m_vs_transformers(real_path):
                 assert worst_cos > 0.99
     report("Gemma-3-270M test", f"{time.time() - start:.1f} s, of which {read_seconds:.1f} s "
            f"reading the file (gguf's reader parsing the 262k-token vocabulary)")
+
+
+def test_real_gemma3_gets_its_bundled_adapter(real_path, tmp_path):
+    """adapter="auto" recognises the Gemma-3-270M Q4_K_M weights by content, under any name."""
+    from deelm.default_model import ADAPTERS_DIR
+
+    link = tmp_path / "renamed.gguf"
+    link.symlink_to(real_path)
+    for path in (real_path, link):
+        m = deelm.DeeLM.from_pretrained(path, threads=1)
+        assert m.load_options["adapter"] == str(ADAPTERS_DIR / "gemma3-270m-deelm")
+        assert m.bidirectional_from == 4 and m.pooling == "mean"
+    assert deelm.DeeLM.from_pretrained(real_path, adapter=None, threads=1).adapter is None

@@ -52,16 +52,22 @@ def load_pairs(task="STSBenchmark", split="dev", data_dir=None, max_pairs=None, 
     The same (max_pairs, seed) always selects the same pairs.
     """
     path = ev.task_file(ev.resolve_data_dir(data_dir), task, "mteb", split)
-    data = ev.load_sts_file(path, task)
+    return sample_pairs(ev.load_sts_file(path, task), max_pairs, seed)
+
+
+def sample_pairs(data, max_pairs=None, seed=0):
+    """`max_pairs` pairs of an evaluation.STSData as a seeded random sample
+    kept in file order (all of them when None or more than there are)."""
+    if max_pairs is None:
+        return data
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer)) or max_pairs < 2:
+        raise ValueError(f"max_pairs must be an int >= 2 or None, got {max_pairs!r}")
     n = len(data.scores)
-    if max_pairs is not None:
-        if isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer)) or max_pairs < 2:
-            raise ValueError(f"max_pairs must be an int >= 2 or None, got {max_pairs!r}")
-        if max_pairs < n:
-            keep = np.sort(np.random.default_rng(seed).choice(n, size=int(max_pairs), replace=False))
-            data = ev.STSData(data.task, data.path, [data.sentence1[i] for i in keep],
-                              [data.sentence2[i] for i in keep], data.scores[keep])
-    return data
+    if max_pairs >= n:
+        return data
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=int(max_pairs), replace=False))
+    return ev.STSData(data.task, data.path, [data.sentence1[i] for i in keep],
+                      [data.sentence2[i] for i in keep], data.scores[keep])
 
 
 def _with_k(model, k):

@@ -108,9 +108,3 @@ def bundled_adapter_path():
     """The packaged DeeLM adapter folder of the default model, or None if this
     installation has none."""
     return BUNDLED_ADAPTER if (BUNDLED_ADAPTER / "adapter_config.json").is_file() else None
-
-
-def default_adapter(tensors):
-    """adapter="auto": the bundled DeeLM adapter trained on these weights
-    (recognised by model_fingerprint), else None."""
-    return bundled_adapters().get(model_fingerprint(tensors))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
-from .default_model import default_adapter, resolve_model_path
+from .default_model import bundled_adapters, model_fingerprint, resolve_model_path
 from .errors import ModelFileError
 from .model_file import read_model
 from .model_card import ModelCardData
@@ -146,6 +146,7 @@ class DeeLM:
         self._adapter = None
         self._adapter_path = None
         self._isa = "auto"
+        self._fingerprint = None  # computed when first needed
         # sentence-transformers' model attributes
         self.prompts = dict(DEFAULT_PROMPTS)
         self.default_prompt_name = None
@@ -256,8 +257,10 @@ class DeeLM:
             check_similarity_fn_name(similarity_fn_name)
         path = resolve_model_path(model)
         gm = read_model(path)
+        fingerprint = None
         if isinstance(adapter, str) and adapter == "auto":
-            adapter = default_adapter(gm.tensors)
+            fingerprint = model_fingerprint(gm.tensors)
+            adapter = bundled_adapters().get(fingerprint)
         precision = default_precision(gm.tensors) if compute_precision is None else compute_precision
         if precision not in PRECISIONS:
             raise ValueError(f"compute_precision must be one of {PRECISIONS} or None, "
@@ -291,6 +294,7 @@ class DeeLM:
                     pooling=pooling or "mean", prompt=prompt, max_seq_length=max_seq_length,
                     threads=threads)
         model._isa = isa
+        model._fingerprint = fingerprint
         for name, text in (prompts or {}).items():
             model.prompts[name] = "" if text is None else text
         model.default_prompt_name = default_prompt_name
@@ -346,7 +350,7 @@ class DeeLM:
     def bidirectional_from(self, k):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"bidirectional_from must be an int (from_pretrained also takes "
-                            f"'auto'), not {type(k).__name__}")
+                            f"one of {K_RULES}), not {type(k).__name__}")
         if not -1 <= k < self.num_layers:
             raise ValueError(f"bidirectional_from must be -1 (causal) or a layer index in "
                              f"[0, {self.num_layers}), got {k}")
@@ -458,9 +462,7 @@ class DeeLM:
     def fingerprint(self):
         """A content hash of the weights (deelm.default_model.model_fingerprint):
         adapters record the one they were trained on."""
-        if getattr(self, "_fingerprint", None) is None:
-            from .default_model import model_fingerprint
-
+        if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self._file.tensors)
         return self._fingerprint
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .errors import TrainingDataError
 from .lora import (DEELM_CONFIG_FILE, LoraConfig, LoraLayout, atomic_directory, init_params,
-                   read_deelm_config, write_adapter_files)  # noqa: F401 (read_deelm_config: re-exported)
+                   write_adapter_files)
 from .losses import DEFAULT_WEIGHTS, LOSS_NAMES, combined_loss
 from .model import pack_ids
 from .optim import AdamW, LinearWarmupDecay, clip_grad_norm
@@ -170,18 +170,11 @@ class _DevEval:
     the best adapter: Spearman x 100 of the cosines, as deelm.evaluation."""
 
     def __init__(self, eval_data, max_pairs, seed):
+        from .analysis import sample_pairs
         from .evaluation import STSData, load_sts_file
 
-        if isinstance(eval_data, STSData):
-            data = eval_data
-        else:
-            data = load_sts_file(eval_data)
-        if max_pairs is not None and max_pairs < len(data.scores):
-            keep = np.sort(np.random.default_rng(seed).choice(len(data.scores), max_pairs,
-                                                              replace=False))
-            data = STSData(data.task, data.path, [data.sentence1[i] for i in keep],
-                           [data.sentence2[i] for i in keep], data.scores[keep])
-        self.data = data
+        data = eval_data if isinstance(eval_data, STSData) else load_sts_file(eval_data)
+        self.data = sample_pairs(data, max_pairs, seed)
 
     def score(self, model):
         from .evaluation import encode_unique, sts_scores

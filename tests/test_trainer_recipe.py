@@ -9,7 +9,8 @@ import pytest
 
 from conftest import fresh_tiny, quick_args
 from deelm.lora import LoraConfig, LoraLayout, init_params
-from deelm.train import _FrozenCache, _micro_step, read_deelm_config, train
+from deelm.lora import read_deelm_config
+from deelm.train import _FrozenCache, _micro_step, train
 from deelm.train_data import (MixedBatches, Pairs, Triplets, concat_examples, group_sources,
                               iter_batches, load_training_data, make_batch)
 from deelm.errors import TrainingDataError
@@ -290,3 +291,16 @@ def test_auto_adapter_is_recognised_by_content(tiny_path, gemma_tiny_path, files
     # a damaged bundled config means no automatic adapter, not a failure
     (tmp_path / "bundle" / "tiny-deelm" / "deelm_config.json").write_text("{oops")
     assert deelm.DeeLM.from_pretrained(renamed).adapter is None
+
+
+def test_dev_eval_on_a_seeded_sample(files):
+    from deelm.analysis import sample_pairs
+    from deelm.evaluation import load_sts_file
+    from deelm.train import _DevEval
+
+    full = load_sts_file(files["dev"])
+    part = _DevEval(files["dev"], 10, 3).data
+    want = sample_pairs(full, 10, 3)
+    assert len(part.scores) == 10 and part.sentence1 == want.sentence1
+    assert part.sentence1 != sample_pairs(full, 10, 4).sentence1
+    assert _DevEval(files["dev"], None, 0).data.sentence1 == full.sentence1

@@ -6,8 +6,8 @@ run with the ASan runtime preloaded):
 
     DEELM_SANITIZE=1 python setup.py build_ext --inplace
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
-        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 python -m pytest tests/test_fuzz.py \
-        tests/test_concurrency.py tests/test_bad_input.py tests/test_ops.py
+        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 python -m pytest tests/core/test_fuzz.py \
+        tests/model/test_concurrency.py tests/model/test_bad_input.py tests/core/test_ops.py
 """
 import glob
 import os

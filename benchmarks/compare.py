@@ -128,12 +128,12 @@ def label(config):
 def file_tokenizer(path):
     """The tokenizer stored in the GGUF file, as deelm builds it (without
     loading the weights), and deelm's default max_seq_length for the file."""
-    from deelm.gguf_file import read_gguf
-    from deelm.tokenizer import Tokenizer
+    from deelm.io.gguf import read_gguf
+    from deelm.io.tokenizer import Tokenizer
 
     gm = read_gguf(path)
     tok = Tokenizer.from_gguf_vocab(gm.vocab, path, gm.config["vocab_size"])
-    return tok, min(deelm.model.DEFAULT_MAX_SEQ_LENGTH, gm.context_length)
+    return tok, min(deelm.settings.DEFAULT_MAX_SEQ_LENGTH, gm.context_length)
 
 
 def long_texts(source, tokenizer, n_texts, lo=LONG_MIN, hi=LONG_MAX, seed=0):
@@ -205,9 +205,7 @@ class DeelmEngine:
         self.model = deelm.DeeLM.from_pretrained(path, bidirectional_from=0, pooling="mean",
                                                  threads=1, **kw)
         self.texts = texts
-        used = precision
-        if used is None and hasattr(deelm.model, "default_precision"):
-            used = deelm.model.default_precision(self.model._file.tensors)
+        used = precision or self.model.compute_precision
         self.info = {"deelm": repr(self.model), "deelm_file": str(self.model.path),
                      "deelm_precision": precision, "deelm_precision_used": used or "float32",
                      "deelm_precision_passed_to": where if precision is not None else None,
@@ -457,7 +455,7 @@ def parse_args(argv=None):
 
 def machine_info():
     return {"cpu": cpu_model(), "cores": os.cpu_count(),
-            "usable_cores": deelm.model.available_cores(), "python": platform.python_version(),
+            "usable_cores": deelm.settings.available_cores(), "python": platform.python_version(),
             "platform": platform.platform()}
 
 
@@ -776,7 +774,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args._worker:
         return worker_main(args._worker)
-    paths = [Path(deelm.default_model.resolve_model_path(m)) for m in args.model]
+    paths = [Path(deelm.io.default_model.resolve_model_path(m)) for m in args.model]
     if args.requantize:
         from benchmarks.requantize import requantized
 

@@ -64,7 +64,7 @@ def main(argv=None):
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--precision", default=None, choices=deelm.model.PRECISIONS)
+    p.add_argument("--precision", default=None, choices=deelm.settings.PRECISIONS)
     p.add_argument("--sentences", type=int, default=None, help="use the first N sentences only")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--isa", default="auto", help="deelm's ISA path (auto, avx512vnni, avx2)")

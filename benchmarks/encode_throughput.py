@@ -90,7 +90,7 @@ def main(argv=None):
     rss_load = peak_rss_mb()
     sentences = unique_sentences(STSB_TEST)
     n_tokens = sum(len(e.ids) for e in model.tokenize(sentences))
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": deelm.model.available_cores(),
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": deelm.settings.available_cores(),
                "python": platform.python_version()}
     print(f"# deelm encode throughput\n\nmodel: {model!r}\nfile: {model.path}\n"
           f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "

@@ -90,7 +90,7 @@ def main():
 
     from deelm.integrations.ray import embed_dataset
 
-    cores = deelm.model.available_cores()
+    cores = deelm.settings.available_cores()
     texts, source = sentences(args.rows)
     load = {"compute_precision": args.compute_precision} if args.compute_precision else {}
     model = deelm.DeeLM.from_pretrained(args.model, **load)

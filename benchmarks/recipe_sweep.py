@@ -32,7 +32,7 @@ def model_path(name):
     """smollm2: the default model's file; gemma3: Gemma-3-270M Q4_K_M assembled
     from its PyPI packages; anything else: a path."""
     if name == "smollm2":
-        from deelm.default_model import packaged_model_path
+        from deelm.io.default_model import packaged_model_path
 
         return str(packaged_model_path())
     if name == "gemma3":
@@ -44,8 +44,8 @@ def model_path(name):
 
 def run_one(args, k, data_dir):
     import deelm
-    from deelm.lora import LoraConfig
-    from deelm.model import PAPER_PROMPT
+    from deelm.adapters.lora import LoraConfig
+    from deelm.settings import PAPER_PROMPT
     from deelm.train import TrainingArguments, train
 
     prompt = PAPER_PROMPT if args.paper_prompt else None

@@ -33,7 +33,7 @@ FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 
 
 def default_model():
-    from deelm.default_model import resolve_model_path
+    from deelm.io.default_model import resolve_model_path
 
     return Path(resolve_model_path(None))
 

@@ -178,7 +178,7 @@ def part_length(model, opts):
 def worker(spec):
     """Runs in a fresh process: loads one model, encodes, reports times and RSS."""
     rss_start, _ = rss_mb()
-    path = deelm.default_model.resolve_model_path(spec["path"])
+    path = deelm.io.default_model.resolve_model_path(spec["path"])
     t0 = time.perf_counter()
     model = load_model(path, spec)
     load_s = time.perf_counter() - t0
@@ -460,7 +460,7 @@ def main(argv=None):
                 weight_type=args.weight_type, model_dir=str(args.model_dir), model=args.model,
                 quick=args.quick)
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(),
-               "usable_cores": deelm.model.available_cores(), "python": platform.python_version(),
+               "usable_cores": deelm.settings.available_cores(), "python": platform.python_version(),
                "loadavg_start": os.getloadavg()}
     header = (f"# deelm scaling\n\nmachine: {machine['cpu']}, {machine['cores']} cores "
               f"({machine['usable_cores']} usable), Python {machine['python']}; load average at start "
@@ -472,7 +472,7 @@ def main(argv=None):
 
     results = {}
     if "batch" in opts["parts"] or "length" in opts["parts"]:
-        model = load_model(deelm.default_model.resolve_model_path(opts["model"]), opts)
+        model = load_model(deelm.io.default_model.resolve_model_path(opts["model"]), opts)
         opts["model_repr"], opts["model_path"] = repr(model), str(model.path)
         opts["model_precision"] = model.config.get("precision")
         opts["model_isa"] = model.config.get("isa")

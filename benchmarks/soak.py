@@ -14,7 +14,7 @@ import gc
 import time
 
 import deelm
-from deelm.default_model import bundled_adapter_path
+from deelm.adapters.bundled import bundled_adapter_path
 from benchmarks.common import STSB_TEST, cpu_model, current_rss_mb, unique_sentences
 
 

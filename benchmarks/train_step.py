@@ -13,7 +13,7 @@ embeddings), the same attention (layers >= k bidirectional) and the same
 optimiser (AdamW). A step is: tokenize, forward, loss, backward, optimiser
 step.
 
-  deelm           the step as deelm.train runs it, with the frozen layers'
+  deelm           the step as deelm.train.trainer runs it, with the frozen layers'
                   output (layers < train_from) taken from its cache, as it is
                   from the second epoch on (or for any sentence seen before)
   deelm-nocache   the same, computing the frozen layers too (a first epoch)
@@ -57,11 +57,11 @@ def deelm_worker(opts):
     import numpy as np
 
     import deelm
-    from deelm.lora import LoraConfig
-    from deelm.train import TrainingArguments, _FrozenCache, _micro_step
-    from deelm.lora import LoraLayout, init_params
-    from deelm.optim import AdamW
-    from deelm.train_data import Triplets, iter_batches
+    from deelm.adapters.lora import LoraConfig, LoraLayout, init_params
+    from deelm.train import TrainingArguments
+    from deelm.train.data import Triplets, iter_batches
+    from deelm.train.optim import AdamW
+    from deelm.train.trainer import FrozenCache, batch_gradient
 
     model = deelm.DeeLM.from_pretrained(opts["model"], bidirectional_from=opts["k"],
                                         threads=opts["threads"])
@@ -71,21 +71,20 @@ def deelm_worker(opts):
     batch = next(iter(iter_batches(data, len(rows), seed=0, epoch=0)))
     lora = LoraConfig(r=opts["r"], alpha=2 * opts["r"], dropout=0.05,
                       layers=tuple(range(opts["train_from"], model.num_layers)))
-    layout = LoraLayout(lora, model._core.config)
+    layout = LoraLayout(lora, model.core.config)
     params = init_params(layout, 0)
     model.set_adapter(layout, params)
     grad = np.zeros_like(params)
     opt = AdamW(params, lr=1e-4, weight_decay=0.0)
     args = TrainingArguments(bidirectional_from=opts["k"], train_from=opts["train_from"],
                              lora=lora)
-    cache = _FrozenCache(model, opts["train_from"], opts["k"], 1 << 40)
+    cache = FrozenCache(model, opts["train_from"], opts["k"], 1 << 40)
 
     def step():
         if opts["engine"] == "deelm-nocache":
-            cache.store.clear()
-            cache.bytes = 0
+            cache.clear()
         grad[:] = 0
-        loss, n_tok = _micro_step(model, batch, cache, opts["train_from"], opts["k"], args, grad,
+        loss, n_tok = batch_gradient(model, batch, cache, opts["train_from"], opts["k"], args, grad,
                                   opts["threads"], seed=1)
         opt.step(grad)
         return loss, n_tok
@@ -99,8 +98,7 @@ def torch_worker(opts):
     import transformers
     import peft
 
-    sys.path.insert(0, str(REPO / "tests"))  # the test suite's torch reference helpers
-    from conftest import bidirectional_layers, padded_batch
+    from tests.support.reference import bidirectional_layers, padded_batch  # torch's side
 
     torch.set_num_threads(opts["threads"])
     torch.manual_seed(0)
@@ -200,7 +198,7 @@ def main(argv=None):
 
     import deelm
 
-    model_path = str(deelm.default_model.resolve_model_path(args.model))
+    model_path = str(deelm.io.default_model.resolve_model_path(args.model))
     data_root = Path(os.environ.get("DEELM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     data = Path(args.data) if args.data else data_root / "nli" / "snli_dev_test_triplets.jsonl"
     k = args.bidirectional_from

@@ -552,7 +552,7 @@ enum {
     DL_OP_QKV, DL_OP_ATTN_OUT, DL_OP_GATE_UP, DL_OP_DOWN, /* linear layers */
     DL_OP_ATTENTION, DL_OP_RMSNORM, DL_OP_ROPE, DL_OP_GLU, DL_OP_EMBED_POOL, DL_N_OPS
 };
-/* Their names, indexed by DL_OP_* (forward.c; tests/test_names.py holds the
+/* Their names, indexed by DL_OP_* (forward.c; tests/core/test_names.py holds the
  * table to the enum). */
 extern const char *const dl_op_names[DL_N_OPS];
 

@@ -3,7 +3,7 @@
  * features dl_isa_supported checks before it lets that path run. A kernel
  * compiled with an instruction its path does not check would fault on a CPU
  * that lacks it, so every x86 kernel of an ISA path takes its attribute
- * from here (tests/test_isa.py holds the sources to that). */
+ * from here (tests/core/test_isa.py holds the sources to that). */
 #ifndef DEELM_ISA_H
 #define DEELM_ISA_H
 

@@ -5,13 +5,18 @@
     >>> emb = model.encode(["A cat sits.", "A dog runs."])
     >>> model.similarity(emb, emb)
 """
-from .default_model import DEFAULT_FILE, DEFAULT_PACKAGE, MODEL_ENV, resolve_model_path
-from .errors import DeeLMError, ModelFileError, ModelNotFoundError, UnsupportedModelError
-from .model import PAPER_PROMPT, POOLINGS, DeeLM, cos_sim
-from .mteb_model import MTEBModel
-from . import analysis  # turning point, backward-dependency probe
+from deelm.io.default_model import DEFAULT_FILE, DEFAULT_PACKAGE, MODEL_ENV, resolve_model_path
+from deelm.errors import DeeLMError, ModelFileError, ModelNotFoundError, UnsupportedModelError
+from deelm.model import DeeLM
+from deelm.settings import PAPER_PROMPT, POOLINGS
+from deelm.similarity import cos_sim
+from deelm.eval.mteb_model import MTEBModel
+from deelm.eval import analysis  # turning point, backward-dependency probe
+from deelm import _moved
 
 __version__ = "0.1.0"
+
+_moved.install()  # the flat module names of deelm <= 0.1 still import, with a warning
 
 __all__ = [
     "DeeLM", "MTEBModel", "PAPER_PROMPT", "POOLINGS", "cos_sim", "resolve_model_path",

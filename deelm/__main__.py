@@ -15,8 +15,8 @@ EXAMPLE_PAIRS = [
 
 
 def _k_arg(value):
-    """A layer index, or the name of a rule that measures one (deelm.analysis)."""
-    from .model import K_RULES
+    """A layer index, or the name of a rule that measures one (deelm.eval.analysis)."""
+    from deelm.settings import K_RULES
 
     if value in K_RULES:
         return value
@@ -65,7 +65,7 @@ class _CompatAlias(argparse.Action):
 
 
 def _load(args):
-    from . import DeeLM
+    from deelm import DeeLM
 
     k = getattr(args, "bidirectional_from", None)
     rule = k if isinstance(k, str) else None
@@ -75,7 +75,7 @@ def _load(args):
                                   compute_precision=args.compute_precision,
                                   adapter=None if args.adapter == "none" else args.adapter)
     if rule:
-        from .analysis import auto_bidirectional_from
+        from deelm.eval.analysis import auto_bidirectional_from
 
         t0 = time.perf_counter()
         model.bidirectional_from = auto_bidirectional_from(model, rule,
@@ -98,7 +98,7 @@ def cmd_demo(args):
     for (a, b), s in zip(EXAMPLE_PAIRS, model.similarity_pairwise(left, right)):
         print(f"  {s:6.3f}  {a!r} ~ {b!r}")
 
-    from . import evaluation as ev
+    from deelm.eval import sts as ev
 
     try:
         data = ev.resolve_data_dir(args.data)
@@ -111,8 +111,8 @@ def cmd_demo(args):
     dt = time.perf_counter() - t0
     print(f"\nSTS Benchmark test ({result.n_pairs} pairs from {result.path}), "
           f"cosine Spearman x100: {100 * result.main_score:.2f}")
-    trained = ("the bundled DeeLM adapter" if model._adapter_path is None and model.adapter
-               else f"adapter {model._adapter_path}" if model.adapter else "untrained")
+    trained = ("the bundled DeeLM adapter" if model.adapter_path is None and model.adapter
+               else f"adapter {model.adapter_path}" if model.adapter else "untrained")
     print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}, {trained}; "
           f"{dt:.0f} s with {model.threads} threads")
     print("  all 7 MTEB STS tasks: python -m deelm eval --output results/sts")
@@ -120,7 +120,7 @@ def cmd_demo(args):
 
 
 def cmd_encode(args):
-    from . import corpus
+    from deelm import corpus
 
     if args.sentences and args.input is not None:
         raise ValueError("give sentences as arguments or --input, not both")
@@ -171,7 +171,7 @@ def cmd_encode(args):
 
 
 def cmd_eval(args):
-    from . import evaluation as ev
+    from deelm.eval import sts as ev
 
     model = _load(args)
     tasks = args.tasks or list(ev.TASKS)
@@ -194,8 +194,8 @@ def cmd_eval(args):
 def cmd_info(args):
     import json
 
-    from .default_model import resolve_model_path
-    from .summary import format_summary, summarize
+    from deelm.io.default_model import resolve_model_path
+    from deelm.io.summary import format_summary, summarize
 
     summary = summarize(resolve_model_path(args.model), threads=args.threads,
                         batch=(args.batch_size, args.tokens))
@@ -204,7 +204,7 @@ def cmd_info(args):
 
 
 def cmd_turning_point(args):
-    from . import analysis as an
+    from deelm.eval import analysis as an
 
     model = _load(args)
     t0 = time.perf_counter()
@@ -244,7 +244,7 @@ def cmd_turning_point(args):
 
 
 def cmd_probe(args):
-    from . import analysis as an
+    from deelm.eval import analysis as an
 
     model = _load(args)
     data = an.load_pairs(args.task, args.split, args.data)
@@ -285,28 +285,11 @@ def cmd_probe(args):
 
 
 def cmd_train(args):
-    from .lora import MODULES, LoraConfig
-    from .train import TrainingArguments, train
+    from deelm.train import train
+    from deelm.train.arguments import from_cli
 
     model = _load(args)
-    weights = {"contrastive": args.contrastive_weight, "cosent": args.cosent_weight,
-               "angle": args.angle_weight}
-    targets = tuple(args.lora_modules) if args.lora_modules else MODULES
-    targs = TrainingArguments(
-        bidirectional_from=model.bidirectional_from, train_from=args.train_from,
-        lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                        target_modules=targets),
-        loss_weights=weights, loss_scale=args.loss_scale, learning_rate=args.lr,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
-        epochs=args.epochs, max_steps=args.max_steps, max_examples=args.max_examples,
-        max_grad_norm=args.max_grad_norm,
-        seed=args.seed, save_steps=args.save_steps, threads=args.threads,
-        adapter_dtype=args.adapter_dtype, keep_checkpoints=args.keep_checkpoints,
-        pair_loss_weights={"cosent": args.pair_cosent_weight, "angle": args.pair_angle_weight},
-        micro_batch_size=args.micro_batch_size, eval_steps=args.eval_steps,
-        eval_max_pairs=args.eval_max_pairs, early_stopping_patience=args.early_stopping_patience,
-        early_stopping_threshold=args.early_stopping_threshold)
+    targs = from_cli(args, bidirectional_from=model.bidirectional_from, threads=args.threads)
     print(f"training {model!r}\n  data {' '.join(args.data)}, output {args.output}",
           file=sys.stderr)
     def log_dev(entry):
@@ -328,10 +311,10 @@ def check_inputs(args):
     """The files and names the command will need, checked before the model
     loads (which takes seconds to minutes): a DataError, ModelFileError or
     FileNotFoundError names what is missing."""
-    from . import evaluation as ev
-    from .default_model import resolve_model_path
-    from .errors import ModelFileError
-    from .saved_model import is_saved_model
+    from deelm.eval import sts as ev
+    from deelm.io.default_model import resolve_model_path
+    from deelm.errors import ModelFileError
+    from deelm.io.saved_model import is_saved_model
 
     if getattr(args, "model", None) is not None and args.command != "info":
         if not is_saved_model(args.model) and not Path(resolve_model_path(args.model)).exists():
@@ -356,8 +339,9 @@ def check_inputs(args):
 
 
 def main(argv=None):
-    from . import __version__
-    from .evaluation import TASKS
+    from deelm import __version__
+    from deelm.eval.sts import TASKS
+    from deelm.train.arguments import add_cli_flags
 
     parser = argparse.ArgumentParser(prog="deelm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"deelm {__version__}")
@@ -407,52 +391,11 @@ def main(argv=None):
                         "(sentence1, sentence2, score); several files are mixed: triplet files "
                         "batched together, pair files in batches of their own")
     p.add_argument("--output", required=True, help="folder for checkpoints and adapter/")
-    p.add_argument("--train-from", type=int, default=None,
-                   help="first trained layer; lower ones are frozen and cached (default: "
-                        "--bidirectional-from, 0 when causal)")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-modules", nargs="+", default=None,
-                   help="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (default: all)")
-    p.add_argument("--contrastive-weight", type=float, default=1.0,
-                   help="in-batch negatives + hard negative loss (InfoNCE)")
-    p.add_argument("--cosent-weight", type=float, default=0.0, help="(triplet batches)")
-    p.add_argument("--angle-weight", type=float, default=0.0, help="(triplet batches)")
-    p.add_argument("--pair-cosent-weight", type=float, default=1.0,
-                   help="CoSENT on scored-pair batches")
-    p.add_argument("--pair-angle-weight", type=float, default=0.0,
-                   help="AnglE on scored-pair batches")
-    p.add_argument("--loss-scale", type=float, default=20.0)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=32, help="examples per in-batch loss")
-    p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="GradCache: sentences per forward/backward pass, so large --batch-size "
-                        "fits in memory (same gradient, one extra forward pass)")
-    p.add_argument("--gradient-accumulation", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-examples", type=int, default=None,
-                   help="train on the first N examples of each kind of --data only")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--eval-data", default=None,
                    help="scored pairs to select on, e.g. ../shared/data/sts/STSBenchmark/dev.jsonl"
                         " (never a test set): scored at the start and every --eval-steps; "
                         "adapter/ is then the best one")
-    p.add_argument("--eval-steps", type=int, default=0)
-    p.add_argument("--eval-max-pairs", type=int, default=None,
-                   help="score a seeded sample of this many pairs")
-    p.add_argument("--early-stopping-patience", type=int, default=None,
-                   help="stop after N evaluations without a gain")
-    p.add_argument("--early-stopping-threshold", type=float, default=0.0,
-                   help="the gain that counts (Spearman x 100 points)")
-    p.add_argument("--adapter-dtype", default="float32", choices=["float32", "float16"],
-                   help="dtype of the final adapter file (float16 halves it)")
+    add_cli_flags(p)
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if --output holds checkpoints")
     p.set_defaults(func=cmd_train, adapter="none")  # training starts from the bare model
@@ -499,7 +442,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=128, help="tokens per sentence of the example batch")
     p.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
-    from .errors import DeeLMError
+    from deelm.errors import DeeLMError
 
     try:
         check_inputs(args)

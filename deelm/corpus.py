@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Suffixes read as records with fields (deelm.evaluation's reader, Parquet
+# Suffixes read as records with fields (deelm.eval.sts's reader, Parquet
 # streamed here); any other file, and stdin, is plain text.
 FIELD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 MANIFEST = "_deelm_manifest.json"
@@ -66,7 +66,7 @@ def read_records(path, text_field="text", id_field=None):
         return _text_records(path)
     if Path(path).suffix.lower() == ".parquet":
         return _parquet_records(path, text_field, id_field)
-    from .evaluation import _rows  # JSONL / CSV / TSV, errors naming the file and line
+    from deelm.eval.sts import _rows  # JSONL / CSV / TSV, errors naming the file and line
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such file: {path}")

@@ -1,123 +1,29 @@
-"""The user-facing model: DeeLM.from_pretrained(...).encode(sentences)."""
+"""The user-facing model: DeeLM.from_pretrained(...).encode(sentences).
+
+Over ~600 lines on purpose: DeeLM is one class with sentence-transformers'
+surface (load, settings, encode, similarity, save, pickling), kept together
+so the public API reads in one place. Its parts live elsewhere: settings.py
+(names, defaults, checks), inputs.py (input checks and packing), io/ (files),
+adapters/ (LoRA), similarity.py and quantization.py (outputs).
+"""
 import contextlib
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import _core
-from .default_model import bundled_adapters, model_fingerprint, resolve_model_path
-from .errors import ModelFileError
-from .model_file import read_model
-from .model_card import ModelCardData
-from .quantization import OUTPUT_PRECISIONS, quantize_embeddings
-from .similarity import (SIMILARITY_FN_NAMES, _as_2d, _l2_normalize, check_similarity_fn_name,  # noqa: F401
-                         cos_sim, similarity_functions)
-
-POOLINGS = ("mean", "last", "text_mean")
-OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", "layer_embeddings", None)
-# sentence-transformers' own prompts of a new model: "" means the model's
-# `prompt` setting, and keeps encode_query / encode_document from falling back
-# to default_prompt_name.
-DEFAULT_PROMPTS = {"query": "", "document": ""}
-# The prompt of the DeeLM/BeLLM paper; pass it as prompt=PAPER_PROMPT.
-PAPER_PROMPT = 'The representative word for sentence {text} is:"'
-# bidirectional_from names of a k measured on STS-B dev (deelm.analysis owns the rules)
-K_RULES = ("auto", "degradation", "turning_point")
-DEFAULT_MAX_SEQ_LENGTH = 512
-
-
-def available_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-# Read in this order when threads=None. Ray, Dask and most schedulers set
-# OMP_NUM_THREADS to the CPUs they gave a worker.
-THREADS_ENV = ("DEELM_NUM_THREADS", "OMP_NUM_THREADS")
-
-
-def default_threads():
-    """Threads of the C core when none are given: $DEELM_NUM_THREADS, else
-    $OMP_NUM_THREADS (its first level, as OpenMP reads "4,2"), else the
-    usable cores. A set but invalid value is a ValueError naming it."""
-    for name in THREADS_ENV:
-        value = os.environ.get(name, "").strip()
-        if not value:
-            continue
-        first = value.split(",")[0].strip() if name == "OMP_NUM_THREADS" else value
-        if not (first.isascii() and first.isdigit()) or not 1 <= int(first) <= _core.MAX_THREADS:
-            raise ValueError(f"${name}={value!r}: expected a number of threads in "
-                             f"[1, {_core.MAX_THREADS}]")
-        return int(first)
-    return available_cores()
-
-
-def _check_trained_settings(trained, path, n_layers):
-    """The settings an adapter's deelm_config.json carries, checked before they
-    reach the model's setters, so a bad value is an AdapterError naming the
-    file and the key rather than a bare TypeError or ValueError."""
-    from .errors import AdapterError
-
-    if not isinstance(trained, dict):
-        raise AdapterError(path, f"must hold a JSON object, got {type(trained).__name__}")
-    k = trained.get("bidirectional_from")
-    if k is not None and k != "auto" and (isinstance(k, bool) or not isinstance(k, int)
-                                          or not -1 <= k < n_layers):
-        raise AdapterError(path, f"bidirectional_from must be -1, a layer index in [0, {n_layers}) "
-                           f"or 'auto', got {k!r}")
-    pooling = trained.get("pooling")
-    if pooling is not None and pooling not in POOLINGS:
-        raise AdapterError(path, f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    try:
-        _split_prompt(trained.get("prompt"))
-    except (TypeError, ValueError) as e:
-        raise AdapterError(path, f"prompt: {e}") from None
-
-
-def _split_prompt(prompt):
-    """A template with one '{text}' -> (prefix, suffix); any other string is a
-    prefix, as in sentence-transformers."""
-    if prompt is None:
-        return "", ""
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string or None, not {type(prompt).__name__}")
-    n = prompt.count("{text}")
-    if n > 1:
-        raise ValueError("a prompt template may contain '{text}' only once")
-    if n == 0:
-        return prompt, ""
-    prefix, suffix = prompt.split("{text}")
-    return prefix, suffix
-
-
-# The C core's tables own these names; listed here default first, best first.
-PRECISIONS = tuple(reversed(_core.PRECISION_NAMES))
-ISAS = ("auto",) + tuple(reversed(_core.ISA_NAMES))
-# Block-quantized types whose 32-column blocks are d * q + m: packing them
-# for the int8 GEMM changes no weight.
-_EXACT_INT8_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"}
-# Q6_K has a scale per 16 columns, so packing rounds it to 8 bits per 32
-# columns: at most 64/510 (~1/8) of Q6_K's own step, a quarter of its own worst
-# rounding; on the Gemma-3-270M Q4_K_M file its RMS is 0.23x Q6_K's own RMS
-# rounding error, and in a tiny Q4_K_M model it is 7% of the int8 path's
-# pooled error (tests/test_int8.py, tests/test_gguf_types_real.py). Files such
-# as Q4_K_M keep some ffn_down / attn_v weights in Q6_K: they still default to
-# int8.
-_INT8_TYPES = _EXACT_INT8_TYPES | {"Q6_K"}
-_LINEAR_WEIGHTS = tuple(t["name"] for t in _core.layer_schema() if t["module"])
-
-
-def default_precision(tensors):
-    """ "int8" when every linear weight is stored block-quantized (packing it
-    is exact, or for Q6_K nearly so), "float32" when any is stored as floats
-    (int8 would round it)."""
-    types = {_core.type_info(int(t[0]))[0] for name, t in tensors.items()
-             if name.startswith("blk.") and name.rsplit(".", 1)[-1] in _LINEAR_WEIGHTS}
-    return "int8" if types and types <= _INT8_TYPES else "float32"
+from deelm import _core
+from deelm.adapters.bundled import bundled_adapters, model_fingerprint
+from deelm.errors import ModelFileError
+from deelm.inputs import as_texts, check_device, pack_ids
+from deelm.io import read_model
+from deelm.io.default_model import resolve_model_path
+from deelm.model_card import ModelCardData
+from deelm.quantization import OUTPUT_PRECISIONS, quantize_embeddings
+from deelm.settings import (DEFAULT_MAX_SEQ_LENGTH, DEFAULT_PROMPTS, ISAS, K_RULES, OUTPUT_VALUES,
+                            POOLINGS, PRECISIONS, _check_trained_settings, _split_prompt,
+                            default_precision, default_threads)
+from deelm.similarity import _l2_normalize, check_similarity_fn_name, similarity_functions
 
 
 class DeeLM:
@@ -179,7 +85,7 @@ class DeeLM:
             LLaMA-2-7B, k = L-1). "auto" (= "degradation"): the k whose
             untrained model scores best on STS Benchmark dev (the argmax of
             the degradation curve); "turning_point": the paper's rule on the
-            causal model's layer curve (deelm.analysis; both need the data,
+            causal model's layer curve (deelm.eval.analysis; both need the data,
             are cached per model file, minutes the first time).
         pooling: "mean" over all tokens, "last" token, or "text_mean" (mean
             over the sentence's own tokens, leaving out the prompt template);
@@ -210,7 +116,7 @@ class DeeLM:
             bidirectional_from, pooling and prompt it was trained with
             (deelm_config.json) apply unless given here. "auto": the DeeLM
             adapter shipped with deelm for these weights, recognised by
-            content (deelm.default_model.model_fingerprint) wherever the file
+            content (deelm.adapters.bundled.model_fingerprint) wherever the file
             lives -- SmolLM2-135M-Instruct Q4_1 (the default model) and
             Gemma-3-270M Q4_K_M -- none for other models.
         prompts: named prompts, as sentence-transformers' ``prompts``
@@ -236,7 +142,7 @@ class DeeLM:
                                  f"compute_precision) contradicts compute_precision="
                                  f"{compute_precision!r}")
             compute_precision = precision
-        from .saved_model import is_saved_model, read_saved_model
+        from deelm.io.saved_model import is_saved_model, read_saved_model
 
         if is_saved_model(model):
             given = dict(bidirectional_from=bidirectional_from, pooling=pooling, prompt=prompt,
@@ -278,7 +184,7 @@ class DeeLM:
         tok = gm.tokenizer()
         if adapter is not None:
             # what the adapter was trained with, unless the caller says otherwise
-            from .lora import read_deelm_config
+            from deelm.adapters.peft import read_deelm_config
 
             trained = read_deelm_config(adapter)
             _check_trained_settings(trained, Path(adapter) / "deelm_config.json",
@@ -304,7 +210,7 @@ class DeeLM:
         if adapter is not None:
             model.load_adapter(adapter)
         if rule:
-            from .analysis import auto_bidirectional_from
+            from deelm.eval.analysis import auto_bidirectional_from
 
             model.bidirectional_from = auto_bidirectional_from(model, rule)
         return model
@@ -312,7 +218,7 @@ class DeeLM:
     # ---- LoRA adapters ---------------------------------------------------------
     def load_adapter(self, directory):
         """Applies a PEFT-format LoRA adapter (replacing any other)."""
-        from .lora import load_adapter
+        from deelm.adapters.peft import load_adapter
 
         _, layout, params = load_adapter(directory, self._core.config)
         self.set_adapter(layout, params)
@@ -320,7 +226,7 @@ class DeeLM:
 
     def set_adapter(self, layout, params):
         """Applies LoRA matrices held in `params` (float32 [layout.size]),
-        laid out by a deelm.lora.LoraLayout. The array is used in place:
+        laid out by a deelm.adapters.lora.LoraLayout. The array is used in place:
         changing it changes the model (training relies on this)."""
         if not (isinstance(params, np.ndarray) and params.dtype == np.float32 and params.ndim == 1
                 and params.flags.c_contiguous and params.flags.writeable):
@@ -340,6 +246,31 @@ class DeeLM:
     def adapter(self):
         """(LoraLayout, params) of the applied adapter, or None."""
         return self._adapter
+
+    @property
+    def adapter_path(self):
+        """The folder the applied adapter was read from; None without an
+        adapter or for one set in memory with set_adapter()."""
+        return self._adapter_path
+
+    @property
+    def core(self):
+        """The C core's model (deelm._core.Model): the layer-level calls the
+        trainer and the analyses make (residual, train_forward,
+        train_backward) and the shapes they read from ``core.config``.
+        Embedding goes through encode()."""
+        return self._core
+
+    def num_parameters(self, exclude_embeddings=False):
+        """Weights in the model file (the token embeddings too unless
+        exclude_embeddings), as transformers' num_parameters counts them."""
+        total = embedding = 0
+        for name, t in self._file.tensors.items():
+            n = int(t[1]) * int(t[2])
+            total += n
+            if name.startswith("token_embd"):
+                embedding += n
+        return total - embedding if exclude_embeddings else total
 
     # ---- settings, validated on assignment -----------------------------
     @property
@@ -460,7 +391,7 @@ class DeeLM:
     # ---- information ----------------------------------------------------
     @property
     def fingerprint(self):
-        """A content hash of the weights (deelm.default_model.model_fingerprint):
+        """A content hash of the weights (deelm.adapters.bundled.model_fingerprint):
         adapters record the one they were trained on."""
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self._file.tensors)
@@ -528,7 +459,7 @@ class DeeLM:
     def tokenize(self, sentences, prompt=None):
         """Token ids per sentence after templating and truncation, and the
         [start, end) token range of the sentence's own text in each."""
-        sentences = _as_texts(sentences)
+        sentences = as_texts(sentences)
         prompt = self._prompt if prompt is None else prompt
         prefix, suffix = _split_prompt(prompt)
         try:
@@ -543,7 +474,10 @@ class DeeLM:
                                      f"position {e.start})") from None
             raise
 
-    def _pool_range(self, enc, pooling):
+    def pool_range(self, encoding, pooling=None):
+        """[start, end) of the tokens a sentence's embedding averages, for one
+        of tokenize()'s encodings under `pooling` (default: the model's)."""
+        enc, pooling = encoding, pooling or self._pooling
         n = len(enc.ids)
         if pooling == "last":
             return n - 1, n
@@ -577,7 +511,7 @@ class DeeLM:
         """The error for activations that overflowed: it names the adapter when
         one is applied (finite but absurd LoRA values are the likelier cause),
         else the model file."""
-        from .errors import AdapterError
+        from deelm.errors import AdapterError
 
         if self._adapter is not None:
             where = self._adapter_path or "the adapter set with set_adapter()"
@@ -653,7 +587,7 @@ class DeeLM:
             raise ValueError(f"encode() got keyword arguments a DeeLM does not use: "
                              f"{sorted(kwargs)} (set max_seq_length, prompt or pooling on the "
                              "model, or pass prompt= / pooling= here)")
-        _check_device(device)
+        check_device(device)
         if pool is not None and not isinstance(pool, dict):
             raise ValueError(f"pool must be None or a dict (a sentence-transformers process "
                              f"pool), not {type(pool).__name__}")
@@ -678,7 +612,7 @@ class DeeLM:
         prompt = self._resolve_prompt(prompt, prompt_name)
 
         single = isinstance(sentences, str)
-        sentences = _as_texts(sentences)
+        sentences = as_texts(sentences)
 
         n, d, L = len(sentences), self._dim, self.num_layers
         per_token = output_value in ("token_embeddings", None)
@@ -704,7 +638,7 @@ class DeeLM:
                 for b in range(0, n, batch_size):
                     idx = order[b:b + batch_size]
                     batch = [encoded[i] for i in idx]
-                    pool_ranges = [self._pool_range(e, pooling) for e in batch]
+                    pool_ranges = [self.pool_range(e, pooling) for e in batch]
                     pooled, layer_pooled, _, tokens, offsets = self.forward_ids(
                         [e.ids for e in batch], pool_ranges, layers=layers_out is not None,
                         token_states=per_token, bidirectional_from=k)
@@ -785,7 +719,7 @@ class DeeLM:
         similarity_fn_name, truncate_dim) and adapter/ (the applied LoRA
         adapter's files). The base model is referenced, not copied; reloading
         refuses a base model that moved or changed."""
-        from .saved_model import save_model
+        from deelm.io.saved_model import save_model
 
         return save_model(self, path)
 
@@ -834,21 +768,13 @@ class DeeLM:
                 bar.update(len(batch))
 
 
-def _check_device(device):
-    """deelm computes on the CPU: None, "cpu", torch.device("cpu") or a list
-    of them (sentence-transformers' multi-process form)."""
-    devices = list(device) if isinstance(device, (list, tuple)) else [device]
-    for dev in devices:
-        if dev is not None and str(dev) != "cpu":
-            raise ValueError(f"deelm runs on the CPU; device={device!r} is not available")
-
-
 def _packaged_files(options):
     """Which of the model file and the adapter folder are the ones packages
     carry (the default model, deelm's bundled adapter): the unpickling side
     finds those in its own installation, which may live at another path."""
-    from .default_model import bundled_adapter_path, packaged_model_path
-    from .errors import ModelNotFoundError
+    from deelm.adapters.bundled import bundled_adapter_path
+    from deelm.io.default_model import packaged_model_path
+    from deelm.errors import ModelNotFoundError
 
     try:
         model = options["model"] == str(packaged_model_path())
@@ -860,8 +786,9 @@ def _packaged_files(options):
 
 def _unpickle(cls, options, adapter, packaged=(False, False)):
     """The other side of DeeLM.__reduce__."""
-    from .default_model import bundled_adapter_path, packaged_model_path
-    from .errors import ModelNotFoundError
+    from deelm.adapters.bundled import bundled_adapter_path
+    from deelm.io.default_model import packaged_model_path
+    from deelm.errors import ModelNotFoundError
 
     options = dict(options)
     if packaged[0]:
@@ -879,43 +806,3 @@ def _unpickle(cls, options, adapter, packaged=(False, False)):
         # copy must be writable (training updates it in place)
         model.set_adapter(layout, np.require(params, np.float32, ["C", "W"]))
     return model
-
-
-def _as_texts(sentences):
-    """A string or an iterable of strings as a list of strings; TypeError
-    naming the first item that is not one."""
-    if isinstance(sentences, str):
-        return [sentences]
-    if isinstance(sentences, (bytes, bytearray)) or not hasattr(sentences, "__iter__"):
-        raise TypeError(f"sentences must be a string or a list of strings, not "
-                        f"{type(sentences).__name__}")
-    sentences = list(sentences)
-    for i, s in enumerate(sentences):
-        if not isinstance(s, str):
-            raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
-    return sentences
-
-
-def _int_ids(x):
-    """One sentence's token ids as int32; floats, bools and other kinds are
-    refused rather than truncated."""
-    a = np.asarray(x)
-    if not a.size:
-        return np.zeros(0, dtype=np.int32)
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"token ids must be integers, got {a.dtype} values")
-    if a.min() < 0 or a.max() > np.iinfo(np.int32).max:
-        raise ValueError(f"token ids must be in [0, 2**31), got {a.min()}..{a.max()}")
-    return a.astype(np.int32, copy=False)
-
-
-def pack_ids(ids):
-    """Token id lists as the C core takes a batch: all ids end to end (int32
-    [N]) and each sentence's start (int64 [n + 1])."""
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    # one conversion per sentence, not per token
-    tokens = (np.concatenate([_int_ids(x) for x in ids]) if ids
-              else np.zeros(0, dtype=np.int32))
-    return tokens, offsets

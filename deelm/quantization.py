@@ -6,7 +6,7 @@ embeddings, or over calibration embeddings, cut into 255 equal steps; the
 step index, shifted by -128 for int8); "binary" / "ubinary" (one bit per
 dimension, set when the value is > 0, packed 8 to a byte; shifted by -128 for
 binary). The values equal sentence_transformers.quantization's on the same
-floats (tests/test_st_compat.py checks them against it); this is not the
+floats (tests/model/test_st_compat.py checks them against it); this is not the
 compute precision of the linear layers (from_pretrained's compute_precision).
 """
 import logging

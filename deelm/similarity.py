@@ -9,7 +9,8 @@ negated Euclidean and Manhattan distances (higher is always more similar).
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from . import _core
+from deelm import _core
+from deelm.settings import default_threads
 
 SIMILARITY_FN_NAMES = ("cosine", "dot", "euclidean", "manhattan")
 
@@ -62,7 +63,6 @@ def _gemm(a, b):
     picks its kernel, and so its rounding, per CPU)."""
     if not a.shape[0] or not b.shape[0]:
         return np.zeros((a.shape[0], b.shape[0]), dtype=np.float32)
-    from .model import default_threads  # model imports this module
 
     work = a.shape[0] * b.shape[0] * a.shape[1]
     threads = default_threads() if work > 1 << 22 else 1

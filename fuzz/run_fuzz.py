@@ -12,7 +12,7 @@ Reports, per kind: mutants loaded, refused with a deelm error naming the file,
 refused without naming it, other exceptions, non-finite outputs, crashes,
 sanitizer reports, hangs (a case over --case-seconds), and the children's peak
 RSS (a blow-up shows there). Mutant generation and the child program are the
-fast tier's (tests/test_fuzz.py), so both tiers test the same things.
+fast tier's (tests/core/test_fuzz.py), so both tiers test the same things.
 """
 import argparse
 import json
@@ -38,7 +38,8 @@ SANITIZER = ("AddressSanitizer", "runtime error:", "LeakSanitizer", "UndefinedBe
 def seeds(tmp, model_path):
     """The intact file each kind mutates, and how a mutant becomes a case."""
     import deelm
-    from deelm.lora import LoraConfig, LoraLayout, save_adapter
+    from deelm.adapters.lora import LoraConfig, LoraLayout
+    from deelm.adapters.peft import save_adapter
 
     m = deelm.DeeLM.from_pretrained(model_path, adapter=None)
     layout = LoraLayout(LoraConfig(r=2, alpha=4), m.config)

@@ -1,5 +1,4 @@
 """Shared fixtures: tiny models built at run time, the default model, the shared data."""
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from support.gguf_builder import TINY, random_gemma3_weights, write_gemma3_gguf, write_tiny_gguf
+from support.reference import bidirectional_layers, padded_batch
 
 # There is no model hub here: transformers must only ever read local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +27,7 @@ def fresh_tiny(tiny_path, k=1):
 
 def quick_args(**kw):
     """TrainingArguments of a few quick steps on the tiny models."""
-    from deelm.lora import LoraConfig
+    from deelm.adapters.lora import LoraConfig
     from deelm.train import TrainingArguments
 
     base = dict(max_steps=6, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0,
@@ -97,7 +97,7 @@ def default_path():
     from deelm.errors import ModelNotFoundError
 
     try:
-        return deelm.default_model.packaged_model_path()
+        return deelm.io.default_model.packaged_model_path()
     except ModelNotFoundError as e:
         pytest.skip(f"default model not installed: {e}")
 
@@ -129,59 +129,6 @@ def hf_default(default_path):
         attn_implementation="eager").eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(default_path.parent), gguf_file=default_path.name)
     return model, tok
-
-
-def padded_batch(ids):
-    """Right-padded torch input ids [b, T] and the mask of real tokens."""
-    import torch
-
-    T = max(len(x) for x in ids)
-    input_ids = torch.zeros((len(ids), T), dtype=torch.long)
-    keep = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x)
-        keep[i, :len(x)] = 1
-    return input_ids, keep
-
-
-@contextlib.contextmanager
-def bidirectional_layers(layers, keep, bidirectional_from, windows=None):
-    """While active, transformers decoder layers with index >= bidirectional_from
-    (>= 0) get a padding-only attention mask instead of the causal one, which is
-    how DeeLM changes a layer. keep: [batch, T] 1 for real tokens (eager attention).
-    windows: per layer, its sliding window (0: none), for models with local
-    layers (Gemma-3): a bidirectional local layer then sees the keys with
-    |i - j| < window, deelm's definition (csrc/deelm.h, dl_attn_spec), instead
-    of all of them; layers below bidirectional_from keep the model's own masks."""
-    import torch
-
-    visible = keep.bool()[:, None, None, :]  # [b, 1, 1, T]: key is a real token
-
-    def hook(window):
-        def padding_only(module, args, kwargs):
-            am = kwargs.get("attention_mask")
-            assert am is not None, "expected an explicit attention mask in eager mode"
-            allowed = visible.expand(am.shape)
-            if window:
-                pos = torch.arange(am.shape[-1])
-                allowed = allowed & ((pos[:, None] - pos[None, :]).abs() < window)
-            if am.dtype == torch.bool:
-                new = allowed
-            else:
-                new = torch.zeros(am.shape, dtype=am.dtype).masked_fill(
-                    ~allowed, torch.finfo(am.dtype).min)
-            kwargs["attention_mask"] = new
-            return args, kwargs
-
-        return padding_only
-
-    hooks = [layer.register_forward_pre_hook(hook(windows[i] if windows else 0), with_kwargs=True)
-             for i, layer in enumerate(layers) if 0 <= bidirectional_from <= i]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def hf_hidden_states(model, ids, bidirectional_from=-1, windows=None):

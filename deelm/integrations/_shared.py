@@ -21,7 +21,7 @@ def resolve_model(model, load_kwargs):
     DeeLM.from_pretrained(model, **load_kwargs): model is then a path or None
     (the default model)."""
     if model is None or isinstance(model, (str, os.PathLike)):
-        from ..model import DeeLM
+        from deelm.model import DeeLM
 
         return DeeLM.from_pretrained(model, **load_kwargs)
     if load_kwargs:

@@ -18,7 +18,8 @@ install 'deelm[ray]'``.
 """
 import numpy as np
 
-from ..model import DeeLM, default_threads
+from deelm.model import DeeLM
+from deelm.settings import default_threads
 
 
 def _actor_cpus():

@@ -478,7 +478,7 @@ CHUNK_ELEMS = 1 << 22  # rows generated and quantised at a time: ~4M values (16 
 
 
 def default_tokenizer_source():
-    from deelm.default_model import resolve_model_path
+    from deelm.io.default_model import resolve_model_path
 
     return resolve_model_path(None)
 

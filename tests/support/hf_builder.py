@@ -9,7 +9,7 @@ import copy
 import torch
 import transformers
 
-from deelm.tokenizer import Tokenizer
+from deelm.io.tokenizer import Tokenizer
 from support.gguf_builder import GEMMA3_TINY, TINY, random_gemma3_weights, tiny_vocab
 
 VOCAB = len(tiny_vocab()[0])

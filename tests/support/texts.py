@@ -1,0 +1,28 @@
+"""Sentences the tokenizer tests share."""
+
+NON_ASCII = [
+    "Café au lait, naïve résumé, façade — «déjà vu».",
+    "Straße, Größe, Übermaß: ß ü ö ä.",
+    "日本語のテキストと漢字、かな。",
+    "中文句子测试：你好，世界！",
+    "한국어 문장입니다.",
+    "Русский текст с ёлкой.",
+    "Ελληνικά: αβγ δεζ.",
+    "العربية نص قصير",
+    "עברית טקסט",
+    "हिन्दी वाक्य",
+    "Emoji 😀🎉👍🏽 and flags 🇫🇷🇯🇵.",
+    "Math ∑ ∫ √ ≤ ≥ ≠ ∞ π ≈ 3.14159",
+    "Quotes ‘single’ “double” – dashes — …",
+    "Tabs\tand\nnewlines\r\n and   multiple   spaces  ",
+    "  leading and trailing spaces  ",
+    "Numbers 1234567890 and 3.5e-10 and 1,000,000",
+    "Zero\u200bwidth joiner\u200d and NBSP\u00a0here",
+    "Combining e\u0301 vs é; Ångström Å",
+    "<|im_start|>user\nHi<|im_end|> special tokens inside text",
+    "",
+    " ",
+    "a",
+    "\U0001F600",
+    "x" * 300,
+]

@@ -37,7 +37,7 @@ static inline float mask_at(dl_dropout dr, uint64_t key, int64_t k) {
 }
 
 /* xd = drop(x) for one row of entry e. */
-static void drop_row(float *xd, const float *x, int64_t in, dl_dropout dr, int64_t e, int64_t row) {
+DL_CLONES static void drop_row(float *xd, const float *x, int64_t in, dl_dropout dr, int64_t e, int64_t row) {
     const uint64_t key = row_key(dr, e, row);
     for (int64_t k = 0; k < in; k++) xd[k] = x[k] * mask_at(dr, key, k);
 }
@@ -206,6 +206,75 @@ void dl_lora_forward(const dl_lora *lo, const dl_config *c, int64_t layer, int f
     }
 }
 
+/* dB[o, j] += scale sum_t dy[t, o] ts[t, j] for the no <= 16 outputs from o0:
+ * dy's rows are read 16 outputs at a time; each sum still runs over t in
+ * order from 0, so the result is the one a loop per output gives. */
+DL_CLONES static void lora_grad_b(float *dB, const float *dy, int64_t ldy, const float *ts,
+                                  int64_t n, int64_t r, int64_t o0, int64_t no, float scale) {
+    float acc[DL_LORA_MAX_RANK][16];
+    for (int64_t j = 0; j < r; j++)
+        for (int64_t oo = 0; oo < 16; oo++) acc[j][oo] = 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        const float *g = dy + t * ldy + o0, *tt = ts + t * r;
+        for (int64_t j = 0; j < r; j++) {
+            const float s = tt[j];
+            for (int64_t oo = 0; oo < no; oo++) acc[j][oo] += g[oo] * s;
+        }
+    }
+    for (int64_t oo = 0; oo < no; oo++)
+        for (int64_t j = 0; j < r; j++) dB[(o0 + oo) * r + j] += scale * acc[j][oo];
+}
+
+/* dt[t, j] = scale sum_o dy[t, o] B[o, j] for the nt <= 4 rows from t0, the
+ * sum over o in order; rows are taken together only so each B row is loaded
+ * once for all of them (independent sums, no change to any one). */
+DL_CLONES static void lora_grad_t(float *dt, const float *dy, int64_t ldy, const float *B,
+                                  int64_t out, int64_t r, int64_t nt, float scale) {
+    float acc[4][DL_LORA_MAX_RANK];
+    for (int64_t i = 0; i < nt; i++)
+        for (int64_t j = 0; j < r; j++) acc[i][j] = 0.0f;
+    for (int64_t o = 0; o < out; o++) {
+        const float *b = B + o * r;
+        for (int64_t i = 0; i < nt; i++) {
+            const float g = dy[i * ldy + o];
+            for (int64_t j = 0; j < r; j++) acc[i][j] += g * b[j];
+        }
+    }
+    for (int64_t i = 0; i < nt; i++)
+        for (int64_t j = 0; j < r; j++) dt[i * r + j] = scale * acc[i][j];
+}
+
+/* Columns [k0, k1) of one row t: dx[k] += mask(t, k) sum_j dt[j] A[j, k] and
+ * dA[j, k] += dt[j] drop(x)[k]. Each dx sum runs over j in order from 0, and
+ * the caller visits the rows in order, so dA's sums run over t in order. */
+DL_CLONES static void lora_grad_a_row(float *dA, float *dx, const float *A, const float *x,
+                                      const float *dt, int64_t in, int64_t r, int64_t k0,
+                                      int64_t k1, dl_dropout drop, int64_t e, int64_t t) {
+    float xd[COL_BLOCK], mask[COL_BLOCK], s[COL_BLOCK];
+    const int64_t nk = k1 - k0;
+    if (drop.p > 0.0f) {
+        /* the mask of this row's columns, as the forward drew it */
+        const uint64_t key = row_key(drop, e, t);
+        for (int64_t k = 0; k < nk; k++) mask[k] = mask_at(drop, key, k0 + k);
+    } else {
+        for (int64_t k = 0; k < nk; k++) mask[k] = 1.0f;
+    }
+    for (int64_t k = 0; k < nk; k++) {
+        xd[k] = x[k0 + k] * mask[k];
+        s[k] = 0.0f;
+    }
+    for (int64_t j = 0; j < r; j++) {
+        const float g = dt[j], *a = A + j * in + k0;
+        for (int64_t k = 0; k < nk; k++) s[k] += g * a[k];
+    }
+    for (int64_t k = 0; k < nk; k++) dx[k0 + k] += mask[k] * s[k];
+    for (int64_t j = 0; j < r; j++) {
+        const float g = dt[j];
+        float *dAj = dA + j * in + k0;
+        for (int64_t k = 0; k < nk; k++) dAj[k] += g * xd[k];
+    }
+}
+
 void dl_lora_backward(const dl_lora *lo, const dl_config *c, int64_t layer, int fused,
                       float *grad, float *dx, const float *dy, int64_t ldy, const float *x,
                       int64_t n, const float *t_save, dl_dropout drop, float *scratch,
@@ -219,53 +288,23 @@ void dl_lora_backward(const dl_lora *lo, const dl_config *c, int64_t layer, int 
         float *dA = grad + en->off_a, *dB = grad + en->off_b;
         const float *dyc = dy + dl_module_row0(c, (int)en->module);
         float *dt = scratch; /* [n, r] */
-        /* dB[o, j] += scale sum_t dy[t, o] t[t, j] */
+        const int64_t n_ob = (out + 15) / 16;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int64_t o = 0; o < out; o++) {
-            float acc[DL_LORA_MAX_RANK] = {0.0f};
-            for (int64_t t = 0; t < n; t++) {
-                const float g = dyc[t * ldy + o];
-                for (int64_t j = 0; j < r; j++) acc[j] += g * t_save[t * r + j];
-            }
-            for (int64_t j = 0; j < r; j++) dB[o * r + j] += en->scale * acc[j];
+        for (int64_t b = 0; b < n_ob; b++) {
+            const int64_t o0 = b * 16, no = out - o0 < 16 ? out - o0 : 16;
+            lora_grad_b(dB, dyc, ldy, t_save, n, r, o0, no, en->scale);
         }
-        /* dt[t, j] = scale sum_o dy[t, o] B[o, j] */
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int64_t t = 0; t < n; t++) {
-            float acc[DL_LORA_MAX_RANK] = {0.0f};
-            for (int64_t o = 0; o < out; o++) {
-                const float g = dyc[t * ldy + o];
-                for (int64_t j = 0; j < r; j++) acc[j] += g * B[o * r + j];
-            }
-            for (int64_t j = 0; j < r; j++) dt[t * r + j] = en->scale * acc[j];
-        }
-        /* dA[j, k] += sum_t dt[t, j] drop(x)[t, k]; dx[t, k] += mask(t, k) sum_j dt[t, j] A[j, k].
-         * Column blocks per thread: each dA element sums its rows in order. */
+        for (int64_t t0 = 0; t0 < n; t0 += 4)
+            lora_grad_t(dt + t0 * r, dyc + t0 * ldy, ldy, B, out, r, n - t0 < 4 ? n - t0 : 4,
+                        en->scale);
+        /* column blocks per thread: each dA element sums its rows in order */
         const int64_t kb = COL_BLOCK, n_kb = (in + kb - 1) / kb;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
         for (int64_t b = 0; b < n_kb; b++) {
             const int64_t k0 = b * kb, k1 = k0 + kb < in ? k0 + kb : in;
-            float xd[COL_BLOCK], mask[COL_BLOCK];
-            for (int64_t t = 0; t < n; t++) {
-                const float *xr = x + t * in;
-                for (int64_t k = k0; k < k1; k++) xd[k - k0] = xr[k];
-                /* the mask of this row's columns, as the forward drew it */
-                const uint64_t key = drop.p > 0.0f ? row_key(drop, e, t) : 0;
-                for (int64_t k = k0; k < k1; k++) {
-                    mask[k - k0] = drop.p > 0.0f ? mask_at(drop, key, k) : 1.0f;
-                    xd[k - k0] *= mask[k - k0];
-                }
-                for (int64_t k = k0; k < k1; k++) {
-                    float s = 0.0f;
-                    for (int64_t j = 0; j < r; j++) s += dt[t * r + j] * A[j * in + k];
-                    dx[t * in + k] += mask[k - k0] * s;
-                }
-                for (int64_t j = 0; j < r; j++) {
-                    const float g = dt[t * r + j];
-                    float *dAj = dA + j * in;
-                    for (int64_t k = k0; k < k1; k++) dAj[k] += g * xd[k - k0];
-                }
-            }
+            for (int64_t t = 0; t < n; t++)
+                lora_grad_a_row(dA, dx + t * in, A, x + t * in, dt + t * r, in, r, k0, k1, drop, e, t);
         }
         t_save += n * r;
     }

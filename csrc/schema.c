@@ -2,8 +2,8 @@
  * (GGUF's, without ".weight"), their shapes in terms of the config, where
  * each goes in dl_layer, and the projections a LoRA adapter can target.
  * The binding (csrc/py/weights.c), the model's allocation and byte count
- * (model.c), LoRA (ops/lora.c) and the Python readers (deelm.model_file,
- * deelm.hf_checkpoint, deelm.lora, through _core.layer_schema) all read it. */
+ * (model.c), LoRA (ops/lora.c) and the Python readers (deelm.io.layout,
+ * deelm.io.hf, deelm.adapters.lora, through _core.layer_schema) all read it. */
 #include <stddef.h>
 
 #include "deelm.h"

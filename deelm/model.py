@@ -167,20 +167,7 @@ class DeeLM:
         if isinstance(adapter, str) and adapter == "auto":
             fingerprint = model_fingerprint(gm.tensors)
             adapter = bundled_adapters().get(fingerprint)
-        precision = default_precision(gm.tensors) if compute_precision is None else compute_precision
-        if precision not in PRECISIONS:
-            raise ValueError(f"compute_precision must be one of {PRECISIONS} or None, "
-                             f"got {precision!r}")
-        if not isinstance(isa, str) or isa not in ISAS:
-            raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
-        if isa != "auto" and isa not in _core.isa_info()["supported"]:
-            raise ValueError(f"this CPU cannot run the {isa!r} path; it runs "
-                             f"{_core.isa_info()['supported']}")
-        try:
-            core = _core.Model(gm.config, gm.tensors, precision=precision, isa=isa)
-        except ValueError as e:
-            raise ModelFileError(path, str(e)) from None
-        gm.release_resident_pages()  # the weights now live in the core's own buffers
+        core = _core_model(gm, path, compute_precision, isa)
         tok = gm.tokenizer()
         if adapter is not None:
             # what the adapter was trained with, unless the caller says otherwise
@@ -574,115 +561,78 @@ class DeeLM:
         kwargs: sentence-transformers' task= is accepted (a DeeLM has a
             single route); any other is a ValueError, as there.
         """
-        if "inputs" in kwargs:  # sentence-transformers' name of the first argument
-            if sentences is not None:
-                raise TypeError("encode() got both sentences and inputs")
-            sentences = kwargs.pop("inputs")
-        if sentences is None:
-            raise TypeError("encode() needs the sentences to embed")
-        kwargs.pop("task", None)
-        if not kwargs.get("processing_kwargs", True):
-            kwargs.pop("processing_kwargs")  # empty: nothing to apply
-        if kwargs:
-            raise ValueError(f"encode() got keyword arguments a DeeLM does not use: "
-                             f"{sorted(kwargs)} (set max_seq_length, prompt or pooling on the "
-                             "model, or pass prompt= / pooling= here)")
-        check_device(device)
-        if pool is not None and not isinstance(pool, dict):
-            raise ValueError(f"pool must be None or a dict (a sentence-transformers process "
-                             f"pool), not {type(pool).__name__}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
-                chunk_size, (int, np.integer)) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-        precision = "float32" if precision is None else precision  # None: as sentence-transformers
-        if not isinstance(precision, str) or precision not in OUTPUT_PRECISIONS:
-            raise ValueError(f"precision must be one of {OUTPUT_PRECISIONS}, got {precision!r}")
-        if output_value not in OUTPUT_VALUES:
-            raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
-        if precision != "float32" and output_value not in ("sentence_embedding", "token_embeddings"):
-            raise ValueError(f"precision={precision!r} quantizes sentence or token embeddings, "
-                             f"not output_value={output_value!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        sentences, precision = _check_encode_args(sentences, kwargs, device, pool, chunk_size,
+                                                  precision, output_value, batch_size)
         truncate_dim = (self._truncate_dim if truncate_dim is None
                         else self._check_truncate_dim(truncate_dim))
         pooling = self._pooling if pooling is None else pooling
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         prompt = self._resolve_prompt(prompt, prompt_name)
-
         single = isinstance(sentences, str)
         sentences = as_texts(sentences)
-
-        n, d, L = len(sentences), self._dim, self.num_layers
-        per_token = output_value in ("token_embeddings", None)
-        tokens_out = [None] * n if per_token else None
-        layers_out = (np.zeros((n, L + 1, d), dtype=np.float32)
-                      if output_value == "layer_embeddings" else None)
-        pooled_out = np.zeros((n, d), dtype=np.float32)
-
-        encoded = []
-        if n:
-            # the settings as they are now, for the whole call, even if another
-            # thread changes them meanwhile
-            prompt = self._prompt if prompt is None else prompt
-            k = self._k
-            encoded = self.tokenize(sentences, prompt)
-            # longest first, as sentence-transformers does: similar lengths share a batch
-            order = np.argsort([-len(e.ids) for e in encoded], kind="stable")
-            if show_progress_bar is None:
-                show_progress_bar = n >= 1024
-            from tqdm.auto import tqdm
-
-            with tqdm(total=n, desc="encode", unit="sent", disable=not show_progress_bar) as bar:
-                for b in range(0, n, batch_size):
-                    idx = order[b:b + batch_size]
-                    batch = [encoded[i] for i in idx]
-                    pool_ranges = [self.pool_range(e, pooling) for e in batch]
-                    pooled, layer_pooled, _, tokens, offsets = self.forward_ids(
-                        [e.ids for e in batch], pool_ranges, layers=layers_out is not None,
-                        token_states=per_token, bidirectional_from=k)
-                    for out in (pooled, layer_pooled, tokens):
-                        if out is not None and not np.isfinite(out).all():
-                            # finite weights can still be absurd enough to overflow
-                            raise ModelFileError(self.path, "the forward pass produced non-finite "
-                                                            "values; the weights are out of range "
-                                                            "(corrupted file?)")
-                    if per_token:
-                        for j, i in enumerate(idx):
-                            tokens_out[i] = tokens[offsets[j]:offsets[j + 1]].copy()
-                    if layers_out is not None:
-                        layers_out[idx] = layer_pooled.transpose(1, 0, 2)
-                    pooled_out[idx] = pooled
-                    bar.update(len(idx))
-
+        if show_progress_bar is None:
+            show_progress_bar = len(sentences) >= 1024
+        encoded, pooled, tokens, layers = self._embed(sentences, prompt, pooling, batch_size,
+                                                      output_value, show_progress_bar)
         if truncate_dim is not None:
-            pooled_out = np.ascontiguousarray(pooled_out[:, :truncate_dim])
+            pooled = np.ascontiguousarray(pooled[:, :truncate_dim])
         if output_value is None:
             # sentence-transformers' features per sentence; not normalized,
             # not converted (as there)
             result = [{"input_ids": np.asarray(e.ids, dtype=np.int64),
                        "attention_mask": np.ones(len(e.ids), dtype=np.int64),
                        "token_embeddings": t, "sentence_embedding": p}
-                      for e, t, p in zip(encoded, tokens_out, pooled_out)]
+                      for e, t, p in zip(encoded, tokens, pooled)]
             return result[0] if single else result
-        result = {"sentence_embedding": pooled_out, "token_embeddings": tokens_out,
-                  "layer_embeddings": layers_out}[output_value]
-        if normalize_embeddings:
-            result = ([_l2_normalize(x) for x in result] if isinstance(result, list)
-                      else _l2_normalize(result))
-        if precision != "float32" and n:
-            result = quantize_embeddings(result, precision)
-        if convert_to_tensor:
-            import torch
+        result = {"sentence_embedding": pooled, "token_embeddings": tokens,
+                  "layer_embeddings": layers}[output_value]
+        result = _finish_output(result, normalize_embeddings, precision if sentences else "float32",
+                                convert_to_tensor, convert_to_numpy)
+        return result[0] if single else result
 
-            result = ([torch.from_numpy(x) for x in result] if isinstance(result, list)
-                      else torch.from_numpy(result))
-        elif not convert_to_numpy and not isinstance(result, list):
-            result = list(result)
-        if single:
-            result = result[0]
-        return result
+    def _embed(self, sentences, prompt, pooling, batch_size, output_value, show_progress_bar):
+        """(encodings, pooled [n, d], token states or None, layer states or
+        None) of `sentences`, batched longest first."""
+        n, d, L = len(sentences), self._dim, self.num_layers
+        per_token = output_value in ("token_embeddings", None)
+        tokens_out = [None] * n if per_token else None
+        layers_out = (np.zeros((n, L + 1, d), dtype=np.float32)
+                      if output_value == "layer_embeddings" else None)
+        pooled_out = np.zeros((n, d), dtype=np.float32)
+        if not n:
+            return [], pooled_out, tokens_out, layers_out
+        # the settings as they are now, for the whole call, even if another
+        # thread changes them meanwhile
+        prompt = self._prompt if prompt is None else prompt
+        k = self._k
+        encoded = self.tokenize(sentences, prompt)
+        # longest first, as sentence-transformers does: similar lengths share a batch
+        order = np.argsort([-len(e.ids) for e in encoded], kind="stable")
+        from tqdm.auto import tqdm
+
+        with tqdm(total=n, desc="encode", unit="sent", disable=not show_progress_bar) as bar:
+            for b in range(0, n, batch_size):
+                idx = order[b:b + batch_size]
+                batch = [encoded[i] for i in idx]
+                pool_ranges = [self.pool_range(e, pooling) for e in batch]
+                pooled, layer_pooled, _, tokens, offsets = self.forward_ids(
+                    [e.ids for e in batch], pool_ranges, layers=layers_out is not None,
+                    token_states=per_token, bidirectional_from=k)
+                for out in (pooled, layer_pooled, tokens):
+                    if out is not None and not np.isfinite(out).all():
+                        # finite weights can still be absurd enough to overflow
+                        raise ModelFileError(self.path, "the forward pass produced non-finite "
+                                                        "values; the weights are out of range "
+                                                        "(corrupted file?)")
+                if per_token:
+                    for j, i in enumerate(idx):
+                        tokens_out[i] = tokens[offsets[j]:offsets[j + 1]].copy()
+                if layers_out is not None:
+                    layers_out[idx] = layer_pooled.transpose(1, 0, 2)
+                pooled_out[idx] = pooled
+                bar.update(len(idx))
+        return encoded, pooled_out, tokens_out, layers_out
 
     def encode_query(self, sentences=None, prompt_name=None, prompt=None, *args, **kwargs):
         """encode() for search queries: with no prompt_name or prompt, the
@@ -766,6 +716,80 @@ class DeeLM:
                 yield self.encode(batch, batch_size=batch_size, show_progress_bar=False, **kwargs)
                 done += len(batch)
                 bar.update(len(batch))
+
+
+def _core_model(gm, path, compute_precision, isa):
+    """The C core's model of the weights read into `gm`, in the checked
+    compute precision (default: by the file's types) and ISA path."""
+    precision = default_precision(gm.tensors) if compute_precision is None else compute_precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"compute_precision must be one of {PRECISIONS} or None, "
+                         f"got {precision!r}")
+    if not isinstance(isa, str) or isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if isa != "auto" and isa not in _core.isa_info()["supported"]:
+        raise ValueError(f"this CPU cannot run the {isa!r} path; it runs "
+                         f"{_core.isa_info()['supported']}")
+    try:
+        core = _core.Model(gm.config, gm.tensors, precision=precision, isa=isa)
+    except ValueError as e:
+        raise ModelFileError(path, str(e)) from None
+    gm.release_resident_pages()  # the weights now live in the core's own buffers
+    return core
+
+
+def _check_encode_args(sentences, kwargs, device, pool, chunk_size, precision, output_value,
+                       batch_size):
+    """encode()'s arguments checked as sentence-transformers checks them:
+    (the sentences, the output precision)."""
+    if "inputs" in kwargs:  # sentence-transformers' name of the first argument
+        if sentences is not None:
+            raise TypeError("encode() got both sentences and inputs")
+        sentences = kwargs.pop("inputs")
+    if sentences is None:
+        raise TypeError("encode() needs the sentences to embed")
+    kwargs.pop("task", None)
+    if not kwargs.get("processing_kwargs", True):
+        kwargs.pop("processing_kwargs")  # empty: nothing to apply
+    if kwargs:
+        raise ValueError(f"encode() got keyword arguments a DeeLM does not use: "
+                         f"{sorted(kwargs)} (set max_seq_length, prompt or pooling on the "
+                         "model, or pass prompt= / pooling= here)")
+    check_device(device)
+    if pool is not None and not isinstance(pool, dict):
+        raise ValueError(f"pool must be None or a dict (a sentence-transformers process "
+                         f"pool), not {type(pool).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
+            chunk_size, (int, np.integer)) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    precision = "float32" if precision is None else precision  # None: as sentence-transformers
+    if not isinstance(precision, str) or precision not in OUTPUT_PRECISIONS:
+        raise ValueError(f"precision must be one of {OUTPUT_PRECISIONS}, got {precision!r}")
+    if output_value not in OUTPUT_VALUES:
+        raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
+    if precision != "float32" and output_value not in ("sentence_embedding", "token_embeddings"):
+        raise ValueError(f"precision={precision!r} quantizes sentence or token embeddings, "
+                         f"not output_value={output_value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return sentences, precision
+
+
+def _finish_output(result, normalize, precision, convert_to_tensor, convert_to_numpy):
+    """Normalization, output quantization and conversion, as sentence-transformers applies them."""
+    if normalize:
+        result = ([_l2_normalize(x) for x in result] if isinstance(result, list)
+                  else _l2_normalize(result))
+    if precision != "float32":
+        result = quantize_embeddings(result, precision)
+    if convert_to_tensor:
+        import torch
+
+        result = ([torch.from_numpy(x) for x in result] if isinstance(result, list)
+                  else torch.from_numpy(result))
+    elif not convert_to_numpy and not isinstance(result, list):
+        result = list(result)
+    return result
 
 
 def _packaged_files(options):

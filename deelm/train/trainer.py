@@ -130,148 +130,184 @@ def train(model, data, output_dir, args: TrainingArguments | None = None, *, res
     resume: continue from the newest checkpoint in output_dir, if any.
     The model keeps the returned adapter applied when this returns.
     """
-    args = args or TrainingArguments()
-    L = model.num_layers
-    args.check(L)
-    sources = _read_data(data)
-    if args.max_examples is not None:
-        sources = [d.head(args.max_examples) for d in sources]
-    dev = None
-    if eval_data is not None:
-        if not args.eval_steps:
-            raise ValueError("eval_data needs eval_steps > 0 (how often to evaluate)")
-        dev = _DevEval(eval_data, args.eval_max_pairs, args.seed)
-    elif args.eval_steps or args.early_stopping_patience:
-        raise ValueError("eval_steps and early_stopping_patience need eval_data")
-    k = model.bidirectional_from if args.bidirectional_from is None else args.bidirectional_from
-    model.bidirectional_from = k
-    train_from = args.train_from if args.train_from is not None else max(k, 0)
-    lora_cfg = args.lora
-    if lora_cfg.layers is None:
-        lora_cfg = LoraConfig(**{**asdict(lora_cfg), "layers": tuple(range(train_from, L))})
-    layers = lora_cfg.layer_indices(L)
-    if min(layers) < train_from:
-        raise ValueError(f"LoRA on layer {min(layers)} is below train_from = {train_from}: "
-                         f"frozen layers cannot be trained")
-    layout = LoraLayout(lora_cfg, model.core.config)
-    params = init_params(layout, args.seed)
-    grad = np.zeros_like(params)
-    threads = args.threads or model.threads
+    run = _Run(model, data, Path(output_dir), args or TrainingArguments(), eval_data, log)
+    if resume:
+        run.resume()
+    model.set_adapter(run.layout, run.params)
+    if run.dev is not None and not run.evals:
+        run.evaluate()
+    run.loop(show_progress_bar)
+    return run.finish()
 
-    batches_per_epoch = len(MixedBatches(sources, args.batch_size, seed=args.seed, epoch=0))
-    if batches_per_epoch == 0:
-        raise TrainingDataError(sources[0].path, "no batch could be formed from the data")
-    total = args.max_steps or math.ceil(batches_per_epoch * args.epochs / args.gradient_accumulation)
-    schedule = LinearWarmupDecay(int(args.warmup_ratio * total), total)
-    opt = AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, schedule=schedule)
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # a single writer per output folder is assumed: what a killed run left
-    # half-written is garbage now
-    ckpt.clean_leftovers(out)
-    step, history, evals = 0, [], []
-    latest = ckpt.latest_checkpoint(out) if resume else None
-    if latest is not None:
-        c = ckpt.load_checkpoint(latest, model.core.config)
-        if not c.layout.same_as(layout):
+class _Run:
+    """One training run's state: the adapter being trained, its optimiser,
+    the step reached, the history and the dev evaluations."""
+
+    def __init__(self, model, data, out, args, eval_data, log):
+        L = model.num_layers
+        args.check(L)
+        self.model, self.args, self.out, self.log = model, args, out, log
+        self.sources = _read_data(data)
+        if args.max_examples is not None:
+            self.sources = [d.head(args.max_examples) for d in self.sources]
+        self.dev = None
+        if eval_data is not None:
+            if not args.eval_steps:
+                raise ValueError("eval_data needs eval_steps > 0 (how often to evaluate)")
+            self.dev = _DevEval(eval_data, args.eval_max_pairs, args.seed)
+        elif args.eval_steps or args.early_stopping_patience:
+            raise ValueError("eval_steps and early_stopping_patience need eval_data")
+        self.k = model.bidirectional_from if args.bidirectional_from is None \
+            else args.bidirectional_from
+        model.bidirectional_from = self.k
+        self.train_from = args.train_from if args.train_from is not None else max(self.k, 0)
+        lora_cfg = args.lora
+        if lora_cfg.layers is None:
+            lora_cfg = LoraConfig(**{**asdict(lora_cfg), "layers": tuple(range(self.train_from, L))})
+        layers = lora_cfg.layer_indices(L)
+        if min(layers) < self.train_from:
+            raise ValueError(f"LoRA on layer {min(layers)} is below train_from = "
+                             f"{self.train_from}: frozen layers cannot be trained")
+        self.layout = LoraLayout(lora_cfg, model.core.config)
+        self.params = init_params(self.layout, args.seed)
+        self.grad = np.zeros_like(self.params)
+        self.threads = args.threads or model.threads
+        per_epoch = len(MixedBatches(self.sources, args.batch_size, seed=args.seed, epoch=0))
+        if per_epoch == 0:
+            raise TrainingDataError(self.sources[0].path, "no batch could be formed from the data")
+        self.total = args.max_steps or math.ceil(per_epoch * args.epochs
+                                                 / args.gradient_accumulation)
+        schedule = LinearWarmupDecay(int(args.warmup_ratio * self.total), self.total)
+        self.opt = AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                         schedule=schedule)
+        out.mkdir(parents=True, exist_ok=True)
+        # a single writer per output folder is assumed: what a killed run left
+        # half-written is garbage now
+        ckpt.clean_leftovers(out)
+        self.step, self.history, self.evals = 0, [], []
+        self.tokens = 0
+
+    def resume(self):
+        """Continues from the newest checkpoint in the output folder, if any."""
+        latest = ckpt.latest_checkpoint(self.out)
+        if latest is None:
+            return
+        c = ckpt.load_checkpoint(latest, self.model.core.config)
+        if not c.layout.same_as(self.layout):
             raise ValueError(f"{latest} was made with another LoRA layout ({c.layout!r}); use a "
                              f"new output directory or resume=False")
-        params[:] = c.params
-        opt.load_state_dict(c.optimizer_state)
-        step, history = c.step, list(c.extra.get("history", []))
-        evals = list(c.extra.get("evals", []))
-    model.set_adapter(layout, params)
+        self.params[:] = c.params
+        self.opt.load_state_dict(c.optimizer_state)
+        self.step, self.history = c.step, list(c.extra.get("history", []))
+        self.evals = list(c.extra.get("evals", []))
 
-    def save_adapter(directory, extra=None):
-        return save_trained_adapter(directory, model, layout, params, args, train_from, history,
-                                    extra)
+    def save_adapter(self, directory, extra=None):
+        return save_trained_adapter(directory, self.model, self.layout, self.params, self.args,
+                                    self.train_from, self.history, extra)
 
-    def evaluate():
+    def evaluate(self):
         """Scores the model now; True when training should stop early."""
-        score = dev.score(model)
-        best = max((e["score"] for e in evals), default=-math.inf)
-        evals.append({"step": step, "score": score})
-        if log:
-            log({"step": step, "dev_score": score})
+        score = self.dev.score(self.model)
+        best = max((e["score"] for e in self.evals), default=-math.inf)
+        self.evals.append({"step": self.step, "score": score})
+        if self.log:
+            self.log({"step": self.step, "dev_score": score})
         if score > best:
-            save_adapter(out / "best_adapter", {"best_step": step, "dev_score": score,
-                                                "dev_data": str(dev.data.path)})
-        if not args.early_stopping_patience:
+            self.save_adapter(self.out / "best_adapter",
+                              {"best_step": self.step, "dev_score": score,
+                               "dev_data": str(self.dev.data.path)})
+        if not self.args.early_stopping_patience:
             return False
-        stale = len(evals) - 1 - _last_gain(evals, args.early_stopping_threshold)
-        return stale >= args.early_stopping_patience
+        stale = len(self.evals) - 1 - _last_gain(self.evals, self.args.early_stopping_threshold)
+        return stale >= self.args.early_stopping_patience
 
-    if dev is not None and not evals:
-        evaluate()
-
-    cache = FrozenCache(model, train_from, k, args.cache_bytes)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not show_progress_bar)
-    t_start, tokens_total, micro = time.perf_counter(), 0, 0
-    skip = step * args.gradient_accumulation  # batches the resumed steps consumed
-    step_loss, step_tokens, t_step = 0.0, 0, time.perf_counter()
-    stop = False
-    try:
+    def batches(self):
+        """(step's micro-batch index, batch) from where the run stands: the
+        batches a resumed run's finished steps consumed are skipped."""
+        skip = self.step * self.args.gradient_accumulation
         for epoch in range(10 ** 9):
-            if step >= total or stop:
-                break
-            for _, batch in MixedBatches(sources, args.batch_size, seed=args.seed, epoch=epoch):
+            for _, batch in MixedBatches(self.sources, self.args.batch_size, seed=self.args.seed,
+                                         epoch=epoch):
                 if skip:
                     skip -= 1
                     continue
-                if step >= total or stop:
-                    break
+                yield batch
+
+    def loop(self, show_progress_bar):
+        from tqdm.auto import tqdm
+
+        args, acc = self.args, self.args.gradient_accumulation
+        cache = FrozenCache(self.model, self.train_from, self.k, args.cache_bytes)
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step",
+                   disable=not show_progress_bar)
+        self.t_start, micro = time.perf_counter(), 0
+        step_loss, step_tokens, t_step = 0.0, 0, time.perf_counter()
+        try:
+            if self.step >= self.total:
+                return
+            for batch in self.batches():
                 # dropout masks depend on (seed, step, batch within the step) only, so a
                 # resumed run draws what the uninterrupted one would have
-                loss, n_tok = batch_gradient(model, batch, cache, train_from, k, args, grad, threads,
-                                          seed=_mask_seed(args.seed, step,
-                                                          micro % args.gradient_accumulation))
+                loss, n_tok = batch_gradient(self.model, batch, cache, self.train_from, self.k,
+                                             args, self.grad, self.threads,
+                                             seed=_mask_seed(args.seed, self.step, micro % acc))
                 micro += 1
-                step_loss += loss / args.gradient_accumulation
+                step_loss += loss / acc
                 step_tokens += n_tok
-                if micro % args.gradient_accumulation:
+                if micro % acc:
                     continue
-                norm = clip_grad_norm(grad, args.max_grad_norm)
-                if not math.isfinite(norm):
-                    raise FloatingPointError(f"step {step + 1}: the gradient is not finite "
-                                             f"(loss {step_loss}); lower the learning rate")
-                lr = opt.step(grad)
-                grad[:] = 0.0
-                step += 1
-                now = time.perf_counter()
-                history.append({"step": step, "loss": step_loss, "lr": lr, "grad_norm": norm,
-                                "tokens": step_tokens, "seconds": now - t_step})
-                tokens_total += step_tokens
-                bar.set_postfix(loss=f"{step_loss:.4f}",
-                                tok_s=f"{step_tokens / max(now - t_step, 1e-9):.0f}")
-                bar.update(1)
-                if log:
-                    log(history[-1])
-                if dev is not None and step % args.eval_steps == 0:
-                    stop = evaluate()
+                stop = self.optimizer_step(step_loss, step_tokens, t_step, bar)
                 step_loss, step_tokens, t_step = 0.0, 0, time.perf_counter()
-                if args.save_steps and step % args.save_steps == 0 and step < total and not stop:
-                    ckpt.save_checkpoint(ckpt.checkpoint_path(out, step), step, layout, params,
-                                         opt.state_dict(),
-                                         extra={"history": history, "evals": evals})
-                    ckpt.remove_old_checkpoints(out, args.keep_checkpoints)
-    finally:
-        bar.close()
-    if dev is not None and evals[-1]["step"] != step:
-        evaluate()
-    seconds = time.perf_counter() - t_start
-    if dev is None:
-        adapter = save_adapter(out / "adapter")
-        best_step = best_score = None
-    else:
-        save_adapter(out / "last_adapter")
-        best = evals[_best_eval(evals)]
-        best_step, best_score = best["step"], best["score"]
-        adapter = _publish_best(out)
-        model.load_adapter(adapter)
-    return TrainResult(adapter, step, seconds, tokens_total, history, evals, best_step, best_score)
+                if stop or self.step >= self.total:
+                    break
+        finally:
+            bar.close()
+
+    def optimizer_step(self, step_loss, step_tokens, t_step, bar):
+        """Clips, steps AdamW, records, evaluates and checkpoints; True to stop early."""
+        args = self.args
+        norm = clip_grad_norm(self.grad, args.max_grad_norm)
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"step {self.step + 1}: the gradient is not finite "
+                                     f"(loss {step_loss}); lower the learning rate")
+        lr = self.opt.step(self.grad)
+        self.grad[:] = 0.0
+        self.step += 1
+        now = time.perf_counter()
+        self.history.append({"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": norm,
+                             "tokens": step_tokens, "seconds": now - t_step})
+        self.tokens += step_tokens
+        bar.set_postfix(loss=f"{step_loss:.4f}",
+                        tok_s=f"{step_tokens / max(now - t_step, 1e-9):.0f}")
+        bar.update(1)
+        if self.log:
+            self.log(self.history[-1])
+        stop = self.dev is not None and self.step % args.eval_steps == 0 and self.evaluate()
+        if args.save_steps and self.step % args.save_steps == 0 and self.step < self.total \
+                and not stop:
+            ckpt.save_checkpoint(ckpt.checkpoint_path(self.out, self.step), self.step,
+                                 self.layout, self.params, self.opt.state_dict(),
+                                 extra={"history": self.history, "evals": self.evals})
+            ckpt.remove_old_checkpoints(self.out, args.keep_checkpoints)
+        return stop
+
+    def finish(self):
+        """The final evaluation and adapters; the model keeps the one handed over."""
+        if self.dev is not None and self.evals[-1]["step"] != self.step:
+            self.evaluate()
+        seconds = time.perf_counter() - self.t_start
+        if self.dev is None:
+            adapter = self.save_adapter(self.out / "adapter")
+            best_step = best_score = None
+        else:
+            self.save_adapter(self.out / "last_adapter")
+            best = self.evals[_best_eval(self.evals)]
+            best_step, best_score = best["step"], best["score"]
+            adapter = _publish_best(self.out)
+            self.model.load_adapter(adapter)
+        return TrainResult(adapter, self.step, seconds, self.tokens, self.history, self.evals,
+                           best_step, best_score)
 
 
 def _best_eval(evals):

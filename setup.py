@@ -18,6 +18,13 @@ from setuptools import Extension, setup
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
     if os.environ.get("DEELM_SANITIZE") == "1" else []
 
+# DEELM_ONE_CLONE=avx512f|avx2|default builds one clone of every multi-versioned
+# function instead of all three (csrc/deelm.h), for tests/core/test_clones.py
+ONE_CLONE = {"avx512f": ['-DDL_ONE_CLONE="avx512f"', '-DDL_ONE_FMA_CLONE="avx512f"'],
+             "avx2": ['-DDL_ONE_CLONE="avx2"', '-DDL_ONE_FMA_CLONE="fma"'],
+             "default": ["-DDL_BASELINE_CLONE"],
+             "": []}[os.environ.get("DEELM_ONE_CLONE", "")]
+
 core = Extension(
     "deelm._core",
     # every C file under csrc/, so a new file needs no edit here
@@ -27,7 +34,7 @@ core = Extension(
     extra_compile_args=["-O3", "-fopenmp", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-missing-field-initializers", "-Wno-cast-function-type",
                         # 8-float vector types (csrc/dot.h) only cross always-inlined calls
-                        "-Wno-psabi"] + SANITIZE,
+                        "-Wno-psabi"] + SANITIZE + ONE_CLONE,
     extra_link_args=["-fopenmp"] + SANITIZE,
 )
 

@@ -20,20 +20,23 @@
 #include <stdint.h>
 
 /* A function built once per vector width and chosen at load time (an ifunc):
- * the baseline build is 4-wide SSE. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
+ * the baseline build is 4-wide SSE.
+ * DL_FMA_CLONES: the same for loops written with __builtin_fmaf: the clones
+ * run the fma instruction (512- or 256-bit), the baseline build calls fmaf;
+ * all are exactly rounded, so they give the same bits.
+ * A build with DL_ONE_CLONE / DL_ONE_FMA_CLONE defined (target strings), or
+ * DL_BASELINE_CLONE, compiles that one clone only, whatever the CPU: that is
+ * how tests/core/test_clones.py runs every clone on one machine (setup.py's
+ * DEELM_ONE_CLONE=avx512f|avx2|default). */
+#if defined(DL_ONE_CLONE)
+#define DL_CLONES __attribute__((target(DL_ONE_CLONE)))
+#define DL_FMA_CLONES __attribute__((target(DL_ONE_FMA_CLONE)))
+#elif defined(DL_BASELINE_CLONE) || !(defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__))
 #define DL_CLONES
-#endif
-
-/* The same for loops written with __builtin_fmaf: the clones run the fma
- * instruction (512- or 256-bit), the baseline build calls fmaf; all are
- * exactly rounded, so they give the same bits. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DL_FMA_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
-#else
 #define DL_FMA_CLONES
+#else
+#define DL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DL_FMA_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
 #endif
 
 /* The most threads any entry point takes (a bound on OpenMP teams and on

@@ -115,3 +115,23 @@ def test_old_module_paths_still_import_with_a_warning(old, name):
     with pytest.raises(AttributeError, match="has no attribute"):
         module.not_a_name
     assert deelm.analysis is importlib.import_module("deelm.eval.analysis")
+
+
+# the Python that calls the C core for every batch: encode, the trainer's step
+HOT_PATH_CALLERS = ("deelm.model", "deelm.inputs", "deelm.train.trainer", "deelm.train.losses",
+                    "deelm.similarity")
+
+
+@pytest.mark.parametrize("name", HOT_PATH_CALLERS)
+def test_hot_path_callers_have_short_functions(name):
+    """At most ~80 lines of code per function (docstrings not counted)."""
+    path = modules()[name]
+    long = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if ast.get_docstring(node) is not None:
+                n -= node.body[0].end_lineno - node.body[0].lineno + 1
+            if n > 80:
+                long.append(f"{node.name}: {n} lines")
+    assert not long

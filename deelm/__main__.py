@@ -182,8 +182,8 @@ def cmd_eval(args):
     results = ev.evaluate(model, tasks, data_dir=args.data, protocol=args.protocol,
                           normalize_punctuation=args.normalize_punctuation,
                           batch_size=args.batch_size, show_progress_bar=True,
-                          output_dir=out, model_name=title)
-    print(f"\n{args.protocol} protocol, main score = cosine Spearman x100 "
+                          output_dir=out, model_name=title, split=args.split)
+    print(f"\n{args.protocol} protocol, {args.split} split, main score = cosine Spearman x100 "
           f"({time.perf_counter() - t0:.0f} s)\n")
     print(ev.summary_table(results, title))
     if out:
@@ -325,7 +325,7 @@ def check_inputs(args):
     if args.command == "eval":
         root = ev.resolve_data_dir(args.data)
         for task in args.tasks or ev.TASKS:
-            ev.task_file(root, task, args.protocol)
+            ev.task_file(root, task, args.protocol, args.split)
     elif args.command in ("turning-point", "probe"):
         ev.task_file(ev.resolve_data_dir(args.data), args.task, "mteb", args.split)
     elif args.command == "train":
@@ -380,6 +380,9 @@ def main(argv=None):
                    help="senteval protocol: the PromptEOL/AnglE batcher's punctuation normalisation")
     p.add_argument("--data", default=None, help="folder holding <Task>/test.jsonl (or its parent); "
                    "default: $DEELM_DATA, else ../shared/data")
+    p.add_argument("--split", default="test", choices=["test", "dev"],
+                   help="dev: choose settings without touching a test set (STSBenchmark only: "
+                        "--tasks STSBenchmark --split dev)")
     p.add_argument("--output", default=None, help="folder for per-task JSON and summary.md")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_eval)

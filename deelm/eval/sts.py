@@ -54,6 +54,7 @@ class TaskResult:
     path: Path = None
     evaluation_time: float = 0.0
     extra: dict = field(default_factory=dict)
+    split: str = "test"
 
     @property
     def main_score(self):
@@ -247,11 +248,14 @@ def encode_unique(model, sentences, batch_size=32, show_progress_bar=True, **enc
 
 
 def evaluate(model, tasks=TASKS, data_dir=None, protocol="mteb", normalize_punctuation=False,
-             batch_size=32, show_progress_bar=True, output_dir=None, model_name=None):
+             batch_size=32, show_progress_bar=True, output_dir=None, model_name=None,
+             split="test"):
     """Scores `model` (anything with sentence-transformers' encode) on STS tasks.
 
     Returns {task: TaskResult}. With output_dir, writes one JSON per task in
-    MTEB's result layout and summary.md.
+    MTEB's result layout and summary.md. split: "test", or "dev" to choose
+    settings without touching a test set (STSBenchmark has one; the other
+    tasks are test sets only, and asking for their dev split is a DataError).
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -261,7 +265,7 @@ def evaluate(model, tasks=TASKS, data_dir=None, protocol="mteb", normalize_punct
         if t not in TASKS:
             raise DataError(f"unknown task {t!r}; known tasks: {', '.join(TASKS)}")
     root = resolve_data_dir(data_dir)
-    data = [load_sts_file(task_file(root, t, protocol), t) for t in tasks]
+    data = [load_sts_file(task_file(root, t, protocol, split), t) for t in tasks]
     prep = senteval_normalize if (protocol == "senteval" and normalize_punctuation) else (lambda s: s)
     every = [prep(s) for d in data for s in d.sentence1 + d.sentence2]
     t0 = time.perf_counter()
@@ -275,7 +279,7 @@ def evaluate(model, tasks=TASKS, data_dir=None, protocol="mteb", normalize_punct
         pairwise = getattr(model, "similarity_pairwise", None)
         scores = sts_scores(emb[i1], emb[i2], d.scores, pairwise)
         results[d.task] = TaskResult(d.task, protocol, n, scores, d.path,
-                                     encode_time * 2 * n / max(len(every), 1))
+                                     encode_time * 2 * n / max(len(every), 1), split=split)
     if output_dir is not None:
         write_results(results, output_dir, model_name or repr(model))
     return results
@@ -297,7 +301,7 @@ def mteb_result_json(result, model_name):
         "protocol": result.protocol,
         "data_file": str(result.path),
         "n_pairs": result.n_pairs,
-        "scores": {"test": [scores]},
+        "scores": {result.split: [scores]},
         "evaluation_time": result.evaluation_time,
         "kg_co2_emissions": None,
     }

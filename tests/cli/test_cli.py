@@ -54,6 +54,8 @@ def data_dir(tmp_path):
     (["eval", "--data", "{data}", "--tasks", "STS12"], r"task STS12: folder .* does not exist"),
     (["eval", "--data", "{data}", "--protocol", "senteval", "--tasks", "SICK-R"], "SICK-R"),
     (["turning-point", "--data", "{data}", "--split", "dev"], r"no dev\{"),
+    (["eval", "--data", "{data}", "--tasks", "STSBenchmark", "--split", "dev"], r"no dev\{"),
+    (["eval", "--data", "{data}", "--split", "train"], "invalid choice: 'train'"),
     (["probe", "--data", "{missing}"], "no STS data folder found"),
     (["train", "--data", "{missing}/nli.jsonl", "--output", "{tmp}/out"], "training data .* does not exist"),
     (["encode", "--input", "{missing}/lines.txt"], "input file .* does not exist"),
@@ -83,3 +85,18 @@ def test_precision_is_a_former_name_of_compute_precision(loads, data_dir, capsys
     assert "--precision is now --compute-precision" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--compute-precision", "int4"])
+
+
+def test_eval_on_the_dev_split_writes_dev_scores(tiny_path, data_dir, tmp_path, capsys):
+    import json
+
+    (data_dir / "sts" / "STSBenchmark" / "dev.jsonl").write_text("".join(
+        json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n"
+        for a, b, s in [("a cat", "a cat sits", 4.0), ("a dog", "the sky", 0.5),
+                        ("rain", "it rains", 4.5), ("x", "y z", 1.0)]))
+    assert main(["eval", "--model", str(tiny_path[0]), "--adapter", "none", "--data",
+                 str(data_dir), "--tasks", "STSBenchmark", "--split", "dev", "--output",
+                 str(tmp_path / "out")]) == 0
+    assert "dev split" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "STSBenchmark.json").read_text())
+    assert list(saved["scores"]) == ["dev"] and saved["data_file"].endswith("dev.jsonl")

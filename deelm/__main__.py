@@ -314,7 +314,7 @@ def check_inputs(args):
     from deelm.eval import sts as ev
     from deelm.io.default_model import resolve_model_path
     from deelm.errors import ModelFileError
-    from deelm.io.saved_model import is_saved_model
+    from deelm.saved_model import is_saved_model
 
     if getattr(args, "model", None) is not None and args.command != "info":
         if not is_saved_model(args.model) and not Path(resolve_model_path(args.model)).exists():

@@ -21,7 +21,6 @@ MOVED = {
     "deelm.gguf_file": ("deelm.io.gguf",),
     "deelm.hf_checkpoint": ("deelm.io.hf",),
     "deelm.tokenizer": ("deelm.io.tokenizer",),
-    "deelm.saved_model": ("deelm.io.saved_model",),
     "deelm.model_file": ("deelm.io.layout", "deelm.io.hf", "deelm.io"),
     "deelm.default_model": ("deelm.io.default_model", "deelm.adapters.bundled"),
     "deelm.lora": ("deelm.adapters.lora", "deelm.adapters.peft", "deelm.io.atomic"),

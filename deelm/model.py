@@ -142,7 +142,7 @@ class DeeLM:
                                  f"compute_precision) contradicts compute_precision="
                                  f"{compute_precision!r}")
             compute_precision = precision
-        from deelm.io.saved_model import is_saved_model, read_saved_model
+        from deelm.saved_model import is_saved_model, read_saved_model
 
         if is_saved_model(model):
             given = dict(bidirectional_from=bidirectional_from, pooling=pooling, prompt=prompt,
@@ -669,7 +669,7 @@ class DeeLM:
         similarity_fn_name, truncate_dim) and adapter/ (the applied LoRA
         adapter's files). The base model is referenced, not copied; reloading
         refuses a base model that moved or changed."""
-        from deelm.io.saved_model import save_model
+        from deelm.saved_model import save_model
 
         return save_model(self, path)
 

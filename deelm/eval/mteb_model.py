@@ -26,7 +26,7 @@ def _slug(text):
 def configuration_name(model):
     """mteb model name of a DeeLM configuration, e.g.
     ``deelm/SmolLM2-135M-Instruct.Q4_1-k21-mean-adapter-smollm2-135m-deelm``."""
-    from deelm.io.saved_model import adapter_sha256
+    from deelm.saved_model import adapter_sha256
 
     path = Path(str(model.path))
     parts = [path.stem if path.is_file() else path.name, f"k{model.bidirectional_from}",
@@ -46,7 +46,7 @@ def model_meta(model, name=None):
     """An mteb ModelMeta describing `model` (a DeeLM) as it is configured now."""
     from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-    from deelm.io.saved_model import configuration_sha256
+    from deelm.saved_model import configuration_sha256
 
     total = model.num_parameters()
     embedding = total - model.num_parameters(exclude_embeddings=True)

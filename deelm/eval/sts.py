@@ -289,7 +289,7 @@ def mteb_result_json(result, model_name):
     """One task's result in the layout of MTEB's result files, readable by
     mteb.results.TaskResult.from_disk. The data is a local file, so
     dataset_revision is the sha256 of its bytes rather than a hub revision."""
-    from deelm.io.saved_model import file_sha256
+    from deelm.saved_model import file_sha256
 
     scores = dict(result.scores, hf_subset="default", languages=["eng-Latn"])
     return {

@@ -1,6 +1,7 @@
 """Model files in, ModelFile out: GGUF (deelm.io.gguf), Hugging Face folders
-(deelm.io.hf), their tokenizers, the default model's package, saved DeeLM
-folders, and the header summary `deelm info` prints."""
+(deelm.io.hf), their tokenizers, the default model's package, and the header
+summary `deelm info` prints. Nothing here imports adapters, the model or the
+trainer."""
 from pathlib import Path
 
 from deelm.io.gguf import read_gguf

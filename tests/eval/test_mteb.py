@@ -208,7 +208,7 @@ def test_deelm_eval_json_reads_with_mteb_task_result(tiny_path, sts_dir, tmp_pat
     ours = json.loads((out / "STSBenchmark.json").read_text())
     theirs = TaskResult.from_disk(out / "STSBenchmark.json")
     assert theirs.task_name == "STSBenchmark" and theirs.get_score() == ours["scores"]["test"][0]["main_score"]
-    from deelm.io.saved_model import file_sha256
+    from deelm.saved_model import file_sha256
 
     assert theirs.dataset_revision == file_sha256(sts_dir / "sts" / "STSBenchmark" / "test.jsonl")
 

@@ -135,3 +135,13 @@ def test_hot_path_callers_have_short_functions(name):
             if n > 80:
                 long.append(f"{node.name}: {n} lines")
     assert not long
+
+
+def test_model_files_import_nothing_above_them():
+    """deelm.io reads files; adapters, the model, training and evaluation sit above it."""
+    known = modules()
+    above = ("deelm.adapters", "deelm.model", "deelm.train", "deelm.eval", "deelm.saved_model")
+    for name, path in known.items():
+        if name.startswith("deelm.io"):
+            bad = [t for t in imports(name, path, known) if t.startswith(above)]
+            assert not bad, f"{name} imports {bad}"

@@ -465,6 +465,8 @@ class DeeLM:
         """[start, end) of the tokens a sentence's embedding averages, for one
         of tokenize()'s encodings under `pooling` (default: the model's)."""
         enc, pooling = encoding, pooling or self._pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         n = len(enc.ids)
         if pooling == "last":
             return n - 1, n

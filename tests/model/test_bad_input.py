@@ -829,3 +829,18 @@ def test_attention_op_refuses_non_finite_qkv():
         q[1, 9] = bad  # a key
         with pytest.raises(ValueError, match="inf or NaN"):
             _core.attention(q, off, 2, 1, 8, False, 1)
+
+
+def test_public_layer_level_surface(tiny_model):
+    """pool_range, num_parameters, adapter_path and core: the names the
+    trainer and the analyses use instead of private attributes."""
+    enc = tiny_model.tokenize(["a cat sat", "x"])
+    n = len(enc[0].ids)
+    assert tiny_model.pool_range(enc[0], "mean") == (0, n)
+    assert tiny_model.pool_range(enc[0], "last") == (n - 1, n)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        tiny_model.pool_range(enc[0], "max")
+    total = tiny_model.num_parameters()
+    assert 0 < tiny_model.num_parameters(exclude_embeddings=True) < total
+    assert tiny_model.adapter_path is None
+    assert tiny_model.core.config["n_layers"] == tiny_model.num_layers

@@ -26,6 +26,8 @@ def _target_strings():
         text = f.read_text()
         for m in re.finditer(r'__attribute__\(\(target\(([^)]*)\)\)\)', text):
             arg = m.group(1).strip()
+            if arg in ("DL_ONE_CLONE", "DL_ONE_FMA_CLONE"):
+                continue  # a target_clones clone built alone (test_clones.py), chosen by the CPU
             value = macros.get(arg, arg.strip('"'))
             found.append((str(f.relative_to(CSRC)), value))
     return found

@@ -223,8 +223,8 @@ class _Run:
         return stale >= self.args.early_stopping_patience
 
     def batches(self):
-        """(step's micro-batch index, batch) from where the run stands: the
-        batches a resumed run's finished steps consumed are skipped."""
+        """The batches from where the run stands, epoch after epoch: those a
+        resumed run's finished steps consumed are skipped."""
         skip = self.step * self.args.gradient_accumulation
         for epoch in range(10 ** 9):
             for _, batch in MixedBatches(self.sources, self.args.batch_size, seed=self.args.seed,

@@ -3,6 +3,7 @@
     python -m benchmarks.train_step [--model PATH] [--data FILE] [--triplets 32]
                                     [--bidirectional-from 29] [--train-from K]
                                     [--lora-r 8] [--threads 2] [--repeats 5]
+                                    [--micro-batch-size N]
                                     [--output results/bench/train_step]
 
 The same batch (the first --triplets rows of --data, SNLI triplets from the
@@ -21,16 +22,22 @@ step.
                   gguf_file=...) wrapped by peft.get_peft_model; the frozen
                   layers run under autograd with no trainable parameters
 
+--micro-batch-size N makes deelm's step a GradCache step over chunks of N
+sentences (a triplet is 3 sentences), so large batches fit in little memory;
+torch+peft always runs the plain step.
+
 Each engine runs in its own worker process (no shared threads or allocators)
 and gets one warm-up step; then the engines alternate for --repeats rounds,
-the order rotating. Reported: the median seconds per step and tokens/s, and
-deelm's speed-up over torch+peft. Written to --output as train_step-<stamp>.md
+the order rotating. Reported: the median seconds per step and tokens/s,
+deelm's speed-up over torch+peft, and each worker's peak resident memory
+(model, cache and step together). Written to --output as train_step-<stamp>.md
 and .json.
 """
 import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -77,7 +84,7 @@ def deelm_worker(opts):
     grad = np.zeros_like(params)
     opt = AdamW(params, lr=1e-4, weight_decay=0.0)
     args = TrainingArguments(bidirectional_from=opts["k"], train_from=opts["train_from"],
-                             lora=lora)
+                             lora=lora, micro_batch_size=opts["micro"])
     cache = FrozenCache(model, opts["train_from"], opts["k"], 1 << 40)
 
     def step():
@@ -149,7 +156,9 @@ def worker_main():
             break
         t0 = time.perf_counter()
         loss, n_tok = step()
-        print(json.dumps({"seconds": time.perf_counter() - t0, "loss": loss, "tokens": n_tok}),
+        seconds = time.perf_counter() - t0
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        print(json.dumps({"seconds": seconds, "loss": loss, "tokens": n_tok, "peak_mb": peak_mb}),
               flush=True)
 
 
@@ -190,6 +199,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="deelm only: GradCache chunks of this many sentences")
     p.add_argument("--output", default="results/bench/train_step")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -204,7 +215,8 @@ def main(argv=None):
     k = args.bidirectional_from
     train_from = args.train_from if args.train_from is not None else max(k, 0)
     opts = {"model": model_path, "rows": load_batch(data, args.triplets), "k": k,
-            "train_from": train_from, "r": args.lora_r, "threads": args.threads}
+            "train_from": train_from, "r": args.lora_r, "threads": args.threads,
+            "micro": args.micro_batch_size}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -232,12 +244,16 @@ def main(argv=None):
     lines = [f"# One LoRA training step: deelm vs PyTorch + PEFT ({stamp})", "",
              f"{machine}; {args.threads} threads; {args.triplets} triplets "
              f"({info[args.engines[0]]['tokens']} tokens, deelm's tokenisation); k = {k}, layers "
-             f">= {train_from} trained, LoRA r = {args.lora_r} on all 7 projections; medians of "
-             f"{args.repeats} alternating rounds.", "",
-             "| engine | s / step | tokens/s | speed-up vs torch+peft |", "|---|---:|---:|---:|"]
+             f">= {train_from} trained, LoRA r = {args.lora_r} on all 7 projections; "
+             + (f"deelm in GradCache chunks of {args.micro_batch_size} sentences; "
+                if args.micro_batch_size else "")
+             + f"medians of {args.repeats} alternating rounds.", "",
+             "| engine | s / step | tokens/s | speed-up vs torch+peft | peak RSS (MB) |",
+             "|---|---:|---:|---:|---:|"]
     for e in args.engines:
         ratio = med["torch+peft"] / med[e] if "torch+peft" in med else float("nan")
-        lines.append(f"| {e} | {med[e]:.3f} | {info[e]['tokens'] / med[e]:.0f} | {ratio:.2f}x |")
+        lines.append(f"| {e} | {med[e]:.3f} | {info[e]['tokens'] / med[e]:.0f} | {ratio:.2f}x "
+                     f"| {info[e]['peak_mb']:.0f} |")
     text = "\n".join(lines) + "\n"
     (out / f"train_step-{stamp}.md").write_text(text)
     (out / f"train_step-{stamp}.json").write_text(json.dumps(

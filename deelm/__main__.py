@@ -174,7 +174,7 @@ def cmd_eval(args):
     from deelm.eval import sts as ev
 
     model = _load(args)
-    tasks = args.tasks or list(ev.TASKS)
+    tasks = args.tasks or ev.default_tasks(args.split)
     title = (f"{Path(str(model.path)).stem} {model.compute_precision} k={model.bidirectional_from} "
              f"{model.pooling}" + (" prompt" if model.prompt else ""))
     out = Path(args.output) if args.output else None
@@ -324,7 +324,7 @@ def check_inputs(args):
         raise FileNotFoundError(f"adapter folder {adapter} does not exist")
     if args.command == "eval":
         root = ev.resolve_data_dir(args.data)
-        for task in args.tasks or ev.TASKS:
+        for task in args.tasks or ev.default_tasks(args.split):
             ev.task_file(root, task, args.protocol, args.split)
     elif args.command in ("turning-point", "probe"):
         ev.task_file(ev.resolve_data_dir(args.data), args.task, "mteb", args.split)
@@ -374,15 +374,16 @@ def main(argv=None):
     p = sub.add_parser("eval", help="STS evaluation (MTEB's metrics) on local data")
     _add_model_args(p)
     p.add_argument("--tasks", nargs="+", default=None, choices=TASKS, metavar="TASK",
-                   help="STS12 STS13 STS14 STS15 STS16 STSBenchmark SICK-R (default: all)")
+                   help="STS12 STS13 STS14 STS15 STS16 STSBenchmark SICK-R (default: all; with "
+                        "--split dev, those with a dev split: STSBenchmark)")
     p.add_argument("--protocol", default="mteb", choices=["mteb", "senteval"])
     p.add_argument("--normalize-punctuation", action="store_true",
                    help="senteval protocol: the PromptEOL/AnglE batcher's punctuation normalisation")
     p.add_argument("--data", default=None, help="folder holding <Task>/test.jsonl (or its parent); "
                    "default: $DEELM_DATA, else ../shared/data")
     p.add_argument("--split", default="test", choices=["test", "dev"],
-                   help="dev: choose settings without touching a test set (STSBenchmark only: "
-                        "--tasks STSBenchmark --split dev)")
+                   help="dev: choose settings without touching a test set (only STSBenchmark "
+                        "has a dev split)")
     p.add_argument("--output", default=None, help="folder for per-task JSON and summary.md")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_eval)

@@ -26,6 +26,14 @@ import numpy as np
 from deelm.errors import DeeLMError
 
 TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICK-R")
+# The tasks with a dev split (MTEB's other STS tasks are test sets only):
+# what `deelm eval --split dev` scores when no task is named.
+DEV_TASKS = ("STSBenchmark",)
+
+
+def default_tasks(split="test"):
+    """The tasks evaluated when none are named: all seven, or those with a dev split."""
+    return list(DEV_TASKS if split == "dev" else TASKS)
 PROTOCOLS = ("mteb", "senteval")
 DATA_ENV = "DEELM_DATA"
 _FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -247,7 +255,7 @@ def encode_unique(model, sentences, batch_size=32, show_progress_bar=True, **enc
     return emb, np.fromiter((where[s] for s in sentences), dtype=np.int64, count=len(sentences))
 
 
-def evaluate(model, tasks=TASKS, data_dir=None, protocol="mteb", normalize_punctuation=False,
+def evaluate(model, tasks=None, data_dir=None, protocol="mteb", normalize_punctuation=False,
              batch_size=32, show_progress_bar=True, output_dir=None, model_name=None,
              split="test"):
     """Scores `model` (anything with sentence-transformers' encode) on STS tasks.
@@ -256,9 +264,12 @@ def evaluate(model, tasks=TASKS, data_dir=None, protocol="mteb", normalize_punct
     MTEB's result layout and summary.md. split: "test", or "dev" to choose
     settings without touching a test set (STSBenchmark has one; the other
     tasks are test sets only, and asking for their dev split is a DataError).
+    tasks: default all seven, or with split="dev" those with a dev split.
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if tasks is None:
+        tasks = default_tasks(split)
     if isinstance(tasks, str):
         tasks = [tasks]
     for t in tasks:

@@ -100,3 +100,10 @@ def test_eval_on_the_dev_split_writes_dev_scores(tiny_path, data_dir, tmp_path, 
     assert "dev split" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "STSBenchmark.json").read_text())
     assert list(saved["scores"]) == ["dev"] and saved["data_file"].endswith("dev.jsonl")
+
+
+def test_eval_on_the_dev_split_defaults_to_the_tasks_that_have_one(loads, data_dir):
+    (data_dir / "sts" / "STSBenchmark" / "dev.jsonl").write_text(
+        '{"sentence1": "a", "sentence2": "b", "score": 1.0}\n')
+    with pytest.raises(LoaderCalled):  # no "no dev split" error for STS12-16 and SICK-R
+        main(["eval", "--data", str(data_dir), "--split", "dev"])

@@ -115,6 +115,14 @@ def test_other_formats_read_the_same(fixture_data, fmt):
     assert np.array_equal(data.scores, [r["score"] for r in rows])
 
 
+def test_the_dev_split_defaults_to_the_tasks_that_have_one(fixture_data):
+    root, table, rows = fixture_data
+    _write_task(root, "STSBenchmark", rows, "dev.jsonl")
+    res = ev.evaluate(FixedModel(table), data_dir=root, split="dev", show_progress_bar=False)
+    assert list(res) == ["STSBenchmark"] and res["STSBenchmark"].split == "dev"
+    assert ev.default_tasks() == list(ev.TASKS)
+
+
 def test_senteval_protocol_uses_the_sick_test_split(tmp_path):
     _write_task(tmp_path, "SICK-R", [{"sentence1": "a", "sentence2": "b", "score": 1}] * 3)
     _write_task(tmp_path, "SICK-R", [{"sentence1": "a", "sentence2": "b", "score": 1}] * 2,

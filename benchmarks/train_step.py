@@ -251,8 +251,8 @@ def main(argv=None):
              "| engine | s / step | tokens/s | speed-up vs torch+peft | peak RSS (MB) |",
              "|---|---:|---:|---:|---:|"]
     for e in args.engines:
-        ratio = med["torch+peft"] / med[e] if "torch+peft" in med else float("nan")
-        lines.append(f"| {e} | {med[e]:.3f} | {info[e]['tokens'] / med[e]:.0f} | {ratio:.2f}x "
+        ratio = f"{med['torch+peft'] / med[e]:.2f}x" if "torch+peft" in med else "-"
+        lines.append(f"| {e} | {med[e]:.3f} | {info[e]['tokens'] / med[e]:.0f} | {ratio} "
                      f"| {info[e]['peak_mb']:.0f} |")
     text = "\n".join(lines) + "\n"
     (out / f"train_step-{stamp}.md").write_text(text)

@@ -12,6 +12,7 @@ runs are skipped, so the sweep can be stopped and started again.
     python -m benchmarks.recipe_sweep --model gemma3 --k -1 0 4 9 17 --out results/sweep
     python -m benchmarks.recipe_sweep --model smollm2 --k 21 --pooling text_mean --out results/sweep
     python -m benchmarks.recipe_sweep --model smollm2 --k 21 --pooling last --paper-prompt --out results/sweep
+    python -m benchmarks.recipe_sweep --model smollm2 --k 21 --reverse-contrastive-weight 1 --out results/sweep
     python -m benchmarks.recipe_sweep --plot results/sweep   # docs/k_sweep.png from results.jsonl
 
 Training data: the clean triplet files of ../shared/data/nli (see its README).
@@ -49,7 +50,9 @@ def run_one(args, k, data_dir):
     from deelm.train import TrainingArguments, train
 
     prompt = PAPER_PROMPT if args.paper_prompt else None
-    tag = f"{args.model}_k{k}_{args.pooling}{'_prompt' if prompt else ''}_s{args.steps}_lr{args.lr:g}"
+    rev = args.reverse_contrastive_weight
+    tag = (f"{args.model}_k{k}_{args.pooling}{'_prompt' if prompt else ''}"
+           f"{f'_rev{rev:g}' if rev else ''}_s{args.steps}_lr{args.lr:g}")
     out = Path(args.out) / tag
     results = Path(args.out) / "results.jsonl"
     if results.is_file() and any(json.loads(line).get("tag") == tag
@@ -61,6 +64,7 @@ def run_one(args, k, data_dir):
     targs = TrainingArguments(
         bidirectional_from=k, train_from=0, lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r,
                                                             dropout=0.05),
+        loss_weights={"contrastive": 1.0, "reverse_contrastive": rev},
         learning_rate=args.lr, batch_size=args.batch_size, max_steps=args.steps, seed=args.seed,
         save_steps=args.save_steps, eval_steps=args.steps, threads=args.threads)
     dev = data_dir / "sts" / "STSBenchmark" / "dev.jsonl"
@@ -69,7 +73,7 @@ def run_one(args, k, data_dir):
               show_progress_bar=False,
               log=lambda h: print(tag, json.dumps(h), flush=True))
     row = {"tag": tag, "model": args.model, "k": k, "pooling": args.pooling,
-           "prompt": prompt, "steps": r.steps, "lr": args.lr, "batch_size": args.batch_size,
+           "prompt": prompt, "reverse_contrastive_weight": rev, "steps": r.steps, "lr": args.lr, "batch_size": args.batch_size,
            "seed": args.seed, "untrained_dev": r.evals[0]["score"],
            "trained_dev": r.evals[-1]["score"], "seconds": round(time.perf_counter() - t0, 1),
            "threads": args.threads, "cpu": cpu_model(),
@@ -90,7 +94,8 @@ def plot(folder):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, name, label in zip(axes, ("smollm2", "gemma3"), ("SmolLM2-135M", "Gemma-3-270M")):
         sel = sorted((r for r in rows if r["model"] == name and r["pooling"] == "mean"
-                      and not r["prompt"]), key=lambda r: r["k"])
+                      and not r["prompt"] and not r.get("reverse_contrastive_weight")),
+                     key=lambda r: r["k"])
         if not sel:
             continue
         ks = [r["k"] for r in sel]
@@ -114,6 +119,8 @@ def main():
     p.add_argument("--k", type=int, nargs="+", default=[-1, 0])
     p.add_argument("--pooling", default="mean", choices=["mean", "last", "text_mean"])
     p.add_argument("--paper-prompt", action="store_true")
+    p.add_argument("--reverse-contrastive-weight", type=float, default=0.0,
+                   help="weight of the positive-to-anchor InfoNCE (1: the symmetric loss)")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=32)

@@ -42,6 +42,9 @@ class TrainingArguments:
         "losses of triplet batches", keys={
             "contrastive": ("--contrastive-weight",
                             "in-batch negatives + hard negative loss (InfoNCE)"),
+            "reverse_contrastive": ("--reverse-contrastive-weight",
+                                    "InfoNCE from each positive to the batch's anchors (with "
+                                    "--contrastive-weight: the symmetric loss)"),
             "cosent": ("--cosent-weight", "CoSENT on triplet batches"),
             "angle": ("--angle-weight", "AnglE on triplet batches")}))
     loss_scale: float = field(default=20.0, metadata=_opt("inverse temperature of the losses"))

@@ -13,6 +13,10 @@ reference trains with:
 * :func:`contrastive_loss`: in-batch negatives with hard negatives ("ibn"):
   cosine(anchor_i, candidate_j) x scale, candidates = all positives then all
   negatives of the batch, cross-entropy towards positive i, mean over anchors.
+* :func:`reverse_contrastive_loss`: the other direction, positive i scored
+  against every anchor of the batch, cross-entropy towards anchor i; added to
+  the contrastive loss it makes the symmetric InfoNCE (sentence-transformers'
+  MultipleNegativesSymmetricRankingLoss).
 * :func:`cosent_loss`: CoSENT ``log(1 + sum exp(scale (cos_j - cos_i)))`` over
   ordered pairs of pairs whose gold scores say s_i > s_j.
 * :func:`angle_loss`: AnglE's angle objective, the same ranking on a score made
@@ -31,8 +35,8 @@ LLaMA-2-7B adapter was trained with ``--ibn_w 1.0 --cosine_w 0.0 --angle_w 0.0``
 import numpy as np
 
 DEFAULT_SCALE = 20.0
-LOSS_NAMES = ("contrastive", "cosent", "angle")
-DEFAULT_WEIGHTS = {"contrastive": 1.0, "cosent": 0.0, "angle": 0.0}
+LOSS_NAMES = ("contrastive", "reverse_contrastive", "cosent", "angle")
+DEFAULT_WEIGHTS = {"contrastive": 1.0, "reverse_contrastive": 0.0, "cosent": 0.0, "angle": 0.0}
 ANGLE_NLI_WEIGHTS = {"contrastive": 20.0, "cosent": 0.0, "angle": 1.0}
 
 
@@ -107,6 +111,27 @@ def _rank_loss(s, labels):
     return loss, w.sum(axis=1) - w.sum(axis=0)
 
 
+def _info_nce(xn, rows, cols, scale):
+    """Cross-entropy of scale x cos(rows_i, cols_j) over j towards j = i, the
+    mean over rows, and its gradient w.r.t. the unit vectors as (index,
+    gradient) uses for _scatter."""
+    b = len(rows)
+    logits = scale * _matmul_nt(xn[rows], xn[cols])             # [b, c]
+    lse = _logsumexp(logits, axis=1)
+    loss = float(np.mean(lse[:, 0] - logits[np.arange(b), np.arange(b)]))
+    dlogits = np.exp(logits - lse)
+    dlogits[np.arange(b), np.arange(b)] -= 1.0
+    dlogits *= scale / b
+    return loss, [(rows, _matmul_nt(dlogits, xn[cols].T)), (cols, _matmul_nt(dlogits.T, xn[rows].T))]
+
+
+def _triplet_indices(batch, name):
+    if getattr(batch, "anchor_idx", None) is None:
+        raise ValueError(f"the {name} loss needs triplets (text, positive[, negative]); "
+                         "scored pairs train with the cosent or angle loss")
+    return np.asarray(batch.anchor_idx), np.asarray(batch.positive_idx)
+
+
 def contrastive_loss(emb, batch, scale=DEFAULT_SCALE):
     """In-batch contrastive (InfoNCE) loss with hard negatives.
 
@@ -114,25 +139,25 @@ def contrastive_loss(emb, batch, scale=DEFAULT_SCALE):
     cosine x scale; the loss is the cross-entropy towards positive i, averaged
     over anchors. Needs a triplet batch (negatives optional).
     """
-    if getattr(batch, "anchor_idx", None) is None:
-        raise ValueError("the contrastive loss needs triplets (text, positive[, negative]); "
-                         "scored pairs train with the cosent or angle loss")
+    a, cand = _triplet_indices(batch, "contrastive")
     x = _as_float64(emb)
-    a = np.asarray(batch.anchor_idx)
-    cand = np.asarray(batch.positive_idx)
     if batch.negative_idx is not None:
         cand = np.concatenate([cand, np.asarray(batch.negative_idx)])
     xn, norms = _unit(x, np.concatenate([a, cand]))
-    b = len(a)
-    logits = scale * _matmul_nt(xn[a], xn[cand])                # [b, c]
-    lse = _logsumexp(logits, axis=1)
-    loss = float(np.mean(lse[:, 0] - logits[np.arange(b), np.arange(b)]))
-    dlogits = np.exp(logits - lse)
-    dlogits[np.arange(b), np.arange(b)] -= 1.0
-    dlogits *= scale / b
-    gn = _scatter(*x.shape, [(a, _matmul_nt(dlogits, xn[cand].T)),
-                             (cand, _matmul_nt(dlogits.T, xn[a].T))])
-    return loss, _unit_backward(gn, xn, norms)
+    loss, uses = _info_nce(xn, a, cand, scale)
+    return loss, _unit_backward(_scatter(*x.shape, uses), xn, norms)
+
+
+def reverse_contrastive_loss(emb, batch, scale=DEFAULT_SCALE):
+    """InfoNCE in the other direction: positive i is scored against every
+    anchor of the batch (cosine x scale), cross-entropy towards anchor i,
+    averaged over positives. Negatives take no part. Needs a triplet batch.
+    """
+    a, pos = _triplet_indices(batch, "reverse_contrastive")
+    x = _as_float64(emb)
+    xn, norms = _unit(x, np.concatenate([pos, a]))
+    loss, uses = _info_nce(xn, pos, a, scale)
+    return loss, _unit_backward(_scatter(*x.shape, uses), xn, norms)
 
 
 def _pairs(batch):
@@ -190,7 +215,8 @@ def angle_loss(emb, batch, scale=DEFAULT_SCALE, pooling="sum"):
     return float(loss), _scatter(*x.shape, [(i1, du), (i2, dv)])
 
 
-LOSSES = {"contrastive": contrastive_loss, "cosent": cosent_loss, "angle": angle_loss}
+LOSSES = {"contrastive": contrastive_loss, "reverse_contrastive": reverse_contrastive_loss,
+          "cosent": cosent_loss, "angle": angle_loss}
 
 
 def combined_loss(emb, batch, weights=None, scale=DEFAULT_SCALE, return_parts=False):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from deelm.train.losses import (ANGLE_NLI_WEIGHTS, DEFAULT_WEIGHTS, angle_loss, combined_loss,
-                          contrastive_loss, cosent_loss)
+                                contrastive_loss, cosent_loss, reverse_contrastive_loss)
 from deelm.train.data import Batch
 
 torch = pytest.importorskip("torch")
@@ -69,16 +69,25 @@ def ref_contrastive(x, batch, tau):
     return F.cross_entropy(logits, torch.arange(len(anchors)))
 
 
+def ref_reverse_contrastive(x, batch, tau):
+    positives = F.normalize(x[batch.positive_idx], dim=1)
+    logits = positives @ F.normalize(x[batch.anchor_idx], dim=1).T * tau
+    return F.cross_entropy(logits, torch.arange(len(positives)))
+
+
 def ref_loss(name, x, batch, tau, **kw):
     if name == "contrastive":
         return ref_contrastive(x, batch, tau)
+    if name == "reverse_contrastive":
+        return ref_reverse_contrastive(x, batch, tau)
     i1, i2, labels = batch.scored_pairs()
     zig = torch.stack([x[i1], x[i2]], dim=1).reshape(-1, x.shape[1])
     fn = ref_cosent if name == "cosent" else ref_angle
     return fn(zig, torch.as_tensor(labels), tau, **kw)
 
 
-OURS = {"contrastive": contrastive_loss, "cosent": cosent_loss, "angle": angle_loss}
+OURS = {"contrastive": contrastive_loss, "reverse_contrastive": reverse_contrastive_loss,
+        "cosent": cosent_loss, "angle": angle_loss}
 
 
 def check_against_torch(name, e, batch, tau=20.0, **kw):
@@ -92,7 +101,7 @@ def check_against_torch(name, e, batch, tau=20.0, **kw):
     return loss, grad
 
 
-@pytest.mark.parametrize("name", ["contrastive", "cosent", "angle"])
+@pytest.mark.parametrize("name", list(OURS))
 @pytest.mark.parametrize("b, with_negative, shuffle", [(8, True, None), (5, True, 1),
                                                         (6, False, 2), (1, True, None)])
 def test_triplet_losses_match_torch(name, b, with_negative, shuffle):
@@ -125,7 +134,7 @@ def finite_difference(fn, e, eps=1e-6):
     return g
 
 
-@pytest.mark.parametrize("name", ["contrastive", "cosent", "angle"])
+@pytest.mark.parametrize("name", list(OURS))
 def test_gradients_match_finite_differences(name):
     batch = triplet_batch(3, shuffle_seed=7)
     e = emb(9, 6, 8)
@@ -137,7 +146,7 @@ def test_gradients_match_finite_differences(name):
 def test_combined_is_the_weighted_sum():
     batch = triplet_batch(6, shuffle_seed=2)
     e = emb(18, 12, 9)
-    w = {"contrastive": 1.0, "cosent": 0.5, "angle": 0.02}
+    w = {"contrastive": 1.0, "reverse_contrastive": 0.7, "cosent": 0.5, "angle": 0.02}
     loss, grad, parts = combined_loss(e, batch, weights=w, return_parts=True)
     want = sum(w[k] * OURS[k](e, batch)[0] for k in w)
     want_grad = sum(w[k] * OURS[k](e, batch)[1] for k in w)
@@ -145,7 +154,7 @@ def test_combined_is_the_weighted_sum():
     np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
     assert set(parts) == set(w)
     # Per-loss scales, and zero-weight terms are skipped (contrastive on pairs would fail).
-    scales = {"contrastive": 20.0, "cosent": 10.0, "angle": 5.0}
+    scales = {"contrastive": 20.0, "reverse_contrastive": 15.0, "cosent": 10.0, "angle": 5.0}
     l2, _ = combined_loss(e, batch, weights=w, scale=scales)
     assert l2 == pytest.approx(sum(w[k] * OURS[k](e, batch, scale=scales[k])[0] for k in w))
     pairs = pair_batch([1.0, 2.0, 3.0])
@@ -156,7 +165,8 @@ def test_combined_is_the_weighted_sum():
 def test_default_weights():
     batch = triplet_batch(4)
     e = emb(12)
-    assert DEFAULT_WEIGHTS == {"contrastive": 1.0, "cosent": 0.0, "angle": 0.0}
+    assert DEFAULT_WEIGHTS == {"contrastive": 1.0, "reverse_contrastive": 0.0, "cosent": 0.0,
+                               "angle": 0.0}
     assert combined_loss(e, batch)[0] == pytest.approx(contrastive_loss(e, batch)[0])
     loss, _ = combined_loss(e, batch, weights=ANGLE_NLI_WEIGHTS)
     assert loss == pytest.approx(20 * contrastive_loss(e, batch)[0] + angle_loss(e, batch)[0])
@@ -186,10 +196,13 @@ def test_single_triplet_without_negative_is_zero_loss():
 def test_zero_and_non_finite_embeddings_are_errors():
     batch = triplet_batch(2)
     e = emb(6)
-    e[4] = 0
+    e[2] = 0   # a positive: every loss uses it
     for fn in OURS.values():
-        with pytest.raises(ValueError, match=r"zero embedding vectors \(rows \[4\]\)"):
+        with pytest.raises(ValueError, match=r"zero embedding vectors \(rows \[2\]\)"):
             fn(e, batch)
+    e = emb(6)
+    e[4] = 0   # a negative: the reverse direction never looks at negatives
+    assert np.isfinite(reverse_contrastive_loss(e, batch)[0])
     e = emb(7)
     e[6] = 0   # a row no example uses may be anything
     for fn in OURS.values():
@@ -205,8 +218,9 @@ def test_shape_errors():
     batch = triplet_batch(2)
     with pytest.raises(ValueError, match="even"):
         angle_loss(emb(6, 7), batch)
-    with pytest.raises(ValueError, match="needs triplets"):
-        contrastive_loss(emb(4), pair_batch([1.0, 2.0]))
+    for fn in (contrastive_loss, reverse_contrastive_loss):
+        with pytest.raises(ValueError, match="needs triplets"):
+            fn(emb(4), pair_batch([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"\[n, dim\]"):
         cosent_loss(np.zeros(6), batch)
 
@@ -217,3 +231,18 @@ def test_float32_input_gives_float64_gradient():
     loss, grad = contrastive_loss(e, batch)
     assert grad.dtype == np.float64
     assert loss == pytest.approx(contrastive_loss(e.astype(np.float64), batch)[0], rel=1e-12)
+
+
+def test_contrastive_plus_reverse_is_the_symmetric_loss():
+    # sentence-transformers' MultipleNegativesSymmetricRankingLoss without negatives:
+    # (CE(a -> p) + CE(p -> a)) / 2, here as the sum of the two weighted 1/2.
+    batch = triplet_batch(5, with_negative=False, shuffle_seed=4)
+    e = emb(10, 8, 3)
+    x = torch.tensor(e, requires_grad=True)
+    a, p = F.normalize(x[batch.anchor_idx], dim=1), F.normalize(x[batch.positive_idx], dim=1)
+    s = 20.0 * a @ p.T
+    ref = (F.cross_entropy(s, torch.arange(5)) + F.cross_entropy(s.T, torch.arange(5))) / 2
+    ref.backward()
+    loss, grad = combined_loss(e, batch, {"contrastive": 0.5, "reverse_contrastive": 0.5})
+    np.testing.assert_allclose(loss, ref.item(), rtol=1e-10)
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-8, atol=1e-12)

@@ -10,7 +10,7 @@ runs are skipped, so the sweep can be stopped and started again.
 
     python -m benchmarks.recipe_sweep --model smollm2 --k -1 0 11 21 29 --out results/sweep
     python -m benchmarks.recipe_sweep --model gemma3 --k -1 0 4 9 17 --out results/sweep
-    python -m benchmarks.recipe_sweep --model smollm2 --k 21 --pooling text_mean --out results/sweep
+    python -m benchmarks.recipe_sweep --model smollm2 --k 21 --pooling text_mean --paper-prompt --out results/sweep
     python -m benchmarks.recipe_sweep --model smollm2 --k 21 --pooling last --paper-prompt --out results/sweep
     python -m benchmarks.recipe_sweep --model smollm2 --k 21 --reverse-contrastive-weight 1 --out results/sweep
     python -m benchmarks.recipe_sweep --plot results/sweep   # docs/k_sweep.png from results.jsonl

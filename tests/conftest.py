@@ -18,6 +18,16 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("DEELM_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Measured k values are cached in $DEELM_CACHE_DIR (default ~/.cache/deelm):
+    tests write theirs to a temporary folder, never into the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DEELM_CACHE_DIR", str(tmp_path_factory.mktemp("deelm-cache")))
+    yield
+    patch.undo()
+
+
 def fresh_tiny(tiny_path, k=1):
     """The tiny LLaMA of `tiny_path` as a DeeLM, bidirectional from layer k."""
     import deelm

@@ -52,7 +52,8 @@ def run_one(args, k, data_dir):
     prompt = PAPER_PROMPT if args.paper_prompt else None
     rev = args.reverse_contrastive_weight
     tag = (f"{args.model}_k{k}_{args.pooling}{'_prompt' if prompt else ''}"
-           f"{f'_rev{rev:g}' if rev else ''}_s{args.steps}_lr{args.lr:g}")
+           f"{f'_rev{rev:g}' if rev else ''}{f'_r{args.lora_r}' if args.lora_r != 8 else ''}"
+           f"_s{args.steps}_lr{args.lr:g}")
     out = Path(args.out) / tag
     results = Path(args.out) / "results.jsonl"
     if results.is_file() and any(json.loads(line).get("tag") == tag
@@ -73,7 +74,8 @@ def run_one(args, k, data_dir):
               show_progress_bar=False,
               log=lambda h: print(tag, json.dumps(h), flush=True))
     row = {"tag": tag, "model": args.model, "k": k, "pooling": args.pooling,
-           "prompt": prompt, "reverse_contrastive_weight": rev, "steps": r.steps, "lr": args.lr, "batch_size": args.batch_size,
+           "prompt": prompt, "reverse_contrastive_weight": rev, "lora_r": args.lora_r,
+           "steps": r.steps, "lr": args.lr, "batch_size": args.batch_size,
            "seed": args.seed, "untrained_dev": r.evals[0]["score"],
            "trained_dev": r.evals[-1]["score"], "seconds": round(time.perf_counter() - t0, 1),
            "threads": args.threads, "cpu": cpu_model(),
@@ -94,7 +96,8 @@ def plot(folder):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, name, label in zip(axes, ("smollm2", "gemma3"), ("SmolLM2-135M", "Gemma-3-270M")):
         sel = sorted((r for r in rows if r["model"] == name and r["pooling"] == "mean"
-                      and not r["prompt"] and not r.get("reverse_contrastive_weight")),
+                      and not r["prompt"] and not r.get("reverse_contrastive_weight")
+                      and r.get("lora_r", 8) == 8),
                      key=lambda r: r["k"])
         if not sel:
             continue

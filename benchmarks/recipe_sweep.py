@@ -53,7 +53,7 @@ def run_one(args, k, data_dir):
     rev = args.reverse_contrastive_weight
     tag = (f"{args.model}_k{k}_{args.pooling}{'_prompt' if prompt else ''}"
            f"{f'_rev{rev:g}' if rev else ''}{f'_r{args.lora_r}' if args.lora_r != 8 else ''}"
-           f"_s{args.steps}_lr{args.lr:g}")
+           f"_s{args.steps}_lr{args.lr:g}{f'_seed{args.seed}' if args.seed else ''}")
     out = Path(args.out) / tag
     results = Path(args.out) / "results.jsonl"
     if results.is_file() and any(json.loads(line).get("tag") == tag
@@ -97,7 +97,7 @@ def plot(folder):
     for ax, name, label in zip(axes, ("smollm2", "gemma3"), ("SmolLM2-135M", "Gemma-3-270M")):
         sel = sorted((r for r in rows if r["model"] == name and r["pooling"] == "mean"
                       and not r["prompt"] and not r.get("reverse_contrastive_weight")
-                      and r.get("lora_r", 8) == 8),
+                      and r.get("lora_r", 8) == 8 and r["seed"] == 0),
                      key=lambda r: r["k"])
         if not sel:
             continue

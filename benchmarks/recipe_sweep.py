@@ -29,6 +29,10 @@ CLEAN_TRIPLETS = ("snli_dev_test_triplets.clean.jsonl", "cad_snli_triplets.jsonl
                   "cad_snli_revpremise_triplets.jsonl")
 
 
+# The paper's rule on each packaged model (docs/evaluation.md), marked on the plot.
+TURNING_POINTS = {"smollm2": 29, "gemma3": 17}
+
+
 def model_path(name):
     """smollm2: the default model's file; gemma3: Gemma-3-270M Q4_K_M assembled
     from its PyPI packages; anything else: a path."""
@@ -101,15 +105,24 @@ def plot(folder):
                      key=lambda r: r["k"])
         if not sel:
             continue
+        # Causal (k = -1) is no point of the k axis: a horizontal line of its own.
+        causal = [r for r in sel if r["k"] < 0]
+        sel = [r for r in sel if r["k"] >= 0]
         ks = [r["k"] for r in sel]
-        ax.plot(ks, [r["untrained_dev"] for r in sel], "o--", label="untrained")
-        ax.plot(ks, [r["trained_dev"] for r in sel], "o-",
-                label=f"trained ({sel[0]['steps']} steps x {sel[0]['batch_size']})")
+        trained = f"trained ({sel[0]['steps']} steps x {sel[0]['batch_size']})"
+        for key, style, color, what in (("untrained_dev", "o--", "C0", "untrained"),
+                                        ("trained_dev", "o-", "C1", trained)):
+            ax.plot(ks, [r[key] for r in sel], style, color=color, label=f"{what}, k >= 0")
+            for r in causal:
+                ax.axhline(r[key], color=color, linestyle=":", label=f"{what}, causal")
+        ax.axvline(TURNING_POINTS[name], color="grey", linewidth=0.8)
+        ax.text(TURNING_POINTS[name], ax.get_ylim()[0], " turning point", color="grey",
+                rotation=90, va="bottom", ha="right", fontsize=8)
         ax.set_title(label)
-        ax.set_xlabel("bidirectional_from k (-1 = causal)")
+        ax.set_xlabel("bidirectional_from k (layers >= k bidirectional)")
         ax.set_ylabel("STS-B dev, Spearman x 100")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(__file__).resolve().parent.parent / "docs" / "k_sweep.png"
     fig.savefig(out, dpi=120)

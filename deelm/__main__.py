@@ -113,7 +113,8 @@ def cmd_demo(args):
           f"cosine Spearman x100: {100 * result.main_score:.2f}")
     trained = ("the bundled DeeLM adapter" if model.adapter_path is None and model.adapter
                else f"adapter {model.adapter_path}" if model.adapter else "untrained")
-    print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}, {trained}; "
+    prompt = f", prompt={model.prompt!r}" if model.prompt else ""
+    print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}{prompt}, {trained}; "
           f"{dt:.0f} s with {model.threads} threads")
     print("  all 7 MTEB STS tasks: python -m deelm eval --output results/sts")
     return 0

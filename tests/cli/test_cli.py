@@ -107,3 +107,18 @@ def test_eval_on_the_dev_split_defaults_to_the_tasks_that_have_one(loads, data_d
         '{"sentence1": "a", "sentence2": "b", "score": 1.0}\n')
     with pytest.raises(LoaderCalled):  # no "no dev split" error for STS12-16 and SICK-R
         main(["eval", "--data", str(data_dir), "--split", "dev"])
+
+
+def test_demo_scores_sts_benchmark_and_names_its_settings(tiny_path, data_dir, capsys):
+    import json
+
+    (data_dir / "sts" / "STSBenchmark" / "test.jsonl").write_text("".join(
+        json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n"
+        for a, b, s in [("a cat", "a cat sits", 4.0), ("a dog", "the sky", 0.5),
+                        ("rain", "it rains", 4.5), ("x", "y z", 1.0)]))
+    assert main(["demo", "--model", str(tiny_path[0]), "--adapter", "none", "--data",
+                 str(data_dir), "--pooling", "text_mean", "--prompt", "Word for {text}:"]) == 0
+    out = capsys.readouterr().out
+    assert "cosine similarity of example pairs" in out
+    assert re.search(r"STS Benchmark test \(4 pairs from .*\), cosine Spearman x100: -?\d+\.\d\d", out)
+    assert "pooling=text_mean, prompt='Word for {text}:', untrained" in out

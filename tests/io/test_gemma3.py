@@ -475,10 +475,15 @@ def test_real_gemma3_gets_its_bundled_adapter(real_path, tmp_path):
     """adapter="auto" recognises the Gemma-3-270M Q4_K_M weights by content, under any name."""
     from deelm.adapters.bundled import ADAPTERS_DIR
 
+    import json
+
+    bundled = json.loads((ADAPTERS_DIR / "gemma3-270m-deelm" / "deelm_config.json").read_text())
     link = tmp_path / "renamed.gguf"
     link.symlink_to(real_path)
     for path in (real_path, link):
         m = deelm.DeeLM.from_pretrained(path, threads=1)
         assert m.load_options["adapter"] == str(ADAPTERS_DIR / "gemma3-270m-deelm")
-        assert m.bidirectional_from == 4 and m.pooling == "mean"
+        # the settings it was trained with come with it
+        assert (m.bidirectional_from, m.pooling, m.prompt) == (
+            bundled["bidirectional_from"], bundled["pooling"], bundled["prompt"])
     assert deelm.DeeLM.from_pretrained(real_path, adapter=None, threads=1).adapter is None

@@ -187,6 +187,8 @@ def load_sts_file(path, task=None):
         scores.append(score)
     if not scores:
         raise DataError(f"{path}: holds no sentence pairs")
+    if len(s1) < 2:
+        raise DataError(f"{path}: holds one sentence pair; a correlation needs at least two")
     return STSData(task or path.parent.name, path, s1, s2, np.asarray(scores, dtype=np.float64))
 
 

@@ -44,7 +44,8 @@ def test_the_program_names_itself_deelm(capsys):
 def data_dir(tmp_path):
     (tmp_path / "sts" / "STSBenchmark").mkdir(parents=True)
     (tmp_path / "sts" / "STSBenchmark" / "test.jsonl").write_text(
-        '{"sentence1": "a", "sentence2": "b", "score": 1}\n')
+        '{"sentence1": "a", "sentence2": "b", "score": 1}\n'
+        '{"sentence1": "a cat", "sentence2": "the sky", "score": 0}\n')
     return tmp_path
 
 
@@ -122,3 +123,10 @@ def test_demo_scores_sts_benchmark_and_names_its_settings(tiny_path, data_dir, c
     assert "cosine similarity of example pairs" in out
     assert re.search(r"STS Benchmark test \(4 pairs from .*\), cosine Spearman x100: -?\d+\.\d\d", out)
     assert "pooling=text_mean, prompt='Word for {text}:', untrained" in out
+
+
+def test_demo_names_the_bundled_adapter_of_the_default_model(default_path, data_dir, capsys):
+    from deelm.adapters.bundled import BUNDLED_ADAPTER
+
+    assert main(["demo", "--data", str(data_dir), "--threads", "1"]) == 0
+    assert f"the bundled DeeLM adapter {BUNDLED_ADAPTER.name}" in capsys.readouterr().out

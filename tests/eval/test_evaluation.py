@@ -176,6 +176,9 @@ def test_empty_and_invalid_files(tmp_path):
     with pytest.raises(ev.DataError, match="holds no sentence pairs") as e:
         ev.load_task("STS13", tmp_path)
     assert str(path) in str(e.value)
+    _write_task(tmp_path, "STS13", [{"sentence1": "a", "sentence2": "b", "score": 1.0}])
+    with pytest.raises(ev.DataError, match="one sentence pair; a correlation needs at least two"):
+        ev.load_task("STS13", tmp_path)
     path.write_text("{not json\n")
     with pytest.raises(ev.DataError, match="line 1 is not valid JSON"):
         ev.load_task("STS13", tmp_path)

@@ -118,8 +118,8 @@ def cmd_demo(args):
                else f"the bundled DeeLM adapter {path.name}" if path and path.parent == ADAPTERS_DIR
                else f"adapter {path}")
     prompt = f", prompt={model.prompt!r}" if model.prompt else ""
-    print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}{prompt}, {trained}; "
-          f"{dt:.0f} s with {model.threads} threads")
+    print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}{prompt}, "
+          f"{trained}; {dt:.0f} s with {model.threads} threads")
     print("  all 7 MTEB STS tasks: python -m deelm eval --output results/sts")
     return 0
 

@@ -26,6 +26,11 @@ import numpy as np
 from deelm.errors import DeeLMError
 
 TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICK-R")
+PROTOCOLS = ("mteb", "senteval")
+DATA_ENV = "DEELM_DATA"
+_FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+_COLUMNS = ("sentence1", "sentence2", "score")
+
 # The tasks with a dev split (MTEB's other STS tasks are test sets only):
 # what `deelm eval --split dev` scores when no task is named.
 DEV_TASKS = ("STSBenchmark",)
@@ -34,10 +39,6 @@ DEV_TASKS = ("STSBenchmark",)
 def default_tasks(split="test"):
     """The tasks evaluated when none are named: all seven, or those with a dev split."""
     return list(DEV_TASKS if split == "dev" else TASKS)
-PROTOCOLS = ("mteb", "senteval")
-DATA_ENV = "DEELM_DATA"
-_FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-_COLUMNS = ("sentence1", "sentence2", "score")
 
 
 class DataError(DeeLMError, ValueError):

@@ -111,11 +111,11 @@ def cmd_demo(args):
     dt = time.perf_counter() - t0
     print(f"\nSTS Benchmark test ({result.n_pairs} pairs from {result.path}), "
           f"cosine Spearman x100: {100 * result.main_score:.2f}")
-    from deelm.adapters.bundled import ADAPTERS_DIR
+    from deelm.adapters.bundled import bundled_adapters
 
     path = Path(model.adapter_path) if model.adapter_path else None
     trained = ("untrained" if not model.adapter
-               else f"the bundled DeeLM adapter {path.name}" if path and path.parent == ADAPTERS_DIR
+               else f"the bundled DeeLM adapter {path.name}" if path in bundled_adapters().values()
                else f"adapter {path}")
     prompt = f", prompt={model.prompt!r}" if model.prompt else ""
     print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}{prompt}, "

@@ -13,6 +13,7 @@ the mask of conftest.bidirectional_layers, which for a local layer is
 deelm's symmetric window |i - j| < 8 (csrc/deelm.h, dl_attn_spec).
 Run with `pytest -s` to see the measured differences."""
 import importlib
+import json
 import time
 
 import numpy as np
@@ -474,8 +475,6 @@ def test_real_gemma3_270m_vs_transformers(real_path):
 def test_real_gemma3_gets_its_bundled_adapter(real_path, tmp_path):
     """adapter="auto" recognises the Gemma-3-270M Q4_K_M weights by content, under any name."""
     from deelm.adapters.bundled import ADAPTERS_DIR
-
-    import json
 
     bundled = json.loads((ADAPTERS_DIR / "gemma3-270m-deelm" / "deelm_config.json").read_text())
     link = tmp_path / "renamed.gguf"

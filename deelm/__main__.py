@@ -85,13 +85,17 @@ def _load(args):
     return model
 
 
+def _threads(n):
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
 def cmd_demo(args):
     """The main job: embed with the default model, show similarities, and score
     the STS Benchmark test set when the data is present."""
     t0 = time.perf_counter()
     model = _load(args)
     print(f"loaded {model!r} from {model.path} in {time.perf_counter() - t0:.1f} s "
-          f"({model.threads} threads)")
+          f"({_threads(model.threads)})")
     left = model.encode([a for a, _ in EXAMPLE_PAIRS])
     right = model.encode([b for _, b in EXAMPLE_PAIRS])
     print("\ncosine similarity of example pairs:")
@@ -119,7 +123,7 @@ def cmd_demo(args):
                else f"adapter {path}")
     prompt = f", prompt={model.prompt!r}" if model.prompt else ""
     print(f"  bidirectional_from={model.bidirectional_from}, pooling={model.pooling}{prompt}, "
-          f"{trained}; {dt:.0f} s with {model.threads} threads")
+          f"{trained}; {dt:.0f} s with {_threads(model.threads)}")
     print("  all 7 MTEB STS tasks: python -m deelm eval --output results/sts")
     return 0
 

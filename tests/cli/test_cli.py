@@ -118,8 +118,10 @@ def test_demo_scores_sts_benchmark_and_names_its_settings(tiny_path, data_dir, c
         for a, b, s in [("a cat", "a cat sits", 4.0), ("a dog", "the sky", 0.5),
                         ("rain", "it rains", 4.5), ("x", "y z", 1.0)]))
     assert main(["demo", "--model", str(tiny_path[0]), "--adapter", "none", "--data",
-                 str(data_dir), "--pooling", "text_mean", "--prompt", "Word for {text}:"]) == 0
+                 str(data_dir), "--pooling", "text_mean", "--prompt", "Word for {text}:",
+                 "--threads", "1"]) == 0
     out = capsys.readouterr().out
+    assert "(1 thread)" in out and "with 1 thread\n" in out
     assert "cosine similarity of example pairs" in out
     assert re.search(r"STS Benchmark test \(4 pairs from .*\), cosine Spearman x100: -?\d+\.\d\d", out)
     assert "pooling=text_mean, prompt='Word for {text}:', untrained" in out

@@ -316,6 +316,31 @@ def cmd_train(args):
     return 0
 
 
+def cmd_soup(args):
+    from deelm.adapters.soup import greedy_soup, soup_adapters
+
+    if args.eval_data is None:
+        out = soup_adapters(args.adapters, args.output, weights=args.weights,
+                            dtype=args.adapter_dtype)
+        print(f"soup of {len(args.adapters)} adapters: {out}")
+    else:
+        if args.weights is not None:
+            raise ValueError("--weights and --eval-data exclude each other: a greedy soup "
+                             "weighs the members it keeps equally")
+        from deelm import DeeLM
+
+        model = DeeLM.from_pretrained(args.model, threads=args.threads,
+                                      compute_precision=args.compute_precision, adapter=None)
+        t0 = time.perf_counter()
+        result = greedy_soup(model, args.adapters, args.eval_data, args.output,
+                             dtype=args.adapter_dtype, log=lambda m: print(m, file=sys.stderr))
+        print(f"greedy soup of {len(result.members)} of {len(args.adapters)} adapters, "
+              f"{result.dev_score:.2f} on {args.eval_data} ({time.perf_counter() - t0:.0f} s "
+              f"with {_threads(model.threads)}): {result.path}")
+    print(f"  use it: python -m deelm eval --adapter {args.output}")
+    return 0
+
+
 def check_inputs(args):
     """The files and names the command will need, checked before the model
     loads (which takes seconds to minutes): a DataError, ModelFileError or
@@ -341,6 +366,12 @@ def check_inputs(args):
         for f in args.data:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"training data {f} does not exist")
+        if args.eval_data and not Path(args.eval_data).is_file():
+            raise FileNotFoundError(f"evaluation data {args.eval_data} does not exist")
+    elif args.command == "soup":
+        for a in args.adapters:
+            if not Path(a).is_dir():
+                raise FileNotFoundError(f"adapter folder {a} does not exist")
         if args.eval_data and not Path(args.eval_data).is_file():
             raise FileNotFoundError(f"evaluation data {args.eval_data} does not exist")
     elif args.command == "encode" and args.input not in (None, "-") and not Path(args.input).is_file():
@@ -412,6 +443,24 @@ def main(argv=None):
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if --output holds checkpoints")
     p.set_defaults(func=cmd_train, adapter="none")  # training starts from the bare model
+    p = sub.add_parser("soup", help="average LoRA adapters of one base model in weight space "
+                       "(a model soup: one adapter, exact); with --eval-data, keep only the "
+                       "members that raise the score (greedy soup)")
+    p.add_argument("adapters", nargs="+", help="adapter folders trained with the same settings "
+                   "(attention, pooling, prompt, base model), e.g. runs of several seeds")
+    p.add_argument("--output", required=True, help="folder for the soup adapter")
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="one weight per adapter, normalised to sum 1 (default: equal)")
+    p.add_argument("--eval-data", default=None,
+                   help="scored pairs to choose members on, e.g. "
+                        "../shared/data/sts/STSBenchmark/dev.jsonl (never a test set)")
+    p.add_argument("--model", default=None, help="the adapters' base model, for --eval-data "
+                   "(default: $DEELM_MODEL, else the default model)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compute-precision", default=None, choices=["int8", "float32"])
+    p.add_argument("--adapter-dtype", default="float32", choices=["float32", "float16"],
+                   help="float16 halves the file")
+    p.set_defaults(func=cmd_soup)
     p = sub.add_parser("turning-point", help="STS of every layer output of the causal model, the "
                        "turning point k, and the untrained degradation curve")
     _add_model_args(p, bidirectional=False)

@@ -258,6 +258,15 @@ def encode_unique(model, sentences, batch_size=32, show_progress_bar=True, **enc
     return emb, np.fromiter((where[s] for s in sentences), dtype=np.int64, count=len(sentences))
 
 
+def score_pairs(model, data, batch_size=64):
+    """Cosine Spearman x 100 of `model` on scored pairs (an STSData): the
+    number deelm selects on (dev scores during training, soups)."""
+    emb, where = encode_unique(model, data.sentence1 + data.sentence2, batch_size=batch_size,
+                               show_progress_bar=False)
+    n = len(data.scores)
+    return 100.0 * sts_scores(emb[where[:n]], emb[where[n:]], data.scores)["cosine_spearman"]
+
+
 def evaluate(model, tasks=None, data_dir=None, protocol="mteb", normalize_punctuation=False,
              batch_size=32, show_progress_bar=True, output_dir=None, model_name=None,
              split="test"):

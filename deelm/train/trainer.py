@@ -102,13 +102,9 @@ class _DevEval:
         self.data = sample_pairs(data, max_pairs, seed)
 
     def score(self, model):
-        from deelm.eval.sts import encode_unique, sts_scores
+        from deelm.eval.sts import score_pairs
 
-        d = self.data
-        emb, where = encode_unique(model, d.sentence1 + d.sentence2, batch_size=64,
-                                   show_progress_bar=False)
-        n = len(d.scores)
-        return 100.0 * sts_scores(emb[where[:n]], emb[where[n:]], d.scores)["cosine_spearman"]
+        return score_pairs(model, self.data)
 
 
 def train(model, data, output_dir, args: TrainingArguments | None = None, *, resume=True,

@@ -321,7 +321,7 @@ def cmd_soup(args):
 
     if args.eval_data is None:
         out = soup_adapters(args.adapters, args.output, weights=args.weights,
-                            dtype=args.adapter_dtype)
+                            dtype=args.adapter_dtype, rank=args.rank)
         print(f"soup of {len(args.adapters)} adapters: {out}")
     else:
         if args.weights is not None:
@@ -333,7 +333,8 @@ def cmd_soup(args):
                                       compute_precision=args.compute_precision, adapter=None)
         t0 = time.perf_counter()
         result = greedy_soup(model, args.adapters, args.eval_data, args.output,
-                             dtype=args.adapter_dtype, log=lambda m: print(m, file=sys.stderr))
+                             dtype=args.adapter_dtype, rank=args.rank,
+                             log=lambda m: print(m, file=sys.stderr))
         print(f"greedy soup of {len(result.members)} of {len(args.adapters)} adapters, "
               f"{result.dev_score:.2f} on {args.eval_data} ({time.perf_counter() - t0:.0f} s "
               f"with {_threads(model.threads)}): {result.path}")
@@ -460,6 +461,9 @@ def main(argv=None):
     p.add_argument("--compute-precision", default=None, choices=["int8", "float32"])
     p.add_argument("--adapter-dtype", default="float32", choices=["float32", "float16"],
                    help="float16 halves the file")
+    p.add_argument("--rank", type=int, default=None,
+                   help="compress every update to this rank by truncated SVD (default: the "
+                        "members' summed rank, exact)")
     p.set_defaults(func=cmd_soup)
     p = sub.add_parser("turning-point", help="STS of every layer output of the causal model, the "
                        "turning point k, and the untrained degradation curve")

@@ -97,27 +97,46 @@ def _pattern_key(layer, module):
     return re.escape(f"layers.{layer}.{_SUBLAYER[module]}.{module}")
 
 
-def _soup_files(members, w):
-    """(LoraConfig, PEFT tensors) of the weighted soup."""
-    tensors, ranks = {}, {}
+def _truncate(a, b, rank):
+    """The best rank-`rank` factors of B @ A (truncated SVD, Eckart-Young), and
+    the share of its squared Frobenius norm they keep. Through two QR
+    decompositions the SVD is of a k x k matrix, never of the [out, in] update."""
+    qb, rb = np.linalg.qr(b.astype(np.float64))  # B = Qb Rb, Qb [out, k]
+    qa, ra = np.linalg.qr(a.T.astype(np.float64))  # A^T = Qa Ra, Qa [in, k]
+    u, s, vt = np.linalg.svd(rb @ ra.T)  # B A = Qb (U S V^T) Qa^T
+    root = np.sqrt(s[:rank])
+    total = float(np.sum(s ** 2))
+    kept = float(np.sum(s[:rank] ** 2)) / total if total > 0 else 1.0
+    return ((root[:, None] * vt[:rank]) @ qa.T).astype(np.float32), \
+        ((qb @ u[:, :rank]) * root).astype(np.float32), kept
+
+
+def _soup_files(members, w, rank=None):
+    """(LoraConfig, PEFT tensors, least share of an update's squared norm
+    kept) of the weighted soup, compressed to `rank` if given."""
+    tensors, ranks, least_kept = {}, {}, 1.0
     for (layer, module) in sorted(members[0].entries, key=lambda lm: (lm[0], MODULE_IDS[lm[1]])):
         a_parts, b_parts = [], []
         for m, wi in zip(members, w):
             e = m.entries[(layer, module)]
-            rank, alpha = m.config.rank_alpha(layer, module)
+            r_i, alpha_i = m.config.rank_alpha(layer, module)
             a_parts.append(e["A"])
-            b_parts.append(e["B"] * np.float32(wi * m.config.scale(rank, alpha)))
+            b_parts.append(e["B"] * np.float32(wi * m.config.scale(r_i, alpha_i)))
+        a, b = np.concatenate(a_parts, axis=0), np.concatenate(b_parts, axis=1)
+        if rank is not None and a.shape[0] > rank:
+            a, b, kept = _truncate(a, b, rank)
+            least_kept = min(least_kept, kept)
         stem = f"{PREFIX_MODEL}{layer}.{_SUBLAYER[module]}.{module}"
-        tensors[stem + ".lora_A.weight"] = np.ascontiguousarray(np.concatenate(a_parts, axis=0))
-        tensors[stem + ".lora_B.weight"] = np.ascontiguousarray(np.concatenate(b_parts, axis=1))
-        ranks[(layer, module)] = sum(p.shape[0] for p in a_parts)
+        tensors[stem + ".lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[stem + ".lora_B.weight"] = np.ascontiguousarray(b)
+        ranks[(layer, module)] = a.shape[0]
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     # scale 1 everywhere: alpha = rank, pattern entries only where the rank differs from r
     odd = {_pattern_key(l, m): rank for (l, m), rank in ranks.items() if rank != r}
     base = members[0].config
     config = LoraConfig(r=r, alpha=r, dropout=base.dropout, target_modules=base.target_modules,
                         layers=base.layers, rank_pattern=odd, alpha_pattern=dict(odd))
-    return config, tensors
+    return config, tensors, least_kept
 
 
 def _settings(members, w, extra):
@@ -133,11 +152,19 @@ def _settings(members, w, extra):
     return out
 
 
-def _write_soup(directory, members, w, dtype, extra):
+def _check_rank(rank):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
+                             or rank < 1):
+        raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
+
+
+def _write_soup(directory, members, w, dtype, extra, rank=None):
     if dtype not in ("float32", "float16"):
         raise ValueError(f"adapter dtype must be 'float32' or 'float16', got {dtype!r}")
-    config, tensors = _soup_files(members, w)
+    config, tensors, kept = _soup_files(members, w, rank)
     settings = _settings(members, w, extra)
+    if rank is not None:
+        settings.update(soup_rank=int(rank), soup_least_norm_kept=kept)
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         _write_tensors(Path(tmp) / WEIGHTS_FILE, {k: v.astype(dtype) for k, v in tensors.items()})
@@ -155,16 +182,20 @@ def _read_members(adapters):
     return members
 
 
-def soup_adapters(adapters, output, weights=None, dtype="float32"):
+def soup_adapters(adapters, output, weights=None, dtype="float32", rank=None):
     """Writes the weight-space average of `adapters` (LoRA adapter folders
     trained on one base model with the same settings) to `output` as one
     adapter. `weights` (default uniform) are normalised to sum to 1. The
+    soup's rank is the members' summed rank; `rank` compresses each update to
+    its best rank-`rank` approximation (truncated SVD; exact when the update
+    has no higher rank), which shrinks the file and the inference cost. The
     members' shared settings (attention, pooling, prompt, base model) go to
     its deelm_config.json, with each member's path, weight, seed and dev
     score. Returns the output path."""
+    _check_rank(rank)
     members = _read_members(adapters)
     return _write_soup(output, members, _weights(weights, len(members)), dtype,
-                       {"soup_method": "uniform" if weights is None else "weighted"})
+                       {"soup_method": "uniform" if weights is None else "weighted"}, rank)
 
 
 @dataclass
@@ -178,15 +209,17 @@ class GreedySoup:
     tried: list = field(default_factory=list)  # (members tried, score), in order
 
 
-def greedy_soup(model, adapters, eval_data, output, dtype="float32", log=None):
+def greedy_soup(model, adapters, eval_data, output, dtype="float32", log=None, rank=None):
     """The greedy soup of Wortsman et al.: score every adapter on `eval_data`
     (scored pairs, e.g. STS-B dev, never a test set), then, from the best
     down, add each to the soup if the uniform soup of the kept ones scores at
     least as well. `model` is a DeeLM on the adapters' base model; it embeds
     with their shared settings while scoring and gets its own adapter and
-    settings back afterwards. Writes the chosen soup to `output`."""
+    settings back afterwards. Writes the chosen soup to `output`, compressed
+    to `rank` as in soup_adapters (candidates are scored as written)."""
     from deelm.eval.sts import STSData, load_sts_file, score_pairs
 
+    _check_rank(rank)
     members = _read_members(adapters)
     data = eval_data if isinstance(eval_data, STSData) else load_sts_file(eval_data)
     say = log or (lambda msg: None)
@@ -211,7 +244,8 @@ def greedy_soup(model, adapters, eval_data, output, dtype="float32", log=None):
         with tempfile.TemporaryDirectory(prefix="deelm-soup-") as tmp:
             for m in order[1:]:
                 trial = kept + [m]
-                _write_soup(Path(tmp) / "trial", trial, _weights(None, len(trial)), "float32", {})
+                _write_soup(Path(tmp) / "trial", trial, _weights(None, len(trial)), dtype, {},
+                            rank)
                 model.load_adapter(Path(tmp) / "trial")
                 score = score_pairs(model, data)
                 tried.append(([str(t.path) for t in trial], score))
@@ -229,5 +263,5 @@ def greedy_soup(model, adapters, eval_data, output, dtype="float32", log=None):
         model.bidirectional_from, model.pooling, model.prompt = k, pooling, prompt
     out = _write_soup(output, kept, _weights(None, len(kept)), dtype,
                       {"soup_method": "greedy", "dev_score": best,
-                       "dev_data": str(data.path), "candidate_dev_scores": own})
+                       "dev_data": str(data.path), "candidate_dev_scores": own}, rank)
     return GreedySoup(out, [str(m.path) for m in kept], best, own, tried)

@@ -83,6 +83,29 @@ def test_float16_soups_halve_the_file(tmp_path):
     assert max(float(np.abs(d32[k] - d16[k]).max()) for k in d32) < 1e-3
 
 
+def test_rank_compression_is_the_truncated_svd_of_the_average(tmp_path):
+    members = [make_adapter(tmp_path / f"s{i}", seed=i) for i in range(3)]
+    full = deltas(soup_adapters(members, tmp_path / "full"))
+    # rank >= the update's rank: exact
+    assert_average(soup_adapters(members, tmp_path / "r12", rank=12), members, [1 / 3] * 3)
+    assert_average(soup_adapters(members[:1], tmp_path / "r4", rank=4), members[:1], [1.0])
+    out = soup_adapters(members, tmp_path / "r5", rank=5)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 5 and cfg["lora_alpha"] == 5
+    settings = json.loads((out / DEELM_CONFIG_FILE).read_text())
+    assert settings["soup_rank"] == 5
+    got, least = deltas(out), 1.0
+    for key, d in full.items():
+        u, s, vt = np.linalg.svd(d.astype(np.float64))
+        best = (u[:, :5] * s[:5]) @ vt[:5]  # Eckart-Young: the best rank-5 approximation
+        assert np.abs(got[key] - best).max() < 1e-5
+        least = min(least, float(np.sum(s[:5] ** 2) / np.sum(s ** 2)))
+    assert settings["soup_least_norm_kept"] == pytest.approx(least, rel=1e-6)
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            soup_adapters(members, tmp_path / "bad", rank=bad)
+
+
 def test_members_must_embed_alike_and_fit_together(tmp_path):
     a = make_adapter(tmp_path / "a")
     for name, change in (("pooling", "last"), ("bidirectional_from", 2), ("prompt", "x {text}"),
@@ -200,9 +223,12 @@ def test_cli_uniform_and_greedy_soups(tiny_path, tmp_path, pairs_file, capsys):
     saved = json.loads((tmp_path / "u" / DEELM_CONFIG_FILE).read_text())
     assert [m["weight"] for m in saved["soup"]] == [0.25, 0.75]
     assert main(["soup", *members, "--output", str(tmp_path / "g"), "--eval-data",
-                 str(pairs_file), "--model", str(tiny_path[0]), "--threads", "1"]) == 0
+                 str(pairs_file), "--model", str(tiny_path[0]), "--threads", "1",
+                 "--rank", "6"]) == 0
     out = capsys.readouterr()
     assert "greedy soup of" in out.out and "1 thread)" in out.out and "s0: " in out.err
+    saved = json.loads((tmp_path / "g" / DEELM_CONFIG_FILE).read_text())
+    assert saved["soup_rank"] == 6 or len(saved["soup"]) == 1
     # errors: before any loading, or as one line
     with pytest.raises(SystemExit):
         main(["soup", members[0], str(tmp_path / "nothing"), "--output", str(tmp_path / "x")])

@@ -144,6 +144,14 @@ def _settings(members, w, extra):
     out = {key: first.get(key) for key in SHARED_SETTINGS if key in first}
     if "base_model" in first:
         out["base_model"] = first["base_model"]
+    # the recipe the members share (everything but what differs, typically the seed)
+    trainings = [m.settings.get("training") for m in members]
+    if all(isinstance(t, dict) for t in trainings):
+        out["training"] = {k: v for k, v in trainings[0].items()
+                           if all(k in t and t[k] == v for t in trainings)}
+    data = [m.settings.get("training_data") for m in members]
+    if data[0] is not None and all(d == data[0] for d in data):
+        out["training_data"] = data[0]
     out["soup"] = [{"adapter": str(m.path), "weight": float(wi),
                     "seed": (m.settings.get("training") or {}).get("seed"),
                     "dev_score": m.settings.get("dev_score")}

@@ -21,7 +21,8 @@ def make_adapter(path, config=None, seed=0, settings=SETTINGS, scale=0.1, model_
     params = (scale * np.random.default_rng(seed).standard_normal(layout.size)).astype(np.float32)
     save_adapter(path, layout, params)
     if settings is not None:
-        (path / DEELM_CONFIG_FILE).write_text(json.dumps({**settings, "training": {"seed": seed},
+        (path / DEELM_CONFIG_FILE).write_text(json.dumps({**settings,
+                                                          "training": {"seed": seed, "lr": 0.1},
                                                           "dev_score": 50.0 + seed}))
     return path
 
@@ -53,6 +54,7 @@ def test_a_soup_is_the_exact_average_of_the_merged_updates(tmp_path):
     assert settings["soup_method"] == "uniform"
     assert [m["seed"] for m in settings["soup"]] == [0, 1, 2]
     assert [m["dev_score"] for m in settings["soup"]] == [50.0, 51.0, 52.0]
+    assert settings["training"] == {"lr": 0.1}  # what the members share, not their seeds
 
 
 def test_weights_are_normalised_and_a_soup_of_one_is_the_adapter(tmp_path):

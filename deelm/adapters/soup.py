@@ -132,7 +132,7 @@ def _soup_files(members, w, rank=None):
         ranks[(layer, module)] = a.shape[0]
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     # scale 1 everywhere: alpha = rank, pattern entries only where the rank differs from r
-    odd = {_pattern_key(l, m): rank for (l, m), rank in ranks.items() if rank != r}
+    odd = {_pattern_key(l, m): k for (l, m), k in ranks.items() if k != r}
     base = members[0].config
     config = LoraConfig(r=r, alpha=r, dropout=base.dropout, target_modules=base.target_modules,
                         layers=base.layers, rank_pattern=odd, alpha_pattern=dict(odd))
@@ -174,6 +174,11 @@ def _write_soup(directory, members, w, dtype, extra, rank=None):
     if rank is not None:
         settings.update(soup_rank=int(rank), soup_least_norm_kept=kept)
     directory = Path(directory)
+    if dtype == "float16":
+        big = max(float(np.abs(v).max()) for v in tensors.values())
+        if big > float(np.finfo(np.float16).max):
+            raise ValueError(f"the soup holds values up to {big:.3g}, beyond float16's range: "
+                             "write it as float32")
     with atomic_directory(directory) as tmp:
         _write_tensors(Path(tmp) / WEIGHTS_FILE, {k: v.astype(dtype) for k, v in tensors.items()})
         _write_json(Path(tmp) / CONFIG_FILE,
@@ -223,7 +228,8 @@ def greedy_soup(model, adapters, eval_data, output, dtype="float32", log=None, r
     down, add each to the soup if the uniform soup of the kept ones scores at
     least as well. `model` is a DeeLM on the adapters' base model; it embeds
     with their shared settings while scoring and gets its own adapter and
-    settings back afterwards. Writes the chosen soup to `output`, compressed
+    settings back afterwards (so no other thread should use it meanwhile).
+    Writes the chosen soup to `output`, compressed
     to `rank` as in soup_adapters (candidates are scored as written)."""
     from deelm.eval.sts import STSData, load_sts_file, score_pairs
 

@@ -83,6 +83,11 @@ def test_float16_soups_halve_the_file(tmp_path):
     assert (f16 / WEIGHTS_FILE).stat().st_size < 0.6 * (f32 / WEIGHTS_FILE).stat().st_size
     d32, d16 = deltas(f32), deltas(f16)
     assert max(float(np.abs(d32[k] - d16[k]).max()) for k in d32) < 1e-3
+    huge = make_adapter(tmp_path / "huge", seed=3, scale=1e5)
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        soup_adapters([huge], tmp_path / "h16", dtype="float16")
+    assert not (tmp_path / "h16").exists()
+    assert_average(soup_adapters([huge], tmp_path / "h32"), [huge], [1.0])
 
 
 def test_rank_compression_is_the_truncated_svd_of_the_average(tmp_path):

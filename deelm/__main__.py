@@ -354,9 +354,15 @@ def check_inputs(args):
     if getattr(args, "model", None) is not None and args.command != "info":
         if not is_saved_model(args.model) and not Path(resolve_model_path(args.model)).exists():
             raise ModelFileError(args.model, "no such model file or folder")
-    adapter = getattr(args, "adapter", None)
-    if adapter not in (None, "auto", "none") and not Path(adapter).is_dir():
-        raise FileNotFoundError(f"adapter folder {adapter} does not exist")
+    folders = list(getattr(args, "adapters", None) or [])  # soup's members
+    if getattr(args, "adapter", None) not in (None, "auto", "none"):
+        folders.append(args.adapter)
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    eval_data = getattr(args, "eval_data", None)  # train's and soup's dev pairs
+    if eval_data and not Path(eval_data).is_file():
+        raise FileNotFoundError(f"evaluation data {eval_data} does not exist")
     if args.command == "eval":
         root = ev.resolve_data_dir(args.data)
         for task in args.tasks or ev.default_tasks(args.split):
@@ -367,14 +373,6 @@ def check_inputs(args):
         for f in args.data:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"training data {f} does not exist")
-        if args.eval_data and not Path(args.eval_data).is_file():
-            raise FileNotFoundError(f"evaluation data {args.eval_data} does not exist")
-    elif args.command == "soup":
-        for a in args.adapters:
-            if not Path(a).is_dir():
-                raise FileNotFoundError(f"adapter folder {a} does not exist")
-        if args.eval_data and not Path(args.eval_data).is_file():
-            raise FileNotFoundError(f"evaluation data {args.eval_data} does not exist")
     elif args.command == "encode" and args.input not in (None, "-") and not Path(args.input).is_file():
         raise FileNotFoundError(f"input file {args.input} does not exist")
 

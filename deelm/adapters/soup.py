@@ -229,8 +229,9 @@ def greedy_soup(model, adapters, eval_data, output, dtype="float32", log=None, r
     least as well. `model` is a DeeLM on the adapters' base model; it embeds
     with their shared settings while scoring and gets its own adapter and
     settings back afterwards (so no other thread should use it meanwhile).
-    Writes the chosen soup to `output`, compressed
-    to `rank` as in soup_adapters (candidates are scored as written)."""
+    Writes the chosen soup to `output`, in `dtype` and compressed to `rank`
+    as in soup_adapters; every candidate soup is scored as written, so
+    `dev_score` is the written file's."""
     from deelm.eval.sts import STSData, load_sts_file, score_pairs
 
     _check_rank(rank)
@@ -253,15 +254,21 @@ def greedy_soup(model, adapters, eval_data, output, dtype="float32", log=None, r
             own[str(m.path)] = score_pairs(model, data)
             say(f"{m.path}: {own[str(m.path)]:.2f}")
         order = sorted(members, key=lambda m: -own[str(m.path)])
-        kept, best = [order[0]], own[str(order[0].path)]
-        tried = [([str(order[0].path)], best)]
         with tempfile.TemporaryDirectory(prefix="deelm-soup-") as tmp:
-            for m in order[1:]:
-                trial = kept + [m]
+            def score_as_written(trial):
                 _write_soup(Path(tmp) / "trial", trial, _weights(None, len(trial)), dtype, {},
                             rank)
                 model.load_adapter(Path(tmp) / "trial")
-                score = score_pairs(model, data)
+                return score_pairs(model, data)
+
+            kept = [order[0]]
+            # a lone member is written unchanged only in float32 at full rank
+            best = own[str(order[0].path)] if dtype == "float32" and rank is None \
+                else score_as_written(kept)
+            tried = [([str(order[0].path)], best)]
+            for m in order[1:]:
+                trial = kept + [m]
+                score = score_as_written(trial)
                 tried.append(([str(t.path) for t in trial], score))
                 say(f"soup of {len(trial)} (+ {m.path}): {score:.2f} "
                     f"({'kept' if score >= best else 'dropped'})")

@@ -235,7 +235,7 @@ def test_cli_uniform_and_greedy_soups(tiny_path, tmp_path, pairs_file, capsys):
     out = capsys.readouterr()
     assert "greedy soup of" in out.out and "1 thread)" in out.out and "s0: " in out.err
     saved = json.loads((tmp_path / "g" / DEELM_CONFIG_FILE).read_text())
-    assert saved["soup_rank"] == 6 or len(saved["soup"]) == 1
+    assert saved["soup_rank"] == 6
     # errors: before any loading, or as one line
     with pytest.raises(SystemExit):
         main(["soup", members[0], str(tmp_path / "nothing"), "--output", str(tmp_path / "x")])
@@ -249,3 +249,21 @@ def test_cli_uniform_and_greedy_soups(tiny_path, tmp_path, pairs_file, capsys):
     assert main(["soup", *members, "--output", str(tmp_path / "x"), "--weights", "1", "1",
                  "--eval-data", str(pairs_file)]) == 1
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_greedy_dev_score_is_the_written_files_even_for_one_member(tiny_path, tmp_path,
+                                                                    pairs_file):
+    from conftest import fresh_tiny
+    from deelm.eval.sts import load_sts_file, score_pairs
+
+    model = fresh_tiny(tiny_path, k=-1)
+    lone = make_adapter(tmp_path / "lone", seed=4, scale=0.3, model_cfg=model.config)
+    result = greedy_soup(model, [lone], pairs_file, tmp_path / "g", dtype="float16", rank=2)
+    assert result.members == [str(lone)]
+    model.load_adapter(result.path)
+    model.bidirectional_from = SETTINGS["bidirectional_from"]
+    written = score_pairs(model, load_sts_file(pairs_file))
+    print(f"lone member {result.candidate_scores[str(lone)]:.4f}, written at rank 2 in float16 "
+          f"{written:.4f}")
+    assert written != result.candidate_scores[str(lone)]  # compression changed it
+    assert result.dev_score == pytest.approx(written, abs=1e-9)
